@@ -1,0 +1,143 @@
+"""Append-only, named schema migrations, applied in order when a store opens.
+
+Never edit or reorder an entry that has shipped: add a new one. Each runs in its own transaction
+together with the row that records it in `schema_migrations`.
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "0001_initial",
+        """
+        CREATE TABLE raters (
+            id VARCHAR PRIMARY KEY,
+            role VARCHAR NOT NULL CHECK (role IN ('user', 'rater', 'operator')),
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE conversations (
+            id BIGINT PRIMARY KEY,
+            rater_id VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        -- The transcript: prompt turns and the answers given. Regenerated answers share an idx.
+        CREATE TABLE messages (
+            conversation_id BIGINT NOT NULL,
+            idx INTEGER NOT NULL,
+            role VARCHAR NOT NULL,
+            content VARCHAR NOT NULL,
+            response_id BIGINT,
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE responses (
+            id BIGINT PRIMARY KEY,
+            conversation_id BIGINT NOT NULL,
+            prompt JSON NOT NULL,
+            prompt_hash VARCHAR NOT NULL,
+            text VARCHAR NOT NULL,
+            model_version_id VARCHAR NOT NULL,
+            params JSON NOT NULL,
+            prompt_tokens INTEGER NOT NULL,
+            completion_tokens INTEGER NOT NULL,
+            latency_ms DOUBLE NOT NULL,
+            finish_reason VARCHAR NOT NULL,
+            rater_id VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE thumbs (
+            id BIGINT PRIMARY KEY,
+            response_id BIGINT NOT NULL,
+            value TINYINT NOT NULL CHECK (value IN (-1, 1)),
+            rater_id VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE ratings (
+            id BIGINT PRIMARY KEY,
+            response_id BIGINT NOT NULL,
+            score TINYINT NOT NULL CHECK (score BETWEEN 1 AND 5),
+            reason VARCHAR,
+            rater_id VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE edits (
+            id BIGINT PRIMARY KEY,
+            response_id BIGINT NOT NULL,
+            text VARCHAR NOT NULL,
+            rater_id VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE comparisons (
+            id BIGINT PRIMARY KEY,
+            response_a BIGINT NOT NULL,
+            response_b BIGINT NOT NULL,
+            winner VARCHAR NOT NULL CHECK (winner IN ('a', 'b', 'tie', 'both_bad')),
+            rater_id VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        -- response_ids best first.
+        CREATE TABLE rankings (
+            id BIGINT PRIMARY KEY,
+            response_ids BIGINT[] NOT NULL,
+            rater_id VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE model_versions (
+            id VARCHAR PRIMARY KEY,
+            kind VARCHAR NOT NULL CHECK (kind IN ('policy', 'reward')),
+            base VARCHAR NOT NULL,
+            parent VARCHAR,
+            artifact_path VARCHAR NOT NULL,
+            adapter BOOLEAN NOT NULL,
+            snapshot_id VARCHAR,
+            config JSON NOT NULL,
+            metrics JSON NOT NULL,
+            status VARCHAR NOT NULL
+                CHECK (status IN ('candidate', 'promoted', 'rejected', 'retired')),
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE training_runs (
+            id VARCHAR PRIMARY KEY,
+            kind VARCHAR NOT NULL,
+            status VARCHAR NOT NULL,
+            progress DOUBLE NOT NULL,
+            snapshot_id VARCHAR,
+            version_id VARCHAR,
+            config JSON NOT NULL,
+            error VARCHAR,
+            started_at TIMESTAMPTZ NOT NULL,
+            finished_at TIMESTAMPTZ
+        );
+        CREATE TABLE snapshots (
+            id VARCHAR PRIMARY KEY,
+            path VARCHAR NOT NULL,
+            manifest JSON NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        """,
+    ),
+]
+
+
+def apply_migrations(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Apply every migration not yet recorded; returns the names applied now."""
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations "
+        "(name VARCHAR PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+    )
+    done = {row[0] for row in con.execute("SELECT name FROM schema_migrations").fetchall()}
+    applied = []
+    for name, sql in MIGRATIONS:
+        if name in done:
+            continue
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute(sql)
+            con.execute("INSERT INTO schema_migrations (name) VALUES (?)", [name])
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+        applied.append(name)
+    return applied

@@ -1,0 +1,1 @@
+"""Serving: engines with hot-swap, the chat service, the HTTP API and the Gradio UI."""

@@ -1,0 +1,292 @@
+"""The HTTP API: OpenAI-compatible chat completions, feedback, stats, health.
+
+Contract relied on by other clients and by the benchmarks:
+- `GET /health` -> 200 `{"status": "ok", "model_version": ...}`
+- `POST /v1/chat/completions` (stream or not); the completion `id` is the stored response's id.
+  Extensions: `conversation_id` (continue a stored conversation), `user` (the rater id).
+- `POST /v1/feedback` -> 201 `{"id", "kind"}` once committed; 404 unknown ids; 422 bad input.
+- `GET /v1/feedback/stats` -> rows per kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from tuneloop.feedback.validation import (
+    MAX_RANKING_SIZE,
+    MAX_REASON_CHARS,
+    MAX_TEXT_CHARS,
+    FeedbackError,
+)
+from tuneloop.records import (
+    DEFAULT_RATER,
+    Comparison,
+    Edit,
+    Feedback,
+    Message,
+    Ranking,
+    Rating,
+    SamplingParams,
+    Thumbs,
+)
+from tuneloop.serve.chat_service import ChatService, ChatTurn
+from tuneloop.serve.engine import PromptTooLongError
+
+MAX_BODY_BYTES = 1_000_000
+MAX_MESSAGES = 256
+MAX_NEW_TOKENS = 4096
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart] = Field(max_length=MAX_TEXT_CHARS)
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: Literal[1] = 1
+    user: str | None = None
+    conversation_id: int | None = Field(None, ge=1)
+
+    def params(self) -> SamplingParams:
+        max_tokens = self.max_completion_tokens or self.max_tokens or SamplingParams.max_tokens
+        return SamplingParams(max_tokens, self.temperature, self.top_p)
+
+
+class _FeedbackIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rater: str | None = Field(None, max_length=64)
+
+
+class ThumbsIn(_FeedbackIn):
+    kind: Literal["thumbs"]
+    response_id: int
+    value: Literal[1, -1]
+
+    def record(self) -> Feedback:
+        return Thumbs(self.response_id, self.value, self.rater or DEFAULT_RATER)
+
+
+class RatingIn(_FeedbackIn):
+    kind: Literal["rating"]
+    response_id: int
+    value: int = Field(ge=1, le=5)
+    reason: str | None = Field(None, max_length=MAX_REASON_CHARS)
+
+    def record(self) -> Feedback:
+        return Rating(self.response_id, self.value, self.reason, self.rater or DEFAULT_RATER)
+
+
+class EditIn(_FeedbackIn):
+    kind: Literal["edit"]
+    response_id: int
+    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+
+    def record(self) -> Feedback:
+        return Edit(self.response_id, self.text, self.rater or DEFAULT_RATER)
+
+
+class ComparisonIn(_FeedbackIn):
+    kind: Literal["comparison"]
+    response_ids: list[int] = Field(min_length=2, max_length=2)
+    winner: Literal["a", "b", "tie", "both_bad"]
+
+    def record(self) -> Feedback:
+        a, b = self.response_ids
+        return Comparison(a, b, self.winner, self.rater or DEFAULT_RATER)
+
+
+class RankingIn(_FeedbackIn):
+    kind: Literal["ranking"]
+    response_ids: list[int] = Field(
+        min_length=2, max_length=MAX_RANKING_SIZE, description="best first"
+    )
+
+    def record(self) -> Feedback:
+        return Ranking(tuple(self.response_ids), self.rater or DEFAULT_RATER)
+
+
+FeedbackIn = Annotated[
+    ThumbsIn | RatingIn | EditIn | ComparisonIn | RankingIn, Field(discriminator="kind")
+]
+
+
+class FeedbackAck(BaseModel):
+    id: int
+    kind: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    model_version: str
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    """OpenAI's error shape, so the official client shows the message."""
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+
+
+def _describe(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for e in errors[:5]:
+        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    return "; ".join(parts)
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _chunk(turn: ChatTurn, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    return {
+        "id": str(turn.id),
+        "object": "chat.completion.chunk",
+        "created": turn.created,
+        "model": turn.version_id,
+        "conversation_id": turn.conversation_id,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
+def _usage(turn: ChatTurn) -> dict[str, int]:
+    r = turn.response
+    assert r is not None, "usage is known once the turn has ended"
+    return {
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+        "total_tokens": r.prompt_tokens + r.completion_tokens,
+    }
+
+
+def _stream_events(turn: ChatTurn, include_usage: bool) -> Iterator[str]:
+    try:
+        yield _sse(_chunk(turn, {"role": "assistant", "content": ""}, None))
+        for text in turn:
+            yield _sse(_chunk(turn, {"content": text}, None))
+        yield _sse(_chunk(turn, {}, turn.response.finish_reason))  # type: ignore[union-attr]
+        if include_usage:
+            last = _chunk(turn, {}, None) | {"choices": [], "usage": _usage(turn)}
+            yield _sse(last)
+        yield "data: [DONE]\n\n"
+    finally:
+        turn.cancel()  # a client that went away stops the generation
+
+
+def create_api(service: ChatService) -> FastAPI:
+    app = FastAPI(
+        title="tuneloop", version="0.1.0", description="Chat, collect feedback, retrain, hot-swap."
+    )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, _describe(list(exc.errors())))
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Any:
+        size = request.headers.get("content-length")
+        if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
+            return _error(413, f"request body is {size} bytes; the limit is {MAX_BODY_BYTES}")
+        return await call_next(request)
+
+    @app.get("/health", response_model=Health)
+    async def health() -> Health:
+        return Health(status="ok", model_version=service.version)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": service.version, "object": "model", "owned_by": "tuneloop"}],
+        }
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(req: ChatCompletionRequest) -> Any:
+        messages = [Message(m.role, m.text()) for m in req.messages]
+        try:
+            turn = await run_in_threadpool(
+                service.chat,
+                messages,
+                req.params(),
+                conversation_id=req.conversation_id,
+                rater_id=req.user or DEFAULT_RATER,
+            )
+        except PromptTooLongError as exc:
+            return _error(400, str(exc))
+        except FeedbackError as exc:
+            return _error(exc.status, str(exc))
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(
+                _stream_events(turn, include_usage), media_type="text/event-stream"
+            )
+        text = await run_in_threadpool(turn.text)
+        return {
+            "id": str(turn.id),
+            "object": "chat.completion",
+            "created": turn.created,
+            "model": turn.version_id,
+            "conversation_id": turn.conversation_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": turn.response.finish_reason,
+                }
+            ],  # type: ignore[union-attr]
+            "usage": _usage(turn),
+        }
+
+    @app.post(
+        "/v1/feedback",
+        status_code=201,
+        response_model=FeedbackAck,
+        responses={
+            404: {"description": "unknown response id"},
+            422: {"description": "invalid feedback"},
+        },
+    )
+    async def post_feedback(body: FeedbackIn) -> Any:
+        try:
+            row_id = await asyncio.wrap_future(service.submit_feedback(body.record()))
+        except FeedbackError as exc:
+            return _error(exc.status, str(exc))
+        return FeedbackAck(id=row_id, kind=body.kind)
+
+    @app.get("/v1/feedback/stats")
+    async def feedback_stats() -> dict[str, int]:
+        return await run_in_threadpool(service.feedback_counts)
+
+    return app

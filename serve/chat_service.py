@@ -1,0 +1,107 @@
+"""The one path from a chat request or a rating to the store, shared by the HTTP API and the UI."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+
+from tuneloop.feedback.store import FeedbackStore
+from tuneloop.feedback.validation import UnknownResponseError, check_rater_id
+from tuneloop.records import DEFAULT_RATER, Feedback, Message, Response, SamplingParams
+from tuneloop.serve.engine import Engine, Generation
+
+
+class UnknownConversationError(UnknownResponseError):
+    """A request named a conversation this store never handed out."""
+
+
+class ChatTurn:
+    """One answer: iterate for its text; once the iteration ends the response is stored
+    (committed) under `id`, which the stream already carried from its first chunk."""
+
+    def __init__(
+        self,
+        store: FeedbackStore,
+        generation: Generation,
+        conversation_id: int,
+        prompt: list[Message],
+        params: SamplingParams,
+        rater_id: str,
+    ) -> None:
+        self.id = store.new_response_id()
+        self.conversation_id = conversation_id
+        self.version_id = generation.version_id
+        self.created = int(time.time())
+        self.response: Response | None = None
+        self._store = store
+        self._generation = generation
+        self._prompt = tuple(prompt)
+        self._params = params
+        self._rater_id = rater_id
+        self._started = time.perf_counter()
+
+    def __iter__(self) -> Iterator[str]:
+        parts: list[str] = []
+        for chunk in self._generation:
+            parts.append(chunk)
+            yield chunk
+        g = self._generation
+        response = Response(
+            id=self.id,
+            conversation_id=self.conversation_id,
+            prompt=self._prompt,
+            text="".join(parts),
+            model_version_id=g.version_id,
+            params=self._params,
+            prompt_tokens=g.prompt_tokens,
+            completion_tokens=g.completion_tokens,
+            latency_ms=(time.perf_counter() - self._started) * 1000,
+            finish_reason=g.finish_reason,
+            rater_id=self._rater_id,
+        )
+        self._store.submit_response(response).result()
+        self.response = response
+
+    def text(self) -> str:
+        """Run the turn to its end; the stored answer's text."""
+        return "".join(self)
+
+    def cancel(self) -> None:
+        self._generation.cancel()
+
+
+class ChatService:
+    def __init__(self, engine: Engine, store: FeedbackStore) -> None:
+        self.engine = engine
+        self.store = store
+
+    @property
+    def version(self) -> str:
+        return self.engine.version
+
+    def chat(
+        self,
+        messages: list[Message],
+        params: SamplingParams,
+        *,
+        conversation_id: int | None = None,
+        rater_id: str = DEFAULT_RATER,
+    ) -> ChatTurn:
+        """Start an answer to `messages` (the whole conversation so far, last turn the user's)."""
+        check_rater_id(rater_id)
+        if conversation_id is None:
+            conversation_id = self.store.new_conversation_id()
+        elif not self.store.conversation_allocated(conversation_id):
+            raise UnknownConversationError(f"unknown conversation id: {conversation_id}")
+        generation = self.engine.stream(messages, params)
+        return ChatTurn(self.store, generation, conversation_id, messages, params, rater_id)
+
+    def submit_feedback(self, fb: Feedback) -> Future:
+        return self.store.submit_feedback(fb)
+
+    def record_feedback(self, fb: Feedback) -> int:
+        return self.store.record_feedback(fb)
+
+    def feedback_counts(self) -> dict[str, int]:
+        return self.store.feedback_counts()

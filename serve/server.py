@@ -1,0 +1,146 @@
+"""Assembles and runs one server process: store, engine, chat service, API and UI on one port."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from tuneloop.config import DataDir, ServeConfig
+from tuneloop.feedback.registry import (
+    find_by_artifact,
+    next_version_id,
+    promoted_version,
+    register_version,
+    set_status,
+)
+from tuneloop.feedback.store import FeedbackStore
+from tuneloop.records import ModelVersion
+from tuneloop.serve.admin import create_admin_router
+from tuneloop.serve.api import create_api
+from tuneloop.serve.chat_service import ChatService
+from tuneloop.serve.engine import EmbeddedEngine
+
+
+def resolve_served_version(
+    store: FeedbackStore, model: str | None, build_demo: Callable[[], Path]
+) -> ModelVersion:
+    """The policy to serve: `model` if given (registered on first use), else the promoted
+    policy, else the demo model (built on first use)."""
+    if model is None:
+        current = promoted_version(store, "policy")
+        if current is not None:
+            return current
+        path = str(build_demo().resolve())
+        base = "tuneloop-demo"
+    else:
+        path = str(Path(model).resolve()) if Path(model).exists() else model
+        base = model
+    version = find_by_artifact(store, path)
+    if version is None:
+        version = register_version(
+            store,
+            ModelVersion(
+                id=next_version_id(store, "policy"),
+                kind="policy",
+                base=base,
+                artifact_path=path,
+                status="promoted",
+            ),
+        )
+    elif version.status != "promoted":
+        set_status(store, version.id, "promoted")
+    return version
+
+
+def build_app(
+    service: ChatService, data_dir: DataDir, admin_token: str, *, with_ui: bool = True
+) -> FastAPI:
+    app = create_api(service)
+    app.include_router(create_admin_router(service, data_dir, admin_token))
+    if with_ui:
+        import gradio as gr
+
+        from tuneloop.serve.ui import build_ui
+
+        app = gr.mount_gradio_app(app, build_ui(service), path="/")
+    return app
+
+
+def write_admin_token(data_dir: DataDir) -> str:
+    """A fresh token per server start, in a file only the data dir's owner can read."""
+    token = secrets.token_urlsafe(32)
+    data_dir.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir.admin_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return token
+
+
+def run_server(
+    config: ServeConfig,
+    build_demo: Callable[[], Path],
+    on_ready: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
+) -> None:
+    """Serve until interrupted (or until `stop` is set); the store is closed cleanly on exit."""
+    import uvicorn
+
+    dd = config.data_dir
+    store = FeedbackStore(dd.db)
+    try:
+        version = resolve_served_version(store, config.model, build_demo)
+        engine = EmbeddedEngine(
+            version.artifact_path,
+            version.id,
+            device=config.device,
+            max_concurrency=config.max_concurrency,
+        )
+        service = ChatService(engine, store)
+        app = build_app(service, dd, write_admin_token(dd), with_ui=config.ui)
+        server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=config.host,
+                port=config.port,
+                log_level="warning",
+                timeout_graceful_shutdown=5,
+            )
+        )
+        watcher = threading.Thread(
+            target=_announce, daemon=True, args=(server, dd, version.id, on_ready, stop)
+        )
+        watcher.start()
+        server.run()
+    finally:
+        dd.server_file.unlink(missing_ok=True)
+        store.close()
+
+
+def _announce(
+    server: object,
+    dd: DataDir,
+    version_id: str,
+    on_ready: Callable[[str], None] | None,
+    stop: threading.Event | None,
+) -> None:
+    """Once uvicorn listens: write server.json for the CLI and report the URL; then honour stop."""
+    while not getattr(server, "started", False):
+        if getattr(server, "should_exit", False):
+            return
+        threading.Event().wait(0.05)
+    host, port = server.servers[0].sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
+    url = f"http://{host}:{port}"
+    dd.server_file.write_text(
+        json.dumps({"url": url, "pid": os.getpid(), "model_version": version_id})
+    )
+    if on_ready is not None:
+        on_ready(url)
+    if stop is not None:
+        stop.wait()
+        server.should_exit = True  # type: ignore[attr-defined]

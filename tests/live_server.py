@@ -1,0 +1,53 @@
+"""A real tuneloop server on 127.0.0.1 (a free port), run in a thread of the test process."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuneloop.config import DataDir, ServeConfig
+from tuneloop.serve.server import run_server
+
+
+@dataclass(frozen=True)
+class LiveServer:
+    url: str
+    data_dir: DataDir
+    model_dir: Path
+
+
+def _no_demo() -> Path:
+    raise AssertionError("tests pass --model; the demo model is never built here")
+
+
+def live_server(data_root: Path, model_dir: Path, **config: object) -> Iterator[LiveServer]:
+    """Generator for a fixture: yields once the server listens, stops it afterwards.
+
+    The test process may open the same DuckDB file with `duckdb.connect(path)`: within one
+    process DuckDB shares the database instance, so the server's lock does not apply.
+    """
+    cfg = ServeConfig(DataDir(data_root), model=str(model_dir), port=0, **config)
+    ready: queue.Queue[str] = queue.Queue()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_server(cfg, _no_demo, ready.put, stop)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test below
+            errors.append(exc)
+            ready.put("")
+
+    thread = threading.Thread(target=run, daemon=True, name="live-server")
+    thread.start()
+    url = ready.get(timeout=120)
+    if errors:
+        raise errors[0]
+    try:
+        yield LiveServer(url, cfg.data_dir, model_dir)
+    finally:
+        stop.set()
+        thread.join(timeout=30)

@@ -1,0 +1,246 @@
+"""The `tuneloop` command. Heavy imports happen inside the subcommands so `--help` stays fast.
+
+A subcommand that needs the database opens the DuckDB file itself when no server runs; while
+`tuneloop up` holds it (DuckDB allows one read-write process) it goes through that server's API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tuneloop.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT, ENGINES, DataDir
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from tuneloop.config import ServeConfig
+    from tuneloop.feedback.store import StoreLockedError
+    from tuneloop.serve.server import run_server
+
+    dd = DataDir(args.data_dir)
+    config = ServeConfig(
+        dd,
+        model=args.model,
+        engine=args.engine,
+        host=args.host,
+        port=args.port,
+        max_concurrency=args.max_concurrency,
+        ui=not args.no_ui,
+    )
+
+    def build_demo() -> Path:
+        from tuneloop.train.demo_model import build_demo_model
+
+        print(
+            f"tuneloop: building the demo model in {dd.demo_model} (once; a toy, see README)",
+            file=sys.stderr,
+        )
+        return build_demo_model(dd.demo_model, seconds=args.demo_seconds)
+
+    def ready(url: str) -> None:
+        print(f"tuneloop: serving {url}  (chat UI at /, API at /v1, docs at /docs)", flush=True)
+
+    try:
+        run_server(config, build_demo, on_ready=ready)
+    except StoreLockedError as exc:
+        print(f"tuneloop: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _cmd_demo_model(args: argparse.Namespace) -> int:
+    from tuneloop.train.demo_model import build_demo_model
+
+    path = build_demo_model(DataDir(args.data_dir).demo_model, seconds=args.seconds)
+    print(path)
+    return 0
+
+
+def _local_or_server(dd: DataDir, local: Callable[[Any], Any], method: str, route: str) -> Any:
+    """Run `local(store)` on the DuckDB file, or ask the server that holds it."""
+    from tuneloop.feedback.store import FeedbackStore, StoreLockedError
+
+    try:
+        store = FeedbackStore(dd.db)
+    except StoreLockedError:
+        return _ask_server(dd, method, route)
+    try:
+        return local(store)
+    finally:
+        store.close()
+
+
+def _ask_server(dd: DataDir, method: str, route: str) -> Any:
+    import httpx
+
+    if not dd.server_file.exists():
+        raise SystemExit(
+            f"tuneloop: {dd.db} is locked by another process, and no server is "
+            f"recorded in {dd.server_file}"
+        )
+    url = json.loads(dd.server_file.read_text())["url"]
+    headers = {}
+    if route.startswith("/v1/admin/"):
+        headers["Authorization"] = f"Bearer {dd.admin_token_file.read_text().strip()}"
+    resp = httpx.request(method, url + route, headers=headers, timeout=600)
+    if resp.status_code >= 400:
+        raise SystemExit(f"tuneloop: the server answered {resp.status_code}: {resp.text}")
+    return resp.json()
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    counts = _local_or_server(
+        DataDir(args.data_dir), lambda s: s.feedback_counts(), "GET", "/v1/feedback/stats"
+    )
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        for kind, n in counts.items():
+            print(f"{kind:<14}{n:>10}")
+    return 0
+
+
+def _cmd_snapshot(args: argparse.Namespace) -> int:
+    dd = DataDir(args.data_dir)
+
+    def local(store: Any) -> dict[str, Any]:
+        from tuneloop.feedback.snapshot import create_snapshot
+
+        snap = create_snapshot(store, dd.snapshots)
+        return {"id": snap.id, "path": str(snap.path), "manifest": snap.manifest}
+
+    result = _local_or_server(dd, local, "POST", "/v1/admin/snapshot")
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from tuneloop.feedback.datasets import build_datasets
+
+    dd = DataDir(args.data_dir)
+    snapshots = sorted(p for p in dd.snapshots.glob("snap-*") if (p / "manifest.json").exists())
+    if args.snapshot:
+        chosen = dd.snapshots / args.snapshot
+        if chosen not in snapshots:
+            raise SystemExit(f"tuneloop: no finished snapshot {args.snapshot} in {dd.snapshots}")
+    elif snapshots:
+        chosen = snapshots[-1]
+    else:
+        raise SystemExit("tuneloop: no snapshot yet; run `tuneloop snapshot` first")
+    built = build_datasets(chosen, heldout_percent=args.heldout_percent)
+    print(json.dumps({name: str(files) for name, files in built.items()}, indent=2))
+    return 0
+
+
+def _cmd_versions(args: argparse.Namespace) -> int:
+    def local(store: Any) -> list[dict[str, Any]]:
+        from dataclasses import asdict
+
+        from tuneloop.feedback.registry import list_versions
+
+        return [asdict(v) | {"created_at": str(v.created_at)} for v in list_versions(store)]
+
+    rows = _local_or_server(DataDir(args.data_dir), local, "GET", "/v1/admin/versions")
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    print(f"{'id':<14}{'kind':<8}{'status':<11}{'parent':<14}{'snapshot':<34}artifact")
+    for v in rows:
+        print(
+            f"{v['id']:<14}{v['kind']:<8}{v['status']:<11}{v['parent'] or '-':<14}"
+            f"{v['snapshot_id'] or '-':<34}{v['artifact_path']}"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tuneloop", description="A chat assistant that learns from its own users."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str, fn: Callable[[argparse.Namespace], int]) -> Any:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument(
+            "--data-dir",
+            type=Path,
+            default=DEFAULT_DATA_DIR,
+            help="where the database, models and snapshots live (default: %(default)s)",
+        )
+        p.set_defaults(fn=fn)
+        return p
+
+    up = command(
+        "up", "serve the chat UI and the API (builds the demo model on first use)", _cmd_up
+    )
+    up.add_argument(
+        "--model",
+        help="a local Hugging Face checkpoint dir or a hub id "
+        "(default: the promoted version, else the demo model)",
+    )
+    up.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="embedded",
+        help="embedded: transformers in this process (default)",
+    )
+    up.add_argument("--host", default=DEFAULT_HOST, help="default: %(default)s")
+    up.add_argument("--port", type=int, default=DEFAULT_PORT, help="default: %(default)s")
+    up.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=8,
+        help="answers generated at once (default: %(default)s)",
+    )
+    up.add_argument("--no-ui", action="store_true", help="serve the API only, no Gradio UI")
+    up.add_argument(
+        "--demo-seconds",
+        type=float,
+        default=150.0,
+        help="training budget of the demo model on first use (default: %(default)s)",
+    )
+
+    demo = command(
+        "demo-model",
+        "build (or find cached) the offline demo model and print its path",
+        _cmd_demo_model,
+    )
+    demo.add_argument("--seconds", type=float, default=150.0, help="training budget")
+
+    stats = command("stats", "feedback rows per kind", _cmd_stats)
+    stats.add_argument("--json", action="store_true")
+
+    command(
+        "snapshot",
+        "freeze the feedback into an immutable Parquet snapshot with a manifest",
+        _cmd_snapshot,
+    )
+
+    ds = command(
+        "datasets",
+        "build TRL datasets (preference, KTO, SFT; train and held-out) from a snapshot",
+        _cmd_datasets,
+    )
+    ds.add_argument("--snapshot", help="snapshot id (default: the newest)")
+    ds.add_argument("--heldout-percent", type=int, default=10)
+
+    versions = command(
+        "versions", "the model versions: status, parent, snapshot, artifact", _cmd_versions
+    )
+    versions.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

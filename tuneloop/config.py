@@ -1,0 +1,56 @@
+"""Where a deployment keeps its files, and the settings `tuneloop up` runs with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_DATA_DIR = Path("tuneloop-data")
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+ENGINES = ("embedded",)
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """The layout of a data dir: the DuckDB file, model versions, snapshots, logs."""
+
+    root: Path
+
+    @property
+    def db(self) -> Path:
+        return self.root / "feedback.duckdb"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def demo_model(self) -> Path:
+        return self.models / "demo"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.root / "snapshots"
+
+    @property
+    def server_file(self) -> Path:
+        """Written by a running server: its URL and pid, so the CLI can reach it."""
+        return self.root / "server.json"
+
+    @property
+    def admin_token_file(self) -> Path:
+        """The bearer token for `/v1/admin/*`, readable by the owner of the data dir only."""
+        return self.root / "admin.token"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    data_dir: DataDir
+    model: str | None = None
+    engine: str = "embedded"
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    max_concurrency: int = 8
+    device: str | None = None
+    ui: bool = True
