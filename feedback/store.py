@@ -163,7 +163,7 @@ class FeedbackStore:
         return self.submit_feedback(fb).result()
 
     def write(self, fn: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
-        """Run fn(connection) in the writer thread in a transaction of its own; return its result."""
+        """Run fn(connection) in the writer thread, in its own transaction; return its result."""
         return self._enqueue(fn).result()
 
     # ---- reads -------------------------------------------------------------------------------
