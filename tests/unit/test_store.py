@@ -1,0 +1,227 @@
+"""The DuckDB feedback store: migrations, acknowledged writes, validation, batching."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tuneloop.feedback.migrations import MIGRATIONS
+from tuneloop.feedback.store import FeedbackStore
+from tuneloop.feedback.validation import FeedbackError, UnknownResponseError
+from tuneloop.records import (
+    Comparison,
+    Edit,
+    Message,
+    Ranking,
+    Rating,
+    Response,
+    SamplingParams,
+    Thumbs,
+)
+
+
+def make_response(
+    store: FeedbackStore,
+    prompt: str = "What is a list?",
+    text: str = "An answer",
+    conversation_id: int | None = None,
+    history: tuple[Message, ...] = (),
+) -> Response:
+    r = Response(
+        id=store.new_response_id(),
+        conversation_id=conversation_id or store.new_conversation_id(),
+        prompt=(*history, Message("user", prompt)),
+        text=text,
+        model_version_id="policy-v1",
+        params=SamplingParams(64, 0.7, 1.0),
+        prompt_tokens=12,
+        completion_tokens=5,
+        latency_ms=30.0,
+    )
+    store.submit_response(r).result()
+    return r
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with FeedbackStore(tmp_path / "feedback.duckdb") as s:
+        yield s
+
+
+def test_migrations_apply_once_and_are_recorded(tmp_path: Path) -> None:
+    db = tmp_path / "f.duckdb"
+    with FeedbackStore(db) as s:
+        assert s.applied_migrations == [name for name, _ in MIGRATIONS]
+    with FeedbackStore(db) as s:
+        assert s.applied_migrations == []
+        names = [r["name"] for r in s.read("SELECT name FROM schema_migrations ORDER BY name")]
+    assert names == [name for name, _ in MIGRATIONS]
+
+
+def test_every_kind_is_written_with_its_fields(store: FeedbackStore) -> None:
+    a = make_response(store, text="first")
+    b = make_response(store, text="second")
+    c = make_response(store, text="third")
+    ids = {
+        "thumbs": store.record_feedback(Thumbs(a.id, -1, "alice")),
+        "rating": store.record_feedback(Rating(a.id, 4, "clear", "alice")),
+        "edit": store.record_feedback(Edit(a.id, "a better first")),
+        "comparison": store.record_feedback(Comparison(a.id, b.id, "b", "bob")),
+        "ranking": store.record_feedback(Ranking((c.id, a.id, b.id), "bob")),
+    }
+    assert all(v == 1 for v in ids.values())
+    assert store.read("SELECT value, rater_id FROM thumbs") == [{"value": -1, "rater_id": "alice"}]
+    assert store.read("SELECT score, reason FROM ratings") == [{"score": 4, "reason": "clear"}]
+    assert store.read("SELECT text FROM edits") == [{"text": "a better first"}]
+    assert store.read("SELECT response_a, response_b, winner FROM comparisons") == [
+        {"response_a": a.id, "response_b": b.id, "winner": "b"}
+    ]
+    assert store.read("SELECT response_ids FROM rankings") == [{"response_ids": [c.id, a.id, b.id]}]
+    roles = {r["id"]: r["role"] for r in store.read("SELECT id, role FROM raters")}
+    assert roles == {"anonymous": "user", "alice": "user", "bob": "rater"}
+    counts = store.feedback_counts()
+    assert counts == {
+        "thumbs": 1,
+        "rating": 1,
+        "edit": 1,
+        "comparison": 1,
+        "ranking": 1,
+        "responses": 3,
+        "conversations": 3,
+    }
+
+
+def test_response_records_version_params_and_transcript(store: FeedbackStore) -> None:
+    first = make_response(store, prompt="hi", text="hello")
+    history = (Message("user", "hi"), Message("assistant", "hello"))
+    second = make_response(
+        store,
+        prompt="and then?",
+        text="more",
+        conversation_id=first.conversation_id,
+        history=history,
+    )
+    row = store.response(second.id)
+    assert row["model_version_id"] == "policy-v1"
+    assert '"max_tokens": 64' in row["params"]
+    transcript = store.read(
+        "SELECT idx, role, content, response_id FROM messages "
+        "WHERE conversation_id = ? ORDER BY idx",
+        [first.conversation_id],
+    )
+    assert [(m["idx"], m["role"], m["content"], m["response_id"]) for m in transcript] == [
+        (0, "user", "hi", None),
+        (1, "assistant", "hello", first.id),
+        (2, "user", "and then?", None),
+        (3, "assistant", "more", second.id),
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (Thumbs(1, 0), "thumbs value must be 1 or -1"),
+        (Rating(1, 6), "from 1 to 5"),
+        (Rating(1, 3, "x" * 5000), "reason is 5000 characters"),
+        (Edit(1, "   "), "edit text is empty"),
+        (Edit(1, "x" * 40_000), "the limit is 32000"),
+        (Comparison(1, 1, "a"), "two different responses"),
+        (Comparison(1, 2, "c"), "winner must be one of"),
+        (Ranking((1,)), "2 to 16 responses"),
+        (Ranking((1, 2, 1)), "each response once"),
+        (Thumbs(1, 1, "bad rater!"), "rater must be"),
+    ],
+)
+def test_bad_feedback_gets_a_clear_error_and_writes_nothing(
+    store: FeedbackStore, bad: object, message: str
+) -> None:
+    make_response(store)
+    make_response(store)
+    with pytest.raises(FeedbackError, match=message):
+        store.record_feedback(bad)
+    assert (
+        sum(
+            v for k, v in store.feedback_counts().items() if k not in ("responses", "conversations")
+        )
+        == 0
+    )
+
+
+def test_unknown_and_mismatched_responses_are_refused(store: FeedbackStore) -> None:
+    a = make_response(store, prompt="one prompt")
+    b = make_response(store, prompt="another prompt")
+    with pytest.raises(UnknownResponseError, match="unknown response id.*999"):
+        store.record_feedback(Thumbs(999, 1))
+    with pytest.raises(FeedbackError, match="same prompt"):
+        store.record_feedback(Comparison(a.id, b.id, "a"))
+
+
+def test_one_bad_item_in_a_batch_does_not_fail_the_others(store: FeedbackStore) -> None:
+    a = make_response(store)
+    futures = [store.submit_feedback(Thumbs(a.id if i % 10 else 12345, 1)) for i in range(200)]
+    ok = [f for f in futures if f.exception() is None]
+    failed = [f for f in futures if f.exception() is not None]
+    assert len(failed) == 20 and all(
+        isinstance(f.exception(), UnknownResponseError) for f in failed
+    )
+    assert store.feedback_counts()["thumbs"] == len(ok) == 180
+    assert sorted(f.result() for f in ok) == list(range(1, 181))
+
+
+def test_concurrent_writers_get_unique_ids_and_all_rows_land(store: FeedbackStore) -> None:
+    a = make_response(store)
+
+    def write(i: int) -> int:
+        return store.record_feedback(Rating(a.id, 1 + i % 5, rater_id=f"r{i % 7}"))
+
+    with ThreadPoolExecutor(16) as pool:
+        ids = list(pool.map(write, range(2000)))
+    assert sorted(ids) == list(range(1, 2001))
+    assert store.feedback_counts()["rating"] == 2000
+
+
+def test_acknowledged_writes_are_on_disk_after_close_and_reopen(tmp_path: Path) -> None:
+    db = tmp_path / "f.duckdb"
+    with FeedbackStore(db) as s:
+        a = make_response(s)
+        acked = [s.record_feedback(Thumbs(a.id, 1)) for _ in range(50)]
+    with FeedbackStore(db) as s:
+        assert s.feedback_counts()["thumbs"] == len(acked)
+        assert s.new_response_id() == a.id + 1  # counters continue after the stored ids
+
+
+def test_a_second_process_gets_a_clear_lock_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    db = tmp_path / "f.duckdb"
+    with FeedbackStore(db):
+        code = (
+            "from tuneloop.feedback.store import FeedbackStore as S, StoreLockedError as E\n"
+            f"try:\n    S({str(db)!r})\nexcept E as e:\n    print('LOCKED', e)\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        ).stdout
+    assert "LOCKED" in out and "tuneloop up" in out
+
+
+def test_readers_see_only_committed_rows_while_writing(store: FeedbackStore) -> None:
+    a = make_response(store)
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def read() -> None:
+        while not stop.is_set():
+            seen.append(store.feedback_counts()["thumbs"])
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    for _ in range(300):
+        store.record_feedback(Thumbs(a.id, 1))
+    stop.set()
+    reader.join()
+    assert seen == sorted(seen) and seen[-1] <= 300
