@@ -1,9 +1,9 @@
 """Engines turn a conversation into a stream of text, and swap the weights they serve.
 
 The embedded engine runs transformers in this process (CPU or one GPU). Atomic swap: `load()`
-builds the new model beside the old one, then replaces one reference under a lock. A request pins
-the reference it found when it started, so it finishes on that version; the old weights are freed
-when its last request ends.
+builds the new model beside the old one, then replaces one reference. A request pins the
+reference it found when it started, so it finishes on that version (each version decodes in a
+batch of its own); the old weights are freed when its last request ends.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tuneloop.records import Message, SamplingParams
+from tuneloop.serve.batching import BatchedGeneration, DecodeLoop
 
 
 class PromptTooLongError(ValueError):
@@ -49,103 +50,14 @@ class Engine(Protocol):
 @dataclass(frozen=True)
 class _Loaded:
     version_id: str
-    model: Any
     tokenizer: Any
     max_context: int
-
-
-class _EmbeddedGeneration:
-    """A `model.generate` call on a thread of its own, read through a text streamer."""
-
-    def __init__(
-        self, loaded: _Loaded, input_ids: Any, params: SamplingParams, slots: threading.Semaphore
-    ) -> None:
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        self.version_id = loaded.version_id
-        self.prompt_tokens = int(input_ids.shape[1])
-        self.completion_tokens = 0
-        self.finish_reason = "stop"
-        self._cancelled = threading.Event()
-        self._error: BaseException | None = None
-        self._eos = set(_eos_ids(loaded))
-        self._last_token: int | None = None
-        engine_self = self
-
-        class _CountingStreamer(TextIteratorStreamer):
-            def put(self, value: Any) -> None:
-                if not self.next_tokens_are_prompt:
-                    engine_self.completion_tokens += int(value.numel())
-                    engine_self._last_token = int(value.reshape(-1)[-1])
-                super().put(value)
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                import torch
-
-                return torch.full(
-                    (input_ids.shape[0],),
-                    engine_self._cancelled.is_set(),
-                    dtype=torch.bool,
-                    device=input_ids.device,
-                )
-
-        self._streamer = _CountingStreamer(
-            loaded.tokenizer, skip_prompt=True, skip_special_tokens=True
-        )
-        sampling = params.temperature > 0
-        kwargs: dict[str, Any] = {
-            "input_ids": input_ids.to(loaded.model.device),
-            "attention_mask": _ones_like(input_ids).to(loaded.model.device),
-            "max_new_tokens": params.max_tokens,
-            "do_sample": sampling,
-            "streamer": self._streamer,
-            "stopping_criteria": StoppingCriteriaList([_Cancelled()]),
-            "pad_token_id": loaded.tokenizer.pad_token_id,
-        }
-        if sampling:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        self._max_tokens = params.max_tokens
-        self._thread = threading.Thread(
-            target=self._run,
-            args=(loaded.model, kwargs, slots),
-            daemon=True,
-            name=f"generate-{self.version_id}",
-        )
-        self._thread.start()
-
-    def _run(self, model: Any, kwargs: dict[str, Any], slots: threading.Semaphore) -> None:
-        import torch
-
-        try:
-            with slots, torch.inference_mode():
-                model.generate(**kwargs)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the reading thread
-            self._error = exc
-            self._streamer.end()
-
-    def __iter__(self) -> Iterator[str]:
-        try:
-            for text in self._streamer:
-                if text:
-                    yield text
-        finally:
-            self._cancelled.set()
-            self._thread.join()
-        if self._error is not None:
-            raise RuntimeError(f"generation failed: {self._error}") from self._error
-        if self._last_token not in self._eos and self.completion_tokens >= self._max_tokens:
-            self.finish_reason = "length"
-
-    def cancel(self) -> None:
-        self._cancelled.set()
+    decoder: DecodeLoop
 
 
 class EmbeddedEngine:
-    """transformers in-process. Concurrent requests each generate on a thread of their own,
-    at most `max_concurrency` at once (the rest wait for a slot)."""
+    """transformers in-process. Concurrent requests decode together in one batch per version
+    (see `batching`), at most `max_concurrency` rows at once; the rest wait to join."""
 
     def __init__(
         self,
@@ -156,8 +68,8 @@ class EmbeddedEngine:
         max_concurrency: int = 8,
     ) -> None:
         self._device = device
+        self._max_batch = max_concurrency
         self._lock = threading.Lock()
-        self._slots = threading.Semaphore(max_concurrency)
         self.last_swap_seconds = 0.0
         self._loaded = self._load(version_id, model_path)
 
@@ -175,20 +87,10 @@ class EmbeddedEngine:
         tokenizer.padding_side = "left"  # not saved by transformers 5
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
         max_context = int(getattr(model.config, "max_position_embeddings", 2048))
-        loaded = _Loaded(version_id, model, tokenizer, max_context)
-        # One short generation so the first real request on this version pays no warm-up.
-        with torch.inference_mode():
-            ids = self._encode(loaded, [Message("user", "hi")])
-            model.generate(
-                input_ids=ids.to(device),
-                attention_mask=_ones_like(ids).to(device),
-                max_new_tokens=2,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-            )
+        decoder = DecodeLoop(model, tokenizer, _eos_ids(model, tokenizer), self._max_batch)
+        loaded = _Loaded(version_id, tokenizer, max_context, decoder)
+        # A short answer first, so that the first real request on this version pays no warm-up.
+        "".join(self._generate(loaded, [Message("user", "hi")], SamplingParams(2, 0.0)))
         return loaded
 
     @staticmethod
@@ -201,7 +103,11 @@ class EmbeddedEngine:
         return loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
 
     def stream(self, messages: list[Message], params: SamplingParams) -> Generation:
-        loaded = self._loaded  # pinned: this request finishes on this version
+        return self._generate(self._loaded, messages, params)  # pinned to the served version
+
+    def _generate(
+        self, loaded: _Loaded, messages: list[Message], params: SamplingParams
+    ) -> BatchedGeneration:
         input_ids = self._encode(loaded, messages)
         room = loaded.max_context - input_ids.shape[1]
         if room < 1:
@@ -211,7 +117,7 @@ class EmbeddedEngine:
             )
         if params.max_tokens > room:
             params = SamplingParams(room, params.temperature, params.top_p)
-        return _EmbeddedGeneration(loaded, input_ids, params, self._slots)
+        return BatchedGeneration(loaded.version_id, loaded.decoder.submit(input_ids, params))
 
     def load(self, version_id: str, path: str | Path) -> None:
         """Load `path` beside the served weights, then switch new requests to it."""
@@ -224,14 +130,8 @@ class EmbeddedEngine:
         """Nothing to release beyond the weights, which go with the last reference."""
 
 
-def _eos_ids(loaded: _Loaded) -> list[int]:
-    eos = loaded.model.generation_config.eos_token_id
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    eos = model.generation_config.eos_token_id
     if eos is None:
-        eos = loaded.tokenizer.eos_token_id
+        eos = tokenizer.eos_token_id
     return list(eos) if isinstance(eos, list | tuple) else [eos]
-
-
-def _ones_like(ids: Any) -> Any:
-    import torch
-
-    return torch.ones_like(ids)

@@ -74,3 +74,73 @@ def test_swap_is_atomic_under_concurrent_streams(
     assert done_before == [("v-a", ref_a)] * 4
     assert done_after == [("v-b", ref_b)] * 4
     assert eng.last_swap_seconds > 0
+
+
+@pytest.fixture(scope="module")
+def varied_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random weights with a wide init: greedy answers differ from prompt to prompt and token to
+    token, so a batching mistake shows up as a different answer."""
+    from tuneloop.train.tiny_model import local_corpus, new_llama, train_tokenizer
+
+    out = tmp_path_factory.mktemp("varied")
+    tok = train_tokenizer(local_corpus(100_000), 1024)
+    model = new_llama(
+        tok,
+        seed=3,
+        hidden_size=128,
+        num_layers=2,
+        intermediate_size=512,
+        max_position_embeddings=512,
+        initializer_range=0.4,
+    )
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def generate_reference(model_dir: Path, messages: list[Message], n: int) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    text = tok.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_batched_decoding_equals_generate_token_for_token(varied_model_dir: Path) -> None:
+    eng = EmbeddedEngine(varied_model_dir, "v", max_concurrency=4)
+    prompts = [[Message("user", "hi " * (1 + 7 * i))] for i in range(6)]  # uneven lengths
+    expected = [generate_reference(varied_model_dir, p, GREEDY.max_tokens) for p in prompts]
+    assert len(set(expected)) > 1
+    # Six requests, four rows at most: two join as others leave, all of different lengths.
+    gens = [eng.stream(p, GREEDY) for p in prompts]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda g: "".join(g), gens))
+    assert got == expected
+
+
+def test_sampling_respects_top_p_and_stays_in_the_vocabulary(varied_model_dir: Path) -> None:
+    eng = EmbeddedEngine(varied_model_dir, "v")
+    prompt = [Message("user", "what is a set?")]
+    greedy = "".join(eng.stream(prompt, GREEDY))
+    nucleus_of_one = SamplingParams(max_tokens=24, temperature=1.0, top_p=1e-6)
+    assert "".join(eng.stream(prompt, nucleus_of_one)) == greedy
+    hot = [eng.stream(prompt, SamplingParams(24, 1.5, 1.0)) for _ in range(4)]
+    texts = ["".join(g) for g in hot]
+    assert len(set(texts)) > 1 and all(g.completion_tokens >= 1 for g in hot)
