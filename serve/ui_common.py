@@ -1,0 +1,90 @@
+"""What the UI tabs share: starting answers and recording feedback through the chat service
+(the same code the HTTP API runs), with bad input shown to the person instead of raised."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+import gradio as gr
+
+from tuneloop.feedback.validation import FeedbackError
+from tuneloop.records import Feedback, Message, SamplingParams
+from tuneloop.serve.chat_service import ChatService, ChatTurn
+from tuneloop.serve.engine import PromptTooLongError
+
+CHAT_PARAMS = SamplingParams(max_tokens=256, temperature=0.7)
+# Answers to be compared or ranked are sampled hotter, so that they differ.
+JUDGE_PARAMS = SamplingParams(max_tokens=256, temperature=0.9)
+# Events that generate run this many at once (Gradio's default is one per event function).
+GENERATION_CONCURRENCY = 8
+
+
+def start_turn(
+    service: ChatService,
+    messages: list[Message],
+    params: SamplingParams,
+    rater_id: str,
+    conversation_id: int | None = None,
+) -> ChatTurn | None:
+    """Start an answer; or warn (bad name, unknown conversation, prompt too long), return None."""
+    try:
+        return service.chat(messages, params, conversation_id=conversation_id, rater_id=rater_id)
+    except (FeedbackError, PromptTooLongError) as exc:
+        gr.Warning(str(exc))
+        return None
+
+
+def record(service: ChatService, fb: Feedback) -> int | None:
+    """Store feedback; the new row's id, or None after warning the rater what was wrong."""
+    try:
+        return service.record_feedback(fb)
+    except FeedbackError as exc:
+        gr.Warning(str(exc))
+        return None
+
+
+def stream_together(turns: list[ChatTurn]) -> Iterator[list[str]]:
+    """All answers' texts so far, after each chunk of any of them.
+
+    The generations already run in parallel; reading them one after the other would show them one
+    after the other, so each is read on a thread of its own. Raises the first generation error once
+    every answer has ended. If the caller stops reading (the page went away), the generations stop.
+    """
+    texts = [""] * len(turns)
+    events: queue.Queue[tuple[int, str | Exception | None]] = queue.Queue()
+
+    def read(i: int, turn: ChatTurn) -> None:
+        try:
+            for chunk in turn:
+                events.put((i, chunk))
+        except Exception as exc:  # noqa: BLE001 - re-raised by the reader below
+            events.put((i, exc))
+        else:
+            events.put((i, None))
+
+    for i, turn in enumerate(turns):
+        threading.Thread(target=read, args=(i, turn), daemon=True, name=f"ui-answer-{i}").start()
+    running = len(turns)
+    error: Exception | None = None
+    try:
+        while running:
+            i, item = events.get()
+            if isinstance(item, str):
+                texts[i] += item
+                yield list(texts)
+            else:
+                running -= 1
+                error = error or item
+    finally:
+        if running:
+            for turn in turns:
+                turn.cancel()
+    if error is not None:
+        raise error
+
+
+def shown(text: str) -> str:
+    """An answer as displayed: a random or untrained model may well say nothing."""
+    return text if text.strip() else "(empty answer)"
