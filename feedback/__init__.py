@@ -1,1 +1,2 @@
-"""The feedback store (DuckDB), its snapshots, the datasets built from them, and the model registry."""
+"""The feedback store (DuckDB), its snapshots, the datasets built from them, and the
+model registry."""

@@ -1,0 +1,218 @@
+"""Training datasets built from a snapshot: SQL over its parquet files, TRL's own formats.
+
+Every dataset is conversational (lists of `{role, content}` messages), in the columns TRL 1.16's
+trainers read:
+
+- `preference` (DPOTrainer, reward model): `prompt`, `chosen`, `rejected`, plus `source` naming
+  the kind of feedback the pair came from (trainers drop columns they do not use).
+- `kto` (KTOTrainer): `prompt`, `completion`, `label`.
+- `sft` (SFTTrainer): `messages`.
+
+Each is split train/held-out by prompt hash, so no prompt is ever on both sides: a model is never
+evaluated on a prompt it was trained on, whichever answers or feedback kinds the prompt has.
+The same snapshot always gives the same rows; their order within a file is unspecified: sorting
+~1M wide rows would add about 40% to the build, and the trainers shuffle anyway.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import duckdb
+import pyarrow.parquet as pq
+
+from tuneloop.feedback.snapshot import load_manifest
+
+DATASETS_DIRNAME = "datasets"
+DEFAULT_HELDOUT_PERCENT = 10
+# The held-out bucket of a prompt is int(prompt_hash[:BUCKET_HEX_CHARS], 16) % 100.
+BUCKET_HEX_CHARS = 8
+_MESSAGES_TYPE = '[{"role":"VARCHAR","content":"VARCHAR"}]'
+
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    name: str
+    train: Path
+    heldout: Path
+    train_rows: int
+    heldout_rows: int
+
+
+def heldout_bucket(prompt_hash: str) -> int:
+    """The bucket (0-99) of a prompt; prompts with bucket < heldout_percent are held out."""
+    return int(prompt_hash[:BUCKET_HEX_CHARS], 16) % 100
+
+
+# pkey: the 16 hex chars of prompt_hash as one UBIGINT (same identity, cheaper join key).
+# Per-response aggregates: net thumbs (0 says nothing) and mean rating.
+_SETUP_SQL = """
+CREATE TEMP TABLE prompts AS
+    SELECT ('0x' || prompt_hash)::UBIGINT AS pkey,
+           from_json(any_value(prompt), '{messages_type}') AS prompt,
+           ('0x' || prompt_hash[:{hex_chars}])::UBIGINT % 100 < {heldout_percent} AS heldout
+    FROM responses GROUP BY prompt_hash;
+CREATE TEMP TABLE resp AS SELECT id, ('0x' || prompt_hash)::UBIGINT AS pkey, text FROM responses;
+CREATE TEMP TABLE net_thumbs AS
+    SELECT r.id, r.pkey, r.text, t.net
+    FROM (SELECT response_id, sum(value) AS net FROM thumbs GROUP BY response_id) t
+    JOIN resp r ON r.id = t.response_id
+    WHERE t.net <> 0;
+CREATE TEMP TABLE mean_ratings AS
+    SELECT r.id, r.pkey, r.text, m.mean
+    FROM (SELECT response_id, avg(score) AS mean FROM ratings GROUP BY response_id) m
+    JOIN resp r ON r.id = m.response_id;
+"""
+
+# One row per (chosen, rejected) pair of answers to one prompt.
+_PAIRS_SQL = """
+CREATE TEMP TABLE pairs AS
+WITH
+comparison_pairs AS (
+    SELECT 'comparison' AS source, a.pkey,
+           CASE c.winner WHEN 'a' THEN a.text ELSE b.text END AS chosen,
+           CASE c.winner WHEN 'a' THEN b.text ELSE a.text END AS rejected
+    FROM comparisons c
+    JOIN resp a ON a.id = c.response_a
+    JOIN resp b ON b.id = c.response_b
+    WHERE c.winner IN ('a', 'b')
+),
+ranked AS (
+    SELECT id, unnest(response_ids) AS response_id, generate_subscripts(response_ids, 1) AS pos
+    FROM rankings
+),
+ranking_pairs AS (
+    SELECT 'ranking' AS source, a.pkey, a.text AS chosen, b.text AS rejected
+    FROM ranked hi
+    JOIN ranked lo ON lo.id = hi.id AND hi.pos < lo.pos
+    JOIN resp a ON a.id = hi.response_id
+    JOIN resp b ON b.id = lo.response_id
+),
+thumbs_pairs AS (
+    SELECT 'thumbs' AS source, up.pkey, up.text AS chosen, down.text AS rejected
+    FROM net_thumbs up
+    JOIN net_thumbs down ON down.pkey = up.pkey AND down.net < 0
+    WHERE up.net > 0
+),
+edit_pairs AS (
+    SELECT 'edit' AS source, r.pkey, e.text AS chosen, r.text AS rejected
+    FROM edits e JOIN resp r ON r.id = e.response_id
+),
+rating_pairs AS (
+    SELECT 'rating' AS source, hi.pkey, hi.text AS chosen, lo.text AS rejected
+    FROM mean_ratings hi
+    JOIN mean_ratings lo ON lo.pkey = hi.pkey AND lo.mean < hi.mean
+)
+SELECT * FROM (
+    SELECT * FROM comparison_pairs
+    UNION ALL SELECT * FROM ranking_pairs
+    UNION ALL SELECT * FROM thumbs_pairs
+    UNION ALL SELECT * FROM edit_pairs
+    UNION ALL SELECT * FROM rating_pairs
+)
+WHERE chosen <> rejected;
+"""
+
+# name -> SELECT producing the dataset's columns plus `heldout`.
+_DATASET_SQL: dict[str, str] = {
+    "preference": """
+        SELECT p.prompt,
+               [{'role': 'assistant', 'content': x.chosen}] AS chosen,
+               [{'role': 'assistant', 'content': x.rejected}] AS rejected,
+               x.source, p.heldout
+        FROM pairs x JOIN prompts p USING (pkey)
+    """,
+    "kto": """
+        SELECT p.prompt,
+               [{'role': 'assistant', 'content': t.text}] AS completion,
+               t.net > 0 AS label, p.heldout
+        FROM net_thumbs t JOIN prompts p USING (pkey)
+    """,
+    "sft": """
+        SELECT list_concat(p.prompt, [{'role': 'assistant', 'content': a.text}]) AS messages,
+               p.heldout
+        FROM (
+            SELECT r.pkey, e.text FROM edits e JOIN resp r ON r.id = e.response_id
+            UNION ALL
+            SELECT pkey, text FROM mean_ratings WHERE mean >= 4
+        ) a JOIN prompts p USING (pkey)
+    """,
+}
+DATASET_NAMES: tuple[str, ...] = tuple(_DATASET_SQL)
+
+
+def build_datasets(
+    snapshot_dir: Path,
+    out_dir: Path | None = None,
+    *,
+    heldout_percent: int = DEFAULT_HELDOUT_PERCENT,
+) -> dict[str, DatasetFiles]:
+    """Build every dataset from the snapshot in `snapshot_dir`, as
+    `<out_dir>/<name>.train.parquet` and `<name>.heldout.parquet`
+    (out_dir defaults to `snapshot_dir/datasets/`)."""
+    if not 0 <= heldout_percent <= 100:
+        raise ValueError(f"heldout_percent must be 0 to 100, got {heldout_percent}")
+    snapshot_dir = Path(snapshot_dir)
+    out_dir = Path(out_dir) if out_dir is not None else snapshot_dir / DATASETS_DIRNAME
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(snapshot_dir)
+    con = duckdb.connect()
+    try:
+        for table, info in manifest["tables"].items():
+            source = _sql_str(snapshot_dir / info["file"])
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{source}')")
+        con.execute(
+            _SETUP_SQL.format(
+                messages_type=_MESSAGES_TYPE,
+                hex_chars=BUCKET_HEX_CHARS,
+                heldout_percent=int(heldout_percent),
+            )
+        )
+        con.execute(_PAIRS_SQL)
+        built = {}
+        for name, select in _DATASET_SQL.items():
+            # One query per split: cheaper than materializing the dataset (the held-out
+            # query is filtered early) and than COPY's PARTITION_BY.
+            train, heldout = out_dir / f"{name}.train.parquet", out_dir / f"{name}.heldout.parquet"
+            built[name] = DatasetFiles(
+                name=name,
+                train=train,
+                heldout=heldout,
+                train_rows=_copy_atomic(con, _split_sql(select, heldout=False), train),
+                heldout_rows=_copy_atomic(con, _split_sql(select, heldout=True), heldout),
+            )
+    finally:
+        con.close()
+    return built
+
+
+def load_split(path: Path, *, cache_dir: Path | None = None) -> datasets.Dataset:
+    """One split file as a `datasets.Dataset`, ready for a TRL trainer.
+
+    `Dataset.from_parquet` refuses a file without rows ("corresponds to no data"), which a small
+    held-out split often is: that one is read into an empty in-memory dataset instead.
+    """
+    if pq.ParquetFile(path).metadata.num_rows == 0:
+        return datasets.Dataset(pq.read_table(path))
+    return datasets.Dataset.from_parquet(
+        str(path), cache_dir=str(cache_dir) if cache_dir is not None else None
+    )
+
+
+def _split_sql(select: str, *, heldout: bool) -> str:
+    return f"SELECT * EXCLUDE (heldout) FROM ({select}) WHERE heldout = {heldout}"
+
+
+def _copy_atomic(con: duckdb.DuckDBPyConnection, select: str, path: Path) -> int:
+    """COPY a query to parquet through a `.tmp` file; returns the rows written."""
+    tmp = path.with_name(path.name + ".tmp")
+    rows = con.execute(f"COPY ({select}) TO '{_sql_str(tmp)}' (FORMAT parquet)").fetchall()
+    os.replace(tmp, path)
+    return int(rows[0][0])
+
+
+def _sql_str(path: Path) -> str:
+    return str(path).replace("'", "''")

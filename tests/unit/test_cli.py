@@ -1,0 +1,95 @@
+"""The `tuneloop` command: fast help, and database commands with and without a running server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from live_server import live_server
+
+
+def tuneloop(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tuneloop.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_help_lists_every_subcommand_without_heavy_imports() -> None:
+    started = time.perf_counter()
+    code = (
+        "import sys, tuneloop.cli as c\n"
+        "c.build_parser().format_help()\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'gradio', 'duckdb') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    ).stdout
+    assert out.strip() == "[]"
+    help_text = tuneloop("--help").stdout
+    for cmd in ("up", "demo-model", "stats", "snapshot", "datasets", "versions"):
+        assert cmd in help_text
+    assert time.perf_counter() - started < 30
+
+
+def test_every_subcommand_takes_data_dir() -> None:
+    for cmd in ("up", "demo-model", "stats", "snapshot", "datasets", "versions"):
+        assert "--data-dir" in tuneloop(cmd, "--help").stdout
+
+
+def test_commands_open_the_file_when_no_server_runs(tmp_path: Path) -> None:
+    dd = tmp_path / "data"
+    stats = tuneloop("stats", "--json", "--data-dir", str(dd))
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["thumbs"] == 0
+    assert json.loads(tuneloop("versions", "--json", "--data-dir", str(dd)).stdout) == []
+    missing = tuneloop("datasets", "--data-dir", str(dd))
+    assert missing.returncode != 0 and "run `tuneloop snapshot` first" in missing.stderr
+
+
+def test_commands_go_through_the_server_that_holds_the_file(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    for server in live_server(tmp_path / "data", tiny_model_dir, ui=False):
+        dd = str(server.data_dir.root)
+        chat = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            timeout=60,
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+        ).json()
+        httpx.post(
+            f"{server.url}/v1/feedback",
+            json={"kind": "thumbs", "response_id": int(chat["id"]), "value": 1},
+        )
+        stats = tuneloop("stats", "--json", "--data-dir", dd)
+        assert stats.returncode == 0, stats.stderr
+        assert json.loads(stats.stdout)["thumbs"] == 1
+        versions = tuneloop("versions", "--data-dir", dd)
+        assert "policy-v1" in versions.stdout and "promoted" in versions.stdout
+        snap = tuneloop("snapshot", "--data-dir", dd)
+        assert snap.returncode == 0, snap.stderr
+        manifest = json.loads(snap.stdout)["manifest"]
+        assert manifest["tables"]["thumbs"]["rows"] == 1
+        built = tuneloop("datasets", "--data-dir", dd)
+        assert built.returncode == 0, built.stderr
+        assert "preference" in json.loads(built.stdout)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("up", "--engine", "nope"), "invalid choice"),
+        (("up", "--port", "x"), "invalid int value"),
+    ],
+)
+def test_bad_arguments_get_a_clear_error(args: tuple[str, ...], message: str) -> None:
+    result = tuneloop(*args)
+    assert result.returncode == 2 and message in result.stderr
