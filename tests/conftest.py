@@ -1,0 +1,25 @@
+"""Shared pytest fixtures. Fixtures only: helpers belong in the modules that use them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# --- Models ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight tiny Llama chat model with its tokenizer (seed 0); treat it as read-only."""
+    from tuneloop.train.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model-seed0"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Like `tiny_model_dir` with seed 1: same tokenizer, other weights, other outputs."""
+    from tuneloop.train.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model-seed1"), seed=1)

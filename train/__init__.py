@@ -1,0 +1,1 @@
+"""Training jobs: demo model, and (later) SFT, reward model, DPO, KTO, RL."""
