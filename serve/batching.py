@@ -186,7 +186,7 @@ class DecodeLoop:
         for row in done:
             text = self._tokenizer.decode(row.tokens, skip_special_tokens=True)
             if len(text) > row.sent_chars:  # what was held back for a character still incomplete
-                row.out.put(text[row.sent_chars:])
+                row.out.put(text[row.sent_chars :])
             row.out.put(_END)
         if done:
             self._drop(done)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import secrets
@@ -116,6 +117,10 @@ def run_server(
             target=_announce, daemon=True, args=(server, dd, version.id, on_ready, stop)
         )
         watcher.start()
+        # torch and transformers leave ~400k tracked objects; a full GC pass over them took
+        # ~240 ms under load (the feedback p99). Freeze them out of the collector.
+        gc.collect()
+        gc.freeze()
         server.run()
     finally:
         dd.server_file.unlink(missing_ok=True)

@@ -1,0 +1,153 @@
+"""Helpers shared by the HTTP benchmarks: a `tuneloop up` server in a process of its own, CPU
+time of a process, percentiles.
+
+The server runs as a separate process (`python -m tuneloop.cli up --no-ui ...`) on a free port of
+127.0.0.1 with a fresh data dir, so that the load generator never shares the server's GIL.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process (all its threads) has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of values sorted ascending; nan when empty."""
+    if not sorted_values:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+class ServerProcess:
+    """`tuneloop up --no-ui` serving `model` from `data_dir` (which must be fresh) on a free port.
+
+    Use as a context manager: entering starts the process and waits until `GET /health` answers
+    200; leaving sends SIGINT (a clean shutdown that closes the store) and kills the process if it
+    has not exited after `stop_timeout` seconds. The server's output goes to `data_dir/server.log`;
+    `env` adds variables to its environment.
+    """
+
+    def __init__(
+        self,
+        model: Path,
+        data_dir: Path,
+        *,
+        max_concurrency: int = 8,
+        env: dict[str, str] | None = None,
+        start_timeout: float = 180.0,
+        stop_timeout: float = 15.0,
+    ) -> None:
+        self.model = model
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.log_path = data_dir / "server.log"
+        self._max_concurrency = max_concurrency
+        self._env = os.environ | (env or {})
+        self._start_timeout = start_timeout
+        self._stop_timeout = stop_timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None, "the server is not running"
+        return self._proc.pid
+
+    def __enter__(self) -> ServerProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "tuneloop.cli",
+            "up",
+            "--no-ui",
+            "--model",
+            str(self.model),
+            "--host",
+            HOST,
+            "--port",
+            str(self.port),
+            "--max-concurrency",
+            str(self._max_concurrency),
+            "--data-dir",
+            str(self.data_dir),
+        ]
+        with self.log_path.open("wb") as log:
+            self._proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env, start_new_session=True
+            )
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _wait_healthy(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self._start_timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"the server exited with {self._proc.returncode}:\n{self.log_tail()}"
+                )
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(
+            f"no healthy server at {self.url} after {self._start_timeout:.0f} s:\n{self.log_tail()}"
+        )
+
+    def stop(self) -> None:
+        """SIGINT, then SIGKILL after `stop_timeout` seconds; idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.kill(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(self._stop_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def log_tail(self, chars: int = 4000) -> str:
+        """The end of the server's output."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return text[-chars:]
