@@ -205,6 +205,24 @@ def _stream_events(turn: ChatTurn, include_usage: bool) -> Iterator[str]:
         turn.cancel()  # a client that went away stops the generation
 
 
+class BodySizeLimit:
+    """Refuse bodies over MAX_BODY_BYTES by their Content-Length. Plain ASGI: the decorator form
+    costs ~180 us per request and per streamed chunk (measured in bench/feedback_ingest.py)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"content-length" and value.isdigit() and int(value) > MAX_BODY_BYTES:
+                    size = int(value)
+                    msg = f"request body is {size} bytes; the limit is {MAX_BODY_BYTES}"
+                    await _error(413, msg)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
 def create_api(service: ChatService) -> FastAPI:
     app = FastAPI(
         title="tuneloop", version="0.1.0", description="Chat, collect feedback, retrain, hot-swap."
@@ -214,12 +232,7 @@ def create_api(service: ChatService) -> FastAPI:
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(422, _describe(list(exc.errors())))
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        size = request.headers.get("content-length")
-        if size and size.isdigit() and int(size) > MAX_BODY_BYTES:
-            return _error(413, f"request body is {size} bytes; the limit is {MAX_BODY_BYTES}")
-        return await call_next(request)
+    app.add_middleware(BodySizeLimit)
 
     @app.get("/health", response_model=Health)
     async def health() -> Health:
