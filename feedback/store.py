@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import duckdb
-import pyarrow as pa
 
 from tuneloop.feedback.migrations import apply_migrations
 from tuneloop.feedback.validation import (
@@ -393,11 +392,14 @@ class FeedbackStore:
         return row["id"]
 
     def _insert(self, table: str, rows: list[dict[str, Any]]) -> None:
-        self._con.register("_rows", pa.Table.from_pylist(rows))
-        try:
-            self._con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _rows")
-        finally:
-            self._con.unregister("_rows")
+        """One statement per table: a list per column, unnested. Fewer DuckDB calls matter
+        because each releases the GIL and must win it back from the busy event loop."""
+        cols = list(rows[0])
+        select = ", ".join(f"unnest(${i + 1})" for i in range(len(cols)))
+        self._con.execute(
+            f"INSERT INTO {table} ({', '.join(cols)}) SELECT {select}",
+            [[row[c] for row in rows] for c in cols],
+        )
 
 
 def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> Any:
