@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from tuneloop.artifacts import load_causal_lm, load_tokenizer
 from tuneloop.records import Message, SamplingParams
 from tuneloop.serve.batching import BatchedGeneration, DecodeLoop
 
@@ -79,13 +80,11 @@ class EmbeddedEngine:
 
     def _load(self, version_id: str, path: str | Path) -> _Loaded:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         device = self._device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-        tokenizer.padding_side = "left"  # not saved by transformers 5
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+        tokenizer = load_tokenizer(path)
+        model = load_causal_lm(path, device=device, dtype=dtype)
         max_context = int(getattr(model.config, "max_position_embeddings", 2048))
         decoder = DecodeLoop(model, tokenizer, _eos_ids(model, tokenizer), self._max_batch)
         loaded = _Loaded(version_id, tokenizer, max_context, decoder)
