@@ -10,6 +10,7 @@ writes share one commit. Readers use their own cursors and see committed data on
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import queue
 import threading
@@ -68,12 +69,15 @@ class _Pending:
     raters: dict[str, str] = field(default_factory=dict)
     conversations: set[int] = field(default_factory=set)
     conv_len: dict[int, int] = field(default_factory=dict)
+    prompt_hashes: dict[int, str] = field(default_factory=dict)
 
 
 class FeedbackStore:
     """Owns the DuckDB file for this process. Thread-safe; close() when done."""
 
-    def __init__(self, path: str | Path, *, max_batch: int = 2048) -> None:
+    def __init__(
+        self, path: str | Path, *, max_batch: int = 2048, prompt_hash_cache: int = 200_000
+    ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -87,6 +91,7 @@ class FeedbackStore:
             raise
         self.applied_migrations = apply_migrations(self._con)
         self._max_batch = max_batch
+        self._prompt_hash_cache = prompt_hash_cache
         self._id_lock = threading.Lock()
         self._next_id = {
             t: _scalar(self._con, f"SELECT coalesce(max(id), 0) + 1 FROM {t}") for t in _ID_TABLES
@@ -94,6 +99,9 @@ class FeedbackStore:
         self._known_raters: set[str] = set()
         self._known_conversations: set[int] = set()
         self._conv_len: dict[int, int] = {}
+        # Response id -> prompt hash of recent responses, for feedback checks without a SELECT.
+        # Writer thread only; insertion-ordered, so the oldest entries go first when it is full.
+        self._prompt_hashes: dict[int, str] = {}
         self._queue: queue.Queue[Any] = queue.Queue()
         self._writer = threading.Thread(
             target=self._run_writer, name="tuneloop-writer", daemon=True
@@ -261,6 +269,7 @@ class FeedbackStore:
         self._known_raters.update(pending.raters)
         self._known_conversations.update(pending.conversations)
         self._conv_len.update(pending.conv_len)
+        self._remember_prompt_hashes(pending.prompt_hashes)
         for (_, fut), outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 fut.set_exception(outcome)
@@ -273,19 +282,24 @@ class FeedbackStore:
         prompts: dict[int, str] = {}  # response id -> prompt hash, for this batch's checks
         for item, _ in batch:
             if isinstance(item, Response):
-                prompts[item.id] = prompt_hash(item.prompt)
+                prompts[item.id] = p.prompt_hashes[item.id] = prompt_hash(item.prompt)
         wanted = {
             rid
             for item, _ in batch
             if not isinstance(item, Response)
             for rid in referenced_responses(item)
         } - prompts.keys()
+        prompts.update(
+            (rid, self._prompt_hashes[rid]) for rid in wanted if rid in self._prompt_hashes
+        )
+        wanted -= prompts.keys()
         if wanted:
             found = self._con.execute(
                 "SELECT id, prompt_hash FROM responses WHERE id IN (SELECT unnest(?::BIGINT[]))",
                 [sorted(wanted)],
             ).fetchall()
             prompts.update(found)
+            p.prompt_hashes.update(found)
         outcomes: list[int | BaseException] = []
         for item, _ in batch:
             if isinstance(item, Response):
@@ -307,6 +321,13 @@ class FeedbackStore:
                 continue
             outcomes.append(self._stage_feedback(item, p, now))
         return outcomes
+
+    def _remember_prompt_hashes(self, found: dict[int, str]) -> None:
+        self._prompt_hashes.update(found)
+        excess = len(self._prompt_hashes) - self._prompt_hash_cache
+        if excess > 0:
+            for rid in list(itertools.islice(self._prompt_hashes, excess)):
+                del self._prompt_hashes[rid]
 
     def _stage_rater(self, rater_id: str, role: str, p: _Pending, now: datetime) -> None:
         if rater_id not in self._known_raters and rater_id not in p.raters:
@@ -356,7 +377,7 @@ class FeedbackStore:
                 "id": r.id,
                 "conversation_id": cid,
                 "prompt": messages_to_json(r.prompt),
-                "prompt_hash": prompt_hash(r.prompt),
+                "prompt_hash": p.prompt_hashes[r.id],
                 "text": r.text,
                 "model_version_id": r.model_version_id,
                 "params": json.dumps(r.params.to_dict()),

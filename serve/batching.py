@@ -10,9 +10,10 @@ swapped-out version's loop ends with its last request, which frees its weights.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,13 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     sent_chars: int = 0
     finish_reason: str = "stop"
+    # Set by an async reader while it waits: called (from the decode thread) after each put.
+    wake: Callable[[], None] | None = None
+
+    def send(self, item: Any) -> None:
+        self.out.put(item)
+        if self.wake is not None:
+            self.wake()
 
 
 class BatchedGeneration:
@@ -58,6 +66,50 @@ class BatchedGeneration:
                 yield item
         finally:
             self._row.cancelled.set()  # a reader that stops early frees its row
+
+    async def achunks(self, merge_s: float = 0.0) -> AsyncIterator[str]:
+        """Iterate on an event loop, without a thread per stream. After each chunk it waits
+        `merge_s` so that the tokens decoded meanwhile go out as one chunk: fewer, larger
+        events cost the server less per token (the first chunk is never held back)."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        row = self._row
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(ready.set)
+
+        try:
+            while True:
+                parts, done = self._drain()
+                if parts:
+                    yield "".join(parts)
+                if done:
+                    return
+                if parts and merge_s > 0:
+                    await asyncio.sleep(merge_s)  # the decode thread is not woken meanwhile
+                    continue
+                ready.clear()
+                row.wake = wake
+                if row.out.empty():  # else something came after the drain: no wait
+                    await ready.wait()
+                row.wake = None
+        finally:
+            row.wake = None
+            row.cancelled.set()
+
+    def _drain(self) -> tuple[list[str], bool]:
+        """The chunks queued so far, and whether the answer has ended."""
+        parts: list[str] = []
+        while True:
+            try:
+                item = self._row.out.get_nowait()
+            except queue.Empty:
+                return parts, False
+            if item is _END:
+                return parts, True
+            if isinstance(item, BaseException):
+                raise RuntimeError(f"generation failed: {item}") from item
+            parts.append(item)
 
     def cancel(self) -> None:
         self._row.cancelled.set()
@@ -102,8 +154,8 @@ class DecodeLoop:
                         self._step()
                 except Exception as exc:  # noqa: BLE001 - every waiting reader gets the error
                     for row in self._rows:
-                        row.out.put(exc)
-                        row.out.put(_END)
+                        row.send(exc)
+                        row.send(_END)
                     self._rows, self._cache, self._mask = [], None, None
 
     def _admit(self) -> None:
@@ -114,7 +166,7 @@ class DecodeLoop:
             except queue.Empty:
                 return
             if row.cancelled.is_set():
-                row.out.put(_END)
+                row.send(_END)
                 continue
             self._prefill(row)
 
@@ -176,7 +228,7 @@ class DecodeLoop:
             row.tokens.append(token)
             text = self._tokenizer.decode(row.tokens, skip_special_tokens=True)
             if not text.endswith("\ufffd") and len(text) > row.sent_chars:  # whole characters
-                row.out.put(text[row.sent_chars :])
+                row.send(text[row.sent_chars :])
                 row.sent_chars = len(text)
             if len(row.tokens) >= row.params.max_tokens:
                 row.finish_reason = "length"
@@ -186,8 +238,8 @@ class DecodeLoop:
         for row in done:
             text = self._tokenizer.decode(row.tokens, skip_special_tokens=True)
             if len(text) > row.sent_chars:  # what was held back for a character still incomplete
-                row.out.put(text[row.sent_chars :])
-            row.out.put(_END)
+                row.send(text[row.sent_chars :])
+            row.send(_END)
         if done:
             self._drop(done)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 
 from tuneloop.feedback.store import FeedbackStore
@@ -17,8 +17,14 @@ class UnknownConversationError(UnknownResponseError):
 
 
 class ChatTurn:
-    """One answer: iterate for its text; once the iteration ends the response is stored
-    (committed) under `id`, which the stream already carried from its first chunk."""
+    """One answer: iterate for its text (`for`, or `astream` on an event loop). When the text
+    ends the response is queued for the store under `id`, which the stream carried from its
+    first chunk; `saved` resolves once it is committed.
+
+    A stream may end before that commit: any feedback on the response is queued after it in the
+    same single writer, so it can never be refused as naming an unknown id. `text()` waits for
+    the commit.
+    """
 
     def __init__(
         self,
@@ -34,6 +40,7 @@ class ChatTurn:
         self.version_id = generation.version_id
         self.created = int(time.time())
         self.response: Response | None = None
+        self.saved: Future | None = None
         self._store = store
         self._generation = generation
         self._prompt = tuple(prompt)
@@ -46,6 +53,17 @@ class ChatTurn:
         for chunk in self._generation:
             parts.append(chunk)
             yield chunk
+        self._save(parts)
+
+    async def astream(self, merge_s: float = 0.0) -> AsyncIterator[str]:
+        """Like iterating, on an event loop; see `Generation.achunks` for `merge_s`."""
+        parts: list[str] = []
+        async for chunk in self._generation.achunks(merge_s):
+            parts.append(chunk)
+            yield chunk
+        self._save(parts)
+
+    def _save(self, parts: list[str]) -> None:
         g = self._generation
         response = Response(
             id=self.id,
@@ -60,12 +78,14 @@ class ChatTurn:
             finish_reason=g.finish_reason,
             rater_id=self._rater_id,
         )
-        self._store.submit_response(response).result()
+        self.saved = self._store.submit_response(response)
         self.response = response
 
     def text(self) -> str:
-        """Run the turn to its end; the stored answer's text."""
-        return "".join(self)
+        """Run the turn to its end; the stored answer's text, once committed."""
+        text = "".join(self)
+        self.saved.result()  # type: ignore[union-attr]
+        return text
 
     def cancel(self) -> None:
         self._generation.cancel()

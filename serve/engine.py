@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +33,11 @@ class Generation(Protocol):
     finish_reason: str
 
     def __iter__(self) -> Iterator[str]: ...
+
+    def achunks(self, merge_s: float = 0.0) -> AsyncIterator[str]:
+        """The same text, iterated on an event loop; chunks decoded within `merge_s` of each
+        other may arrive joined."""
+        ...
 
     def cancel(self) -> None: ...
 

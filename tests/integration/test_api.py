@@ -60,7 +60,14 @@ def test_streaming_gives_the_same_stored_text(server: LiveServer, client: openai
     ]
     assert finish in (["stop"], ["length"])
     assert chunks[-1].usage.completion_tokens >= 1
-    stored = db_rows(server, "SELECT text FROM responses WHERE id = ?", [int(ids.pop())])
+    # The stream may end before its response commits; feedback sent right away still finds it,
+    # and is acknowledged only after both are committed.
+    response_id = int(ids.pop())
+    vote = httpx.post(
+        f"{server.url}/v1/feedback", json={"response_id": response_id, "kind": "thumbs", "value": 1}
+    )
+    assert vote.status_code == 201, vote.text
+    stored = db_rows(server, "SELECT text FROM responses WHERE id = ?", [response_id])
     assert stored == [(text,)]
 
 

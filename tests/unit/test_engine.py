@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -39,6 +40,27 @@ def test_concurrent_streams_match_sequential_ones(engine: EmbeddedEngine) -> Non
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         concurrent = list(pool.map(lambda p: answer(engine, p), PROMPTS))
     assert concurrent == sequential
+
+
+@pytest.mark.parametrize("merge_s", [0.0, 0.2])
+def test_async_streams_give_the_same_text_and_merge_chunks(
+    engine: EmbeddedEngine, merge_s: float
+) -> None:
+    async def run() -> list[tuple[str, list[str]]]:
+        async def one(messages: list[Message]) -> tuple[str, list[str]]:
+            gen = engine.stream(messages, GREEDY)
+            return gen.version_id, [c async for c in gen.achunks(merge_s)]
+
+        return await asyncio.gather(*(one(p) for p in PROMPTS))
+
+    unmerged = [list(engine.stream(p, GREEDY)) for p in PROMPTS]
+    streamed = asyncio.run(run())
+    assert [(v, "".join(c)) for v, c in streamed] == [("v-a", "".join(c)) for c in unmerged]
+    chunks, unmerged_chunks = sum(len(c) for _, c in streamed), sum(len(c) for c in unmerged)
+    if merge_s:  # tokens decoded while a chunk was held back for 0.2 s go out with the next one
+        assert chunks < unmerged_chunks
+    else:
+        assert chunks <= unmerged_chunks
 
 
 def test_prompt_too_long_is_a_clear_error(engine: EmbeddedEngine) -> None:

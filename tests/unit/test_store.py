@@ -159,6 +159,19 @@ def test_unknown_and_mismatched_responses_are_refused(store: FeedbackStore) -> N
         store.record_feedback(Comparison(a.id, b.id, "a"))
 
 
+@pytest.mark.parametrize("cache_size", [0, 1])
+def test_same_prompt_check_holds_when_prompt_hashes_fall_out_of_the_cache(
+    tmp_path: Path, cache_size: int
+) -> None:
+    with FeedbackStore(tmp_path / "f.duckdb", prompt_hash_cache=cache_size) as s:
+        a, b = make_response(s, prompt="same"), make_response(s, prompt="same")
+        other = make_response(s, prompt="different")
+        assert s.record_feedback(Comparison(a.id, b.id, "a")) == 1
+        with pytest.raises(FeedbackError, match="same prompt"):
+            s.record_feedback(Comparison(a.id, other.id, "b"))
+        assert s.record_feedback(Comparison(b.id, a.id, "tie")) == 2
+
+
 def test_one_bad_item_in_a_batch_does_not_fail_the_others(store: FeedbackStore) -> None:
     a = make_response(store)
     futures = [store.submit_feedback(Thumbs(a.id if i % 10 else 12345, 1)) for i in range(200)]
