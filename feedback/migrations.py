@@ -117,6 +117,25 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0002_promotions_and_run_progress",
+        """
+        ALTER TABLE model_versions ADD COLUMN status_reason VARCHAR;
+        ALTER TABLE training_runs ADD COLUMN stage VARCHAR;
+        ALTER TABLE training_runs ADD COLUMN metrics JSON;
+        ALTER TABLE training_runs ADD COLUMN trigger VARCHAR;
+        -- Every change of the served version, in order: what rollback walks back through.
+        CREATE TABLE promotions (
+            id BIGINT PRIMARY KEY,
+            kind VARCHAR NOT NULL,
+            version_id VARCHAR NOT NULL,
+            previous_version_id VARCHAR,
+            action VARCHAR NOT NULL CHECK (action IN ('promote', 'rollback')),
+            reason VARCHAR,
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        """,
+    ),
 ]
 
 

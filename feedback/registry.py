@@ -24,6 +24,7 @@ def _from_row(row: dict[str, Any]) -> ModelVersion:
         metrics=json.loads(row["metrics"]),
         status=row["status"],
         created_at=row["created_at"],
+        status_reason=row["status_reason"],
     )
 
 
@@ -64,11 +65,29 @@ def next_version_id(store: FeedbackStore, kind: str) -> str:
     return f"{kind}-v{rows[0]['n'] + 1}"
 
 
+class RegistryError(ValueError):
+    """A registry change that cannot be made (unknown version, nothing to roll back to)."""
+
+
+class UnknownVersionError(RegistryError):
+    """No version has this id."""
+
+
+def require_version(store: FeedbackStore, version_id: str) -> ModelVersion:
+    version = get_version(store, version_id)
+    if version is None:
+        known = ", ".join(v.id for v in list_versions(store)[:10]) or "none yet"
+        raise UnknownVersionError(f"unknown model version {version_id!r} (newest: {known})")
+    return version
+
+
 def register_version(store: FeedbackStore, version: ModelVersion) -> ModelVersion:
     created = version.created_at or datetime.now(UTC)
     store.write(
         lambda con: con.execute(
-            "INSERT INTO model_versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO model_versions (id, kind, base, parent, artifact_path, adapter, "
+            "snapshot_id, config, metrics, status, created_at, status_reason) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 version.id,
                 version.kind,
@@ -81,22 +100,83 @@ def register_version(store: FeedbackStore, version: ModelVersion) -> ModelVersio
                 json.dumps(version.metrics),
                 version.status,
                 created,
+                version.status_reason,
             ],
         )
     )
     return get_version(store, version.id)  # type: ignore[return-value]
 
 
-def set_status(store: FeedbackStore, version_id: str, status: str) -> None:
-    """Promoting a policy retires the one promoted before it, in the same transaction."""
+def update_metrics(store: FeedbackStore, version_id: str, metrics: dict[str, Any]) -> None:
+    """Merge `metrics` into the version's metrics (the gate adds its result this way)."""
+    current = require_version(store, version_id).metrics
+    store.write(
+        lambda con: con.execute(
+            "UPDATE model_versions SET metrics = ? WHERE id = ?",
+            [json.dumps(current | metrics), version_id],
+        )
+    )
+
+
+def reject(store: FeedbackStore, version_id: str, reason: str) -> None:
+    require_version(store, version_id)
+    store.write(
+        lambda con: con.execute(
+            "UPDATE model_versions SET status = 'rejected', status_reason = ? WHERE id = ?",
+            [reason, version_id],
+        )
+    )
+
+
+def promote(
+    store: FeedbackStore, version_id: str, *, reason: str, action: str = "promote"
+) -> ModelVersion | None:
+    """Make `version_id` the promoted version of its kind, in one transaction with the history
+    row; returns the version it replaced. The replaced one is retired (it can come back through
+    a rollback) or, when `action` is "rollback", rejected (a later rollback goes further back).
+    """
+    version = require_version(store, version_id)
+    previous = promoted_version(store, version.kind)
+    if previous is not None and previous.id == version_id:
+        raise RegistryError(f"{version_id} is already the promoted {version.kind}")
+    demoted = "rejected" if action == "rollback" else "retired"
 
     def apply(con: Any) -> None:
-        if status == "promoted":
+        now = datetime.now(UTC)
+        if previous is not None:
             con.execute(
-                "UPDATE model_versions SET status = 'retired' WHERE status = 'promoted' "
-                "AND kind = (SELECT kind FROM model_versions WHERE id = ?)",
-                [version_id],
+                "UPDATE model_versions SET status = ?, status_reason = ? WHERE id = ?",
+                [demoted, f"{action}: replaced by {version_id}", previous.id],
             )
-        con.execute("UPDATE model_versions SET status = ? WHERE id = ?", [status, version_id])
+        con.execute(
+            "UPDATE model_versions SET status = 'promoted', status_reason = ? WHERE id = ?",
+            [reason, version_id],
+        )
+        con.execute(
+            "INSERT INTO promotions SELECT coalesce(max(id), 0) + 1, ?, ?, ?, ?, ?, ? "
+            "FROM promotions",
+            [version.kind, version_id, previous.id if previous else None, action, reason, now],
+        )
 
     store.write(apply)
+    return previous
+
+
+def rollback_target(store: FeedbackStore, kind: str = "policy") -> ModelVersion:
+    """The version a rollback would serve: the latest one promoted before the current one that
+    was retired (not rejected, not rolled back from)."""
+    current = promoted_version(store, kind)
+    rows = store.read(
+        "SELECT v.* FROM promotions p JOIN model_versions v ON v.id = p.version_id "
+        "WHERE p.kind = ? AND v.status = 'retired' ORDER BY p.id DESC LIMIT 1",
+        [kind],
+    )
+    if not rows:
+        served = f" than {current.id}" if current else ""
+        raise RegistryError(f"no earlier {kind} version to roll back to{served}")
+    return _from_row(rows[0])
+
+
+def promotion_history(store: FeedbackStore, kind: str = "policy") -> list[dict[str, Any]]:
+    """Newest first."""
+    return store.read("SELECT * FROM promotions WHERE kind = ? ORDER BY id DESC", [kind])

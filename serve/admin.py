@@ -1,22 +1,49 @@
 """Operator routes under `/v1/admin/`, guarded by the bearer token the server writes to its data
-dir at start. The CLI uses them while a server owns the database file."""
+dir at start. The CLI uses them while a server owns the database file.
+
+- `POST /snapshot`, `GET /versions`, `GET /runs`, `GET /loop` (what trains, what serves)
+- `POST /train {"kind", "overrides"?, "full"?}`: start a cycle now (409 while one runs)
+- `POST /promote {"version"}`, `POST /rollback`: hot-swap the served policy, then record it
+"""
 
 from __future__ import annotations
 
 import hmac
 from dataclasses import asdict
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from tuneloop.config import DataDir
-from tuneloop.feedback.registry import list_versions
+from tuneloop.feedback.registry import RegistryError, UnknownVersionError, list_versions
+from tuneloop.feedback.runs import list_runs
 from tuneloop.feedback.snapshot import create_snapshot
+from tuneloop.pipeline import JobSettings
 from tuneloop.serve.chat_service import ChatService
+from tuneloop.serve.control import BusyError, LoopControl
 
 
-def create_admin_router(service: ChatService, data_dir: DataDir, token: str) -> APIRouter:
+class TrainIn(BaseModel):
+    kind: Literal["rm", "dpo", "kto", "sft", "rl"] = "dpo"
+    overrides: list[str] = Field(default_factory=list, description="TRL config `key=value`s")
+    full: bool = False
+
+
+class PromoteIn(BaseModel):
+    version: str
+
+
+def jsonable(obj: Any) -> dict[str, Any]:
+    """A record dataclass as JSON-ready dict (datetimes as ISO strings)."""
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in asdict(obj).items()}
+
+
+def create_admin_router(
+    service: ChatService, control: LoopControl, data_dir: DataDir, token: str
+) -> APIRouter:
     def authorize(authorization: str = Header("")) -> None:
         given = authorization.removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.encode()):
@@ -35,10 +62,41 @@ def create_admin_router(service: ChatService, data_dir: DataDir, token: str) -> 
 
     @router.get("/versions")
     async def versions() -> list[dict[str, Any]]:
-        rows = await run_in_threadpool(list_versions, service.store)
-        return [
-            asdict(v) | {"created_at": v.created_at.isoformat() if v.created_at else None}
-            for v in rows
-        ]
+        return [jsonable(v) for v in await run_in_threadpool(list_versions, service.store)]
+
+    @router.get("/runs")
+    async def runs(limit: int = 50) -> list[dict[str, Any]]:
+        return [jsonable(r) for r in await run_in_threadpool(list_runs, service.store, limit)]
+
+    @router.get("/loop")
+    async def loop() -> dict[str, Any]:
+        return await run_in_threadpool(control.status)
+
+    @router.post("/train", status_code=202)
+    async def train(body: TrainIn) -> dict[str, Any]:
+        settings = JobSettings(overrides=tuple(body.overrides), full=body.full)
+        try:
+            control.train_now(body.kind, settings)
+        except BusyError as exc:
+            raise HTTPException(409, str(exc)) from exc
+        return {"started": body.kind}
+
+    @router.post("/promote")
+    async def promote(body: PromoteIn) -> dict[str, Any]:
+        try:
+            version = await run_in_threadpool(control.promote, body.version)
+        except UnknownVersionError as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except RegistryError as exc:
+            raise HTTPException(409, str(exc)) from exc
+        return jsonable(version)
+
+    @router.post("/rollback")
+    async def rollback() -> dict[str, Any]:
+        try:
+            version = await run_in_threadpool(control.rollback)
+        except RegistryError as exc:
+            raise HTTPException(409, str(exc)) from exc
+        return jsonable(version)
 
     return router

@@ -15,17 +15,20 @@ from fastapi import FastAPI
 from tuneloop.config import DataDir, ServeConfig
 from tuneloop.feedback.registry import (
     find_by_artifact,
+    get_version,
     next_version_id,
+    promote,
     promoted_version,
     register_version,
-    set_status,
 )
 from tuneloop.feedback.store import FeedbackStore
+from tuneloop.pipeline import GateSettings
 from tuneloop.records import ModelVersion
 from tuneloop.serve.admin import create_admin_router
 from tuneloop.serve.api import create_api
 from tuneloop.serve.chat_service import ChatService
-from tuneloop.serve.engine import EmbeddedEngine
+from tuneloop.serve.control import LoopControl, ScheduleSettings
+from tuneloop.serve.engine import EmbeddedEngine, Engine
 
 
 def resolve_served_version(
@@ -47,30 +50,47 @@ def resolve_served_version(
         version = register_version(
             store,
             ModelVersion(
-                id=next_version_id(store, "policy"),
-                kind="policy",
-                base=base,
-                artifact_path=path,
-                status="promoted",
+                id=next_version_id(store, "policy"), kind="policy", base=base, artifact_path=path
             ),
         )
-    elif version.status != "promoted":
-        set_status(store, version.id, "promoted")
-    return version
+    if version.status != "promoted":
+        promote(store, version.id, reason=f"served by `tuneloop up --model {model or path}`")
+    return get_version(store, version.id)  # type: ignore[return-value]
 
 
 def build_app(
-    service: ChatService, data_dir: DataDir, admin_token: str, *, with_ui: bool = True
+    service: ChatService,
+    control: LoopControl,
+    data_dir: DataDir,
+    admin_token: str,
+    *,
+    with_ui: bool = True,
 ) -> FastAPI:
     app = create_api(service)
-    app.include_router(create_admin_router(service, data_dir, admin_token))
+    app.include_router(create_admin_router(service, control, data_dir, admin_token))
     if with_ui:
         import gradio as gr
 
         from tuneloop.serve.ui import build_ui
 
-        app = gr.mount_gradio_app(app, build_ui(service), path="/")
+        app = gr.mount_gradio_app(app, build_ui(service, control), path="/")
     return app
+
+
+def create_control(config: ServeConfig, store: FeedbackStore, engine: Engine) -> LoopControl:
+    loop = config.loop
+    return LoopControl(
+        config.data_dir,
+        store,
+        engine,
+        schedule=ScheduleSettings(
+            enabled=loop.schedule,
+            min_new_feedback=loop.min_new_feedback,
+            every_minutes=loop.every_minutes,
+            kind=loop.train_kind,
+        ),
+        gate=GateSettings(min_win_rate=loop.min_win_rate),
+    )
 
 
 def write_admin_token(data_dir: DataDir) -> str:
@@ -94,6 +114,7 @@ def run_server(
 
     dd = config.data_dir
     store = FeedbackStore(dd.db)
+    control: LoopControl | None = None
     try:
         version = resolve_served_version(store, config.model, build_demo)
         engine = EmbeddedEngine(
@@ -103,7 +124,8 @@ def run_server(
             max_concurrency=config.max_concurrency,
         )
         service = ChatService(engine, store)
-        app = build_app(service, dd, write_admin_token(dd), with_ui=config.ui)
+        control = create_control(config, store, engine)
+        app = build_app(service, control, dd, write_admin_token(dd), with_ui=config.ui)
         server = uvicorn.Server(
             uvicorn.Config(
                 app,
@@ -124,6 +146,8 @@ def run_server(
         server.run()
     finally:
         dd.server_file.unlink(missing_ok=True)
+        if control is not None:
+            control.close()
         store.close()
 
 

@@ -13,6 +13,7 @@ from tuneloop.feedback.registry import list_versions
 from tuneloop.feedback.validation import FeedbackError, check_rater_id
 from tuneloop.records import DEFAULT_RATER
 from tuneloop.serve.chat_service import ChatService
+from tuneloop.serve.control import LoopControl
 from tuneloop.serve.ui_chat import chat_tab
 from tuneloop.serve.ui_judge import compare_tab, rank_tab
 
@@ -60,7 +61,7 @@ def operator_view(service: ChatService) -> tuple[str, dict[str, Any], list[list[
     return served, counts, versions
 
 
-def build_ui(service: ChatService) -> gr.Blocks:
+def build_ui(service: ChatService, control: LoopControl) -> gr.Blocks:
     """The Blocks app; `server.build_app` mounts it next to the API."""
     with gr.Blocks(title="tuneloop") as ui:
         with gr.Row():

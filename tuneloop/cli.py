@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT, ENGINES, DataDir
+from tuneloop.remote import local_or_server
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -62,40 +63,8 @@ def _cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _local_or_server(dd: DataDir, local: Callable[[Any], Any], method: str, route: str) -> Any:
-    """Run `local(store)` on the DuckDB file, or ask the server that holds it."""
-    from tuneloop.feedback.store import FeedbackStore, StoreLockedError
-
-    try:
-        store = FeedbackStore(dd.db)
-    except StoreLockedError:
-        return _ask_server(dd, method, route)
-    try:
-        return local(store)
-    finally:
-        store.close()
-
-
-def _ask_server(dd: DataDir, method: str, route: str) -> Any:
-    import httpx
-
-    if not dd.server_file.exists():
-        raise SystemExit(
-            f"tuneloop: {dd.db} is locked by another process, and no server is "
-            f"recorded in {dd.server_file}"
-        )
-    url = json.loads(dd.server_file.read_text())["url"]
-    headers = {}
-    if route.startswith("/v1/admin/"):
-        headers["Authorization"] = f"Bearer {dd.admin_token_file.read_text().strip()}"
-    resp = httpx.request(method, url + route, headers=headers, timeout=600)
-    if resp.status_code >= 400:
-        raise SystemExit(f"tuneloop: the server answered {resp.status_code}: {resp.text}")
-    return resp.json()
-
-
 def _cmd_stats(args: argparse.Namespace) -> int:
-    counts = _local_or_server(
+    counts = local_or_server(
         DataDir(args.data_dir), lambda s: s.feedback_counts(), "GET", "/v1/feedback/stats"
     )
     if args.json:
@@ -115,7 +84,7 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
         snap = create_snapshot(store, dd.snapshots)
         return {"id": snap.id, "path": str(snap.path), "manifest": snap.manifest}
 
-    result = _local_or_server(dd, local, "POST", "/v1/admin/snapshot")
+    result = local_or_server(dd, local, "POST", "/v1/admin/snapshot")
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -146,7 +115,7 @@ def _cmd_versions(args: argparse.Namespace) -> int:
 
         return [asdict(v) | {"created_at": str(v.created_at)} for v in list_versions(store)]
 
-    rows = _local_or_server(DataDir(args.data_dir), local, "GET", "/v1/admin/versions")
+    rows = local_or_server(DataDir(args.data_dir), local, "GET", "/v1/admin/versions")
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
@@ -165,8 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help_text: str, fn: Callable[[argparse.Namespace], int]) -> Any:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    def command(
+        name: str,
+        help_text: str,
+        fn: Callable[[argparse.Namespace], int] | None,
+        parent: Any = None,
+        group: bool = False,
+    ) -> Any:
+        p = (parent or sub).add_parser(name, help=help_text, description=help_text)
+        if group:  # its subcommands take --data-dir (argparse lets a subparser's default win)
+            return p
         p.add_argument(
             "--data-dir",
             type=Path,
@@ -234,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
         "versions", "the model versions: status, parent, snapshot, artifact", _cmd_versions
     )
     versions.add_argument("--json", action="store_true")
+
+    from tuneloop import cli_loop
+
+    cli_loop.register(command)
     return parser
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_DATA_DIR = Path("tuneloop-data")
@@ -34,6 +34,11 @@ class DataDir:
         return self.root / "snapshots"
 
     @property
+    def runs(self) -> Path:
+        """One folder per training run: its status file and log."""
+        return self.root / "runs"
+
+    @property
     def server_file(self) -> Path:
         """Written by a running server: its URL and pid, so the CLI can reach it."""
         return self.root / "server.json"
@@ -42,6 +47,17 @@ class DataDir:
     def admin_token_file(self) -> Path:
         """The bearer token for `/v1/admin/*`, readable by the owner of the data dir only."""
         return self.root / "admin.token"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Training and promotion settings of a running server (see serve.control, pipeline)."""
+
+    schedule: bool = False
+    min_new_feedback: int = 200
+    every_minutes: float = 30.0
+    train_kind: str = "dpo"
+    min_win_rate: float = 0.55
 
 
 @dataclass(frozen=True)
@@ -54,3 +70,4 @@ class ServeConfig:
     max_concurrency: int = 8
     device: str | None = None
     ui: bool = True
+    loop: LoopConfig = field(default_factory=LoopConfig)

@@ -141,3 +141,26 @@ class ModelVersion:
     metrics: dict[str, Any] = field(default_factory=dict)
     status: VersionStatus = "candidate"
     created_at: datetime | None = None
+    status_reason: str | None = None
+
+
+RunStatus = Literal["running", "done", "failed"]
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One training job (or gate) as the Operator tab shows it; `progress` runs 0 to 1."""
+
+    id: str
+    kind: str
+    status: RunStatus
+    progress: float
+    started_at: datetime
+    stage: str | None = None
+    snapshot_id: str | None = None
+    version_id: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    trigger: str | None = None
+    finished_at: datetime | None = None

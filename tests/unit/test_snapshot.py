@@ -12,6 +12,7 @@ import duckdb
 import pytest
 
 from tuneloop.feedback import snapshot as snapshot_mod
+from tuneloop.feedback.migrations import MIGRATIONS
 from tuneloop.feedback.snapshot import (
     SNAPSHOT_TABLES,
     create_snapshot,
@@ -102,7 +103,7 @@ def test_manifest_counts_max_ids_and_files(store: FeedbackStore, tmp_path: Path)
     m = snap.manifest
     assert m["id"] == snap.id
     assert datetime.fromisoformat(m["created_at"]).tzinfo is not None
-    assert m["schema_migrations"] == ["0001_initial"]
+    assert m["schema_migrations"] == [name for name, _ in MIGRATIONS]
     assert set(m["tables"]) == set(SNAPSHOT_TABLES)
     expected = {
         "raters": (4, None),  # alice, bob, carol, rater-1

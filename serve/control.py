@@ -1,0 +1,198 @@
+"""The server's side of the loop: one training cycle at a time in a background thread, the
+scheduler that starts cycles when enough new feedback arrived, and promotion and rollback that
+hot-swap the engine. The API's admin routes and the Operator tab both act through here."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from tuneloop.config import DataDir
+from tuneloop.feedback import registry
+from tuneloop.feedback.runs import fail_interrupted_runs
+from tuneloop.feedback.snapshot import latest_snapshot
+from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
+from tuneloop.pipeline import JOBS, GateSettings, JobSettings, Pipeline
+from tuneloop.records import ModelVersion
+from tuneloop.serve.engine import Engine
+
+
+class BusyError(RuntimeError):
+    """A cycle is already running: one job at a time."""
+
+
+@dataclass(frozen=True)
+class ScheduleSettings:
+    """Retrain when at least `min_new_feedback` feedback rows arrived since the last snapshot,
+    at most once every `every_minutes`. Off unless `enabled`."""
+
+    enabled: bool = False
+    min_new_feedback: int = 200
+    every_minutes: float = 30.0
+    kind: str = "dpo"
+    poll_seconds: float = 15.0
+
+
+class LoopControl:
+    def __init__(
+        self,
+        data_dir: DataDir,
+        store: FeedbackStore,
+        engine: Engine,
+        *,
+        schedule: ScheduleSettings | None = None,
+        gate: GateSettings | None = None,
+        python: str | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.dd = data_dir
+        self.store = store
+        self.engine = engine
+        self.schedule = schedule or ScheduleSettings()
+        self.gate = gate or GateSettings()
+        self.python = python
+        self.log = log or (lambda msg: print(f"[tuneloop] {msg}", flush=True))
+        self._swap_lock = threading.Lock()
+        self._cycle_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._cycle: threading.Thread | None = None
+        self.last_cycle: dict[str, Any] | None = None
+        self._last_start = 0.0
+        fail_interrupted_runs(store)
+        self._scheduler = threading.Thread(target=self._schedule_loop, daemon=True)
+        self._scheduler.start()
+
+    # ---- serving versions --------------------------------------------------------------------
+
+    def swap(self, version: ModelVersion) -> None:
+        """Load `version` beside the served weights, then switch new requests to it."""
+        self.log(f"loading {version.id} ({version.artifact_path})")
+        self.engine.load(version.id, version.artifact_path)
+        # The new weights' objects would otherwise make every full GC pass slower (see server).
+        gc.collect()
+        gc.freeze()
+        self.log(f"serving {version.id}")
+
+    def _swap_locked(self, version: ModelVersion) -> None:
+        with self._swap_lock:
+            self.swap(version)
+
+    def _pipeline(self, trigger: str) -> Pipeline:
+        return Pipeline(
+            self.dd,
+            self.store,
+            swap=self._swap_locked,
+            gate=self.gate,
+            python=self.python,
+            stop=self._stop,
+            trigger=trigger,
+            log=self.log,
+        )
+
+    def promote(self, version_id: str, reason: str = "promoted by the operator") -> ModelVersion:
+        return self._pipeline("operator").promote(version_id, reason=reason)
+
+    def rollback(self, reason: str = "rolled back by the operator") -> ModelVersion:
+        return self._pipeline("operator").rollback(reason=reason)
+
+    # ---- training cycles ---------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self._cycle is not None and self._cycle.is_alive()
+
+    def train_now(
+        self, kind: str = "dpo", settings: JobSettings | None = None, trigger: str = "operator"
+    ) -> None:
+        """Start a cycle in the background; BusyError if one is running."""
+        if kind not in JOBS:
+            raise ValueError(f"unknown job {kind!r}; choose one of {', '.join(JOBS)}")
+        with self._cycle_lock:
+            if self.busy:
+                raise BusyError("a training job is already running; one at a time")
+            self._last_start = time.monotonic()
+            self._cycle = threading.Thread(
+                target=self._run_cycle, args=(kind, settings, trigger), daemon=True
+            )
+            self._cycle.start()
+
+    def wait(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """Wait for the running cycle (tests, `tuneloop simulate`); its summary."""
+        cycle = self._cycle
+        if cycle is not None:
+            cycle.join(timeout)
+        return self.last_cycle
+
+    def _run_cycle(self, kind: str, settings: JobSettings | None, trigger: str) -> None:
+        started = datetime.now(UTC).isoformat()
+        summary: dict[str, Any] = {"kind": kind, "trigger": trigger, "started_at": started}
+        try:
+            result = self._pipeline(trigger).run(kind, settings)
+            summary |= result.to_dict() | {"status": "done"}
+        except Exception as exc:  # noqa: BLE001 - the operator sees it; serving goes on
+            summary |= {"status": "failed", "error": str(exc) or type(exc).__name__}
+            self.log(f"training cycle failed: {summary['error']}")
+            if not str(exc):
+                traceback.print_exc()
+        summary["finished_at"] = datetime.now(UTC).isoformat()
+        self.last_cycle = summary
+
+    # ---- the scheduler -----------------------------------------------------------------------
+
+    def new_feedback_rows(self) -> int:
+        """Feedback rows stored since the latest snapshot (all of them when there is none)."""
+        counts = self.store.feedback_counts()
+        total = sum(counts[kind] for kind in FEEDBACK_TABLES)
+        snap = latest_snapshot(self.store)
+        if snap is None:
+            return total
+        tables = snap.manifest["tables"]
+        seen = sum(tables[table]["rows"] for table in FEEDBACK_TABLES.values())
+        return total - seen
+
+    def schedule_due(self) -> bool:
+        s = self.schedule
+        if not s.enabled or self.busy:
+            return False
+        if self._last_start and time.monotonic() - self._last_start < s.every_minutes * 60:
+            return False
+        return self.new_feedback_rows() >= s.min_new_feedback
+
+    def _schedule_loop(self) -> None:
+        while not self._stop.wait(self.schedule.poll_seconds):
+            try:
+                if self.schedule_due():
+                    self.log("scheduler: enough new feedback, starting a training cycle")
+                    self.train_now(self.schedule.kind, trigger="schedule")
+            except BusyError:
+                continue
+            except Exception as exc:  # noqa: BLE001 - keep scheduling; say why this one failed
+                self.log(f"scheduler: {exc}")
+
+    def status(self) -> dict[str, Any]:
+        served = registry.promoted_version(self.store, "policy")
+        return {
+            "served_version": self.engine.version,
+            "registry_promoted": served.id if served else None,
+            "busy": self.busy,
+            "last_cycle": self.last_cycle,
+            "schedule": {
+                "enabled": self.schedule.enabled,
+                "min_new_feedback": self.schedule.min_new_feedback,
+                "every_minutes": self.schedule.every_minutes,
+                "kind": self.schedule.kind,
+            },
+            "new_feedback_rows": self.new_feedback_rows(),
+        }
+
+    def close(self) -> None:
+        """Stop the scheduler and any running job (its process is terminated)."""
+        self._stop.set()
+        if self._cycle is not None:
+            self._cycle.join(60)

@@ -1,0 +1,259 @@
+"""The loop's subcommands: train, promote, rollback, runs, data import, eval.
+
+Like the others they open the DuckDB file when no server runs, and otherwise ask the server that
+holds it (whose engine then hot-swaps on promote and rollback)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tuneloop.config import DataDir
+from tuneloop.remote import ask_server, local_or_server
+
+JOBS = ("rm", "dpo", "kto", "sft", "rl")
+FOLLOW_POLL_S = 2.0
+
+
+def _jsonable(obj: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(obj), default=str))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from tuneloop.feedback.store import FeedbackStore, StoreLockedError
+    from tuneloop.pipeline import GateSettings, JobSettings, Pipeline
+
+    dd = DataDir(args.data_dir)
+    settings = JobSettings(
+        config_file=args.config.resolve() if args.config else None,
+        overrides=tuple(args.set),
+        full=args.full,
+        seed=args.seed,
+    )
+    try:
+        store = FeedbackStore(dd.db)
+    except StoreLockedError:
+        body = {"kind": args.kind, "overrides": list(args.set), "full": args.full}
+        if args.config:
+            body["config_file"] = str(args.config.resolve())
+        ask_server(dd, "POST", "/v1/admin/train", body)
+        print(f"tuneloop: the server started a {args.kind} cycle", file=sys.stderr)
+        return _follow_server_cycle(dd)
+    try:
+        pipeline = Pipeline(
+            dd,
+            store,
+            gate=GateSettings(min_win_rate=args.min_win_rate),
+            trigger="cli",
+            log=lambda msg: print(f"tuneloop: {msg}", file=sys.stderr, flush=True),
+        )
+        result = pipeline.run(
+            args.kind, settings, retrain_reward=not args.keep_reward, gate=not args.no_gate
+        )
+    finally:
+        store.close()
+    print(json.dumps(result.to_dict(), default=str))
+    return 0
+
+
+def _follow_server_cycle(dd: DataDir) -> int:
+    """Print the server's running job and its progress until the cycle ends."""
+    shown = ""
+    while True:
+        loop = ask_server(dd, "GET", "/v1/admin/loop")
+        if not loop["busy"]:
+            break
+        runs = ask_server(dd, "GET", "/v1/admin/runs?limit=1")
+        if runs:
+            run = runs[0]
+            line = f"{run['id']} {run['kind']}: {run['stage']} {run['progress']:.0%}"
+            if line != shown:
+                print(f"tuneloop: {line}", file=sys.stderr, flush=True)
+                shown = line
+        time.sleep(FOLLOW_POLL_S)
+    last = loop["last_cycle"] or {}
+    print(json.dumps(last, default=str))
+    return 0 if last.get("status") == "done" else 1
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    def local(store: Any) -> dict[str, Any]:
+        from tuneloop.pipeline import Pipeline
+
+        pipeline = Pipeline(DataDir(args.data_dir), store)
+        return _jsonable(pipeline.promote(args.version, reason=args.reason))
+
+    version = _registry_call(args, local, "/v1/admin/promote", {"version": args.version})
+    print(f"promoted {version['id']} ({version['artifact_path']})")
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    def local(store: Any) -> dict[str, Any]:
+        from tuneloop.pipeline import Pipeline
+
+        return _jsonable(Pipeline(DataDir(args.data_dir), store).rollback(reason=args.reason))
+
+    version = _registry_call(args, local, "/v1/admin/rollback", {})
+    print(f"rolled back to {version['id']} ({version['artifact_path']})")
+    return 0
+
+
+def _registry_call(
+    args: argparse.Namespace, local: Callable[[Any], Any], route: str, body: dict[str, Any]
+) -> dict[str, Any]:
+    from tuneloop.feedback.registry import RegistryError
+
+    try:
+        return local_or_server(DataDir(args.data_dir), local, "POST", route, body)
+    except RegistryError as exc:
+        raise SystemExit(f"tuneloop: {exc}") from exc
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    def local(store: Any) -> list[dict[str, Any]]:
+        from tuneloop.feedback.runs import list_runs
+
+        return [_jsonable(r) for r in list_runs(store, args.limit)]
+
+    runs = local_or_server(
+        DataDir(args.data_dir), local, "GET", f"/v1/admin/runs?limit={args.limit}"
+    )
+    if args.json:
+        print(json.dumps(runs, indent=2))
+        return 0
+    print(f"{'id':<40}{'kind':<6}{'status':<9}{'progress':>9}  {'version':<12}error")
+    for r in runs:
+        print(
+            f"{r['id']:<40}{r['kind']:<6}{r['status']:<9}{r['progress']:>9.0%}  "
+            f"{r['version_id'] or '-':<12}{r['error'] or ''}"
+        )
+    return 0
+
+
+def _cmd_data_import(args: argparse.Namespace) -> int:
+    path = args.file.resolve()
+
+    def local(store: Any) -> dict[str, Any]:
+        from tuneloop.feedback.importer import import_preferences
+
+        return _jsonable(import_preferences(store, path, rater_id=args.rater, limit=args.limit))
+
+    body = {"path": str(path), "rater": args.rater, "limit": args.limit}
+    result = local_or_server(DataDir(args.data_dir), local, "POST", "/v1/admin/import", body)
+    print(json.dumps(result))
+    return 0
+
+
+def _cmd_eval_rm(args: argparse.Namespace) -> int:
+    from tuneloop.train.scoring import evaluate_file
+
+    def local(store: Any) -> list[dict[str, Any]]:
+        from tuneloop.feedback.registry import list_versions
+
+        return [_jsonable(v) for v in list_versions(store, "reward")]
+
+    versions = [
+        v
+        for v in local_or_server(DataDir(args.data_dir), local, "GET", "/v1/admin/versions")
+        if v["kind"] == "reward"
+    ]
+    if args.version:
+        chosen = [v for v in versions if v["id"] == args.version]
+        if not chosen:
+            raise SystemExit(f"tuneloop: no reward model version {args.version!r}")
+    else:
+        chosen = [v for v in versions if v["status"] == "promoted"] or versions
+        if not chosen:
+            raise SystemExit("tuneloop: no reward model yet; run `tuneloop train rm` first")
+    version = chosen[0]
+    result = evaluate_file(Path(version["artifact_path"]), args.data)
+    result = {"version": version["id"], **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{version['id']}: accuracy {result['accuracy']:.3f} on {result['pairs']} pairs "
+            f"(mean margin {result['margin']:.3f})"
+        )
+    return 0
+
+
+def register(command: Callable[..., Any]) -> None:
+    """Add the loop's subcommands; `command(name, help, fn, parent=None, group=False)` adds one
+    with `--data-dir` (to the top level, or to the `parent` subparsers), or a `group` of
+    subcommands that take it themselves."""
+    train = command(
+        "train",
+        "train a version from the feedback now: rm (reward model), dpo, kto, sft or rl; "
+        "a policy is gated against the served one and promoted if it passes",
+        _cmd_train,
+    )
+    train.add_argument("kind", choices=JOBS)
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a field of the job's TRL config (repeatable), e.g. --set learning_rate=1e-4",
+    )
+    train.add_argument("--config", type=Path, help="a YAML or JSON file of TRL config fields")
+    train.add_argument("--full", action="store_true", help="train all weights, not a LoRA")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-gate", action="store_true", help="leave the policy a candidate")
+    train.add_argument(
+        "--keep-reward",
+        action="store_true",
+        help="gate with the current reward model instead of retraining it on the new snapshot",
+    )
+    train.add_argument(
+        "--min-win-rate",
+        type=float,
+        default=0.55,
+        help="the gate's bar: win rate against the served policy (default: %(default)s)",
+    )
+
+    promote = command("promote", "serve a version (hot-swaps a running server)", _cmd_promote)
+    promote.add_argument("version")
+    promote.add_argument("--reason", default="promoted by the operator")
+
+    rollback = command(
+        "rollback", "serve the policy promoted before the current one again", _cmd_rollback
+    )
+    rollback.add_argument("--reason", default="rolled back by the operator")
+
+    runs = command("runs", "training runs, newest first, with progress and errors", _cmd_runs)
+    runs.add_argument("--limit", type=int, default=20)
+    runs.add_argument("--json", action="store_true")
+
+    data = command("data", "external data", None, group=True)
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    imp = command(
+        "import",
+        "load preference pairs (TRL format, or HH-RLHF chosen/rejected dialogues) as "
+        "comparisons from an 'import' rater",
+        _cmd_data_import,
+        parent=data_sub,
+    )
+    imp.add_argument("file", type=Path, help=".jsonl, .jsonl.gz or .json")
+    imp.add_argument("--rater", default="import")
+    imp.add_argument("--limit", type=int, help="import at most this many pairs")
+
+    ev = command("eval", "evaluate a model version", None, group=True)
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True, metavar="WHAT")
+    rm = command(
+        "rm",
+        "reward-model accuracy on a preference file: the fraction of pairs it orders right",
+        _cmd_eval_rm,
+        parent=ev_sub,
+    )
+    rm.add_argument("--version", help="reward version id (default: the latest)")
+    rm.add_argument("--data", type=Path, required=True, help="preference pairs file")
+    rm.add_argument("--json", action="store_true")

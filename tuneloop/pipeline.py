@@ -1,0 +1,402 @@
+"""One training cycle, from the feedback store to a promoted (or rejected) model version:
+
+    snapshot -> datasets -> reward model -> policy job (DPO | KTO | SFT | RL) -> gate -> promote
+
+Every job runs as a process of its own (`tuneloop.jobs`); this module only decides what runs,
+records it (training-run rows, model versions with their provenance) and, when the gate passes,
+promotes through `swap`: the serving process loads the new weights first, so a version is never
+marked promoted unless it is being served. The CLI, the server's "train now" and its scheduler,
+and `tuneloop simulate` all run cycles through here.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuneloop.artifacts import base_model_path, is_adapter, read_manifest
+from tuneloop.config import DataDir
+from tuneloop.feedback import registry
+from tuneloop.feedback.datasets import build_datasets
+from tuneloop.feedback.runs import finish_run, start_run
+from tuneloop.feedback.snapshot import Snapshot, create_snapshot
+from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
+from tuneloop.jobs import JobFailed, JobProcess, run_job, train_command
+from tuneloop.records import ModelVersion
+
+POLICY_JOBS = ("dpo", "kto", "sft", "rl")
+JOBS = ("rm", *POLICY_JOBS)
+
+
+class NothingToTrainError(ValueError):
+    """The snapshot holds no rows a job could learn from."""
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Passed through to `tuneloop.train.run`: a YAML/JSON file of TRL config fields, then
+    `key=value` overrides; `full` trains all weights instead of a LoRA adapter."""
+
+    config_file: Path | None = None
+    overrides: tuple[str, ...] = ()
+    full: bool = False
+    seed: int = 0
+
+    def args(self) -> list[str]:
+        out = ["--seed", str(self.seed)]
+        if self.config_file is not None:
+            out += ["--config", str(self.config_file)]
+        for item in self.overrides:
+            out += ["--set", item]
+        if self.full:
+            out.append("--full")
+        return out
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """Promote when the candidate's win rate against the served policy (answers scored by the
+    latest reward model on held-out prompts) is at least `min_win_rate` (its confidence interval's
+    lower bound when `use_lower_bound`), and its KL to the parent is at most `max_kl`."""
+
+    min_win_rate: float = 0.55
+    use_lower_bound: bool = False
+    max_kl: float | None = None
+    max_prompts: int = 128
+    max_tokens: int = 48
+    temperature: float = 0.7
+    mt_bench: Path | None = None  # default: the questions shipped with tuneloop.train
+
+    def args(self) -> list[str]:
+        out = [
+            "--min-win-rate",
+            str(self.min_win_rate),
+            "--limit",
+            str(self.max_prompts),
+            "--max-tokens",
+            str(self.max_tokens),
+            "--temperature",
+            str(self.temperature),
+        ]
+        if self.use_lower_bound:
+            out.append("--use-lower-bound")
+        if self.max_kl is not None:
+            out += ["--max-kl", str(self.max_kl)]
+        if self.mt_bench is not None:
+            out += ["--mt-bench", str(self.mt_bench)]
+        return out
+
+
+@dataclass
+class CycleResult:
+    """What a cycle did; `promoted` says whether the candidate now serves."""
+
+    snapshot_id: str
+    reward: ModelVersion | None = None
+    candidate: ModelVersion | None = None
+    gate: dict[str, Any] = field(default_factory=dict)
+    promoted: bool = False
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "snapshot_id": self.snapshot_id,
+            "reward_version": self.reward.id if self.reward else None,
+            "candidate_version": self.candidate.id if self.candidate else None,
+            "gate": self.gate,
+            "promoted": self.promoted,
+            "reason": self.reason,
+        }
+
+
+Swap = Callable[[ModelVersion], None]
+
+
+class Pipeline:
+    """Runs cycles on one data dir, one job at a time (callers serialize; see serve.control).
+
+    `swap(version)` is called before a policy is marked promoted: the server loads it into its
+    engine there; without a server (`None`) the registry alone changes and the next
+    `tuneloop up` serves it."""
+
+    def __init__(
+        self,
+        data_dir: DataDir,
+        store: FeedbackStore,
+        *,
+        swap: Swap | None = None,
+        gate: GateSettings | None = None,
+        python: str | None = None,
+        stop: threading.Event | None = None,
+        trigger: str = "operator",
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.dd = data_dir
+        self.store = store
+        self.swap = swap
+        self.gate_settings = gate or GateSettings()
+        self.python = python
+        self.stop = stop
+        self.trigger = trigger
+        self.log = log or (lambda _msg: None)
+
+    # ---- the cycle ---------------------------------------------------------------------------
+
+    def run(
+        self,
+        kind: str = "dpo",
+        settings: JobSettings | None = None,
+        *,
+        reward_settings: JobSettings | None = None,
+        retrain_reward: bool = True,
+        gate: bool = True,
+    ) -> CycleResult:
+        """Snapshot, then train `kind`. A policy job is gated against the served policy and
+        promoted if it passes. The reward model the gate (and RL) scores with is retrained on
+        the same snapshot first when `retrain_reward`, or when there is none yet."""
+        if kind not in JOBS:
+            raise ValueError(f"unknown job {kind!r}; choose one of {', '.join(JOBS)}")
+        settings = settings or JobSettings()
+        snapshot, datasets_dir = self.snapshot()
+        result = CycleResult(snapshot.id)
+        if kind == "rm":
+            result.reward = self.train_reward(snapshot, datasets_dir, settings)
+            result.promoted, result.reason = True, "newest reward model"
+            return result
+        reward = registry.promoted_version(self.store, "reward")
+        if retrain_reward or reward is None:
+            reward = self.train_reward(snapshot, datasets_dir, reward_settings or JobSettings())
+        result.reward = reward
+        candidate = self.train_policy(kind, snapshot, datasets_dir, settings, reward)
+        result.candidate = candidate
+        if not gate:
+            result.reason = "not gated: left as a candidate"
+            return result
+        result.gate = self.run_gate(candidate, reward, datasets_dir)
+        result.reason = result.gate["reason"]
+        if result.gate["promote"]:
+            self.promote(candidate.id, reason=f"gate: {result.reason}")
+            result.promoted = True
+        else:
+            registry.reject(self.store, candidate.id, f"gate: {result.reason}")
+        result.candidate = registry.get_version(self.store, candidate.id)
+        return result
+
+    def snapshot(self) -> tuple[Snapshot, Path]:
+        snapshot = create_snapshot(self.store, self.dd.snapshots)
+        built = build_datasets(snapshot.path)
+        rows = {name: files.train_rows for name, files in built.items()}
+        self.log(f"snapshot {snapshot.id}: train rows {rows}")
+        return snapshot, next(iter(built.values())).train.parent
+
+    # ---- jobs --------------------------------------------------------------------------------
+
+    def train_reward(
+        self, snapshot: Snapshot, datasets_dir: Path, settings: JobSettings
+    ) -> ModelVersion:
+        policy = self._served_policy()
+        version = self._run_training(
+            "rm", snapshot, datasets_dir, settings, parent=None, base=base_model_path(policy)
+        )
+        registry.promote(self.store, version.id, reason="newest reward model")
+        return registry.get_version(self.store, version.id)  # type: ignore[return-value]
+
+    def train_policy(
+        self,
+        kind: str,
+        snapshot: Snapshot,
+        datasets_dir: Path,
+        settings: JobSettings,
+        reward: ModelVersion | None,
+    ) -> ModelVersion:
+        if kind not in POLICY_JOBS:
+            raise ValueError(f"{kind!r} is not a policy job ({', '.join(POLICY_JOBS)})")
+        parent = registry.promoted_version(self.store, "policy")
+        if parent is None:
+            raise NothingToTrainError("no policy is served yet: run `tuneloop up` once first")
+        extra = []
+        if kind == "rl":
+            if reward is None:
+                raise NothingToTrainError("RL needs a reward model: train one first (`rm`)")
+            extra = ["--reward-model", reward.artifact_path]
+        return self._run_training(
+            kind,
+            snapshot,
+            datasets_dir,
+            settings,
+            parent=parent,
+            base=base_model_path(parent.artifact_path),
+            extra=extra,
+        )
+
+    def _run_training(
+        self,
+        job: str,
+        snapshot: Snapshot,
+        datasets_dir: Path,
+        settings: JobSettings,
+        *,
+        parent: ModelVersion | None,
+        base: str,
+        extra: list[str] | None = None,
+    ) -> ModelVersion:
+        version_kind = "reward" if job == "rm" else "policy"
+        version_id = registry.next_version_id(self.store, version_kind)
+        out = self.dd.models / version_id
+        run = start_run(
+            self.store,
+            job,
+            snapshot_id=snapshot.id,
+            version_id=version_id,
+            config=asdict(settings) | {"config_file": str(settings.config_file or "")},
+            trigger=self.trigger,
+        )
+        run_dir = self.dd.runs / run.id
+        args = [
+            job,
+            "--datasets",
+            str(datasets_dir),
+            "--base",
+            base,
+            "--out",
+            str(out),
+            "--version-id",
+            version_id,
+            "--snapshot-id",
+            snapshot.id,
+            "--status",
+            str(run_dir / "status.json"),
+            *settings.args(),
+            *(extra or []),
+        ]
+        if parent is not None and is_adapter(parent.artifact_path):
+            args += ["--parent", parent.artifact_path]
+        if parent is not None:
+            args += ["--parent-id", parent.id]
+        self.log(f"{run.id}: training {job} -> {version_id}")
+        status = run_job(
+            self.store,
+            run.id,
+            JobProcess(
+                train_command("run", args, self.python),
+                run_dir / "status.json",
+                run_dir / "job.log",
+            ),
+            stop=self.stop,
+        )
+        manifest = read_manifest(out) or {}
+        metrics = dict(manifest.get("metrics") or status.get("metrics") or {})
+        metrics["data"] = manifest.get("data", {})
+        metrics["feedback_rows"] = {
+            kind: snapshot.manifest["tables"][table]["rows"]
+            for kind, table in FEEDBACK_TABLES.items()
+        }
+        version = registry.register_version(
+            self.store,
+            ModelVersion(
+                id=version_id,
+                kind=version_kind,  # type: ignore[arg-type]
+                base=str(manifest.get("base", base)),
+                artifact_path=str(out),
+                parent=parent.id if parent else None,
+                adapter=bool(manifest.get("adapter", is_adapter(out))),
+                snapshot_id=snapshot.id,
+                config=manifest.get("config", {}) | {"job": job},
+                metrics=metrics,
+            ),
+        )
+        finish_run(self.store, run.id, version_id=version_id, metrics=metrics)
+        self.log(f"{run.id}: done, {version_id} {json.dumps(_headline(metrics))}")
+        return version
+
+    # ---- gate and promotion ------------------------------------------------------------------
+
+    def run_gate(
+        self, candidate: ModelVersion, reward: ModelVersion, datasets_dir: Path
+    ) -> dict[str, Any]:
+        incumbent = registry.promoted_version(self.store, "policy")
+        assert incumbent is not None, "a candidate always has a served parent"
+        run = start_run(
+            self.store,
+            "gate",
+            snapshot_id=candidate.snapshot_id,
+            version_id=candidate.id,
+            config=asdict(self.gate_settings) | {"mt_bench": str(self.gate_settings.mt_bench)},
+            trigger=self.trigger,
+        )
+        run_dir = self.dd.runs / run.id
+        out = run_dir / "gate.json"
+        args = [
+            "--candidate",
+            candidate.artifact_path,
+            "--incumbent",
+            incumbent.artifact_path,
+            "--reward-model",
+            reward.artifact_path,
+            "--datasets",
+            str(datasets_dir),
+            "--out",
+            str(out),
+            "--status",
+            str(run_dir / "status.json"),
+            *self.gate_settings.args(),
+        ]
+        self.log(f"{run.id}: gating {candidate.id} against {incumbent.id}")
+        run_job(
+            self.store,
+            run.id,
+            JobProcess(
+                train_command("gate", args, self.python),
+                run_dir / "status.json",
+                run_dir / "job.log",
+            ),
+            stop=self.stop,
+        )
+        result = json.loads(out.read_text()) | {
+            "incumbent": incumbent.id,
+            "reward_model": reward.id,
+        }
+        registry.update_metrics(self.store, candidate.id, {"gate": result})
+        finish_run(self.store, run.id, version_id=candidate.id, metrics=result)
+        self.log(f"{run.id}: {result['reason']}")
+        return result
+
+    def promote(self, version_id: str, *, reason: str) -> ModelVersion:
+        """Serve `version_id` (swap first), then record it as promoted."""
+        version = registry.require_version(self.store, version_id)
+        if version.kind == "policy" and self.swap is not None:
+            self.swap(version)
+        registry.promote(self.store, version_id, reason=reason)
+        return registry.get_version(self.store, version_id)  # type: ignore[return-value]
+
+    def rollback(self, *, reason: str = "rolled back by the operator") -> ModelVersion:
+        """Serve the policy promoted before the current one again; the current one is rejected."""
+        target = registry.rollback_target(self.store, "policy")
+        if self.swap is not None:
+            self.swap(target)
+        registry.promote(self.store, target.id, reason=reason, action="rollback")
+        return registry.get_version(self.store, target.id)  # type: ignore[return-value]
+
+    def _served_policy(self) -> str:
+        served = registry.promoted_version(self.store, "policy")
+        if served is None:
+            raise NothingToTrainError("no policy is served yet: run `tuneloop up` once first")
+        return served.artifact_path
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+__all__ = [
+    "CycleResult",
+    "GateSettings",
+    "JobFailed",
+    "JobSettings",
+    "NothingToTrainError",
+    "Pipeline",
+]

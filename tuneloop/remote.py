@@ -1,0 +1,49 @@
+"""Reaching the database from the CLI: directly when no server runs, else through the server
+that holds the DuckDB file (one read-write process at a time), with the data dir's admin token."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from tuneloop.config import DataDir
+
+
+def local_or_server(
+    dd: DataDir,
+    local: Callable[[Any], Any],
+    method: str,
+    route: str,
+    body: dict[str, Any] | None = None,
+) -> Any:
+    """Run `local(store)` on the DuckDB file, or ask the server that holds it."""
+    from tuneloop.feedback.store import FeedbackStore, StoreLockedError
+
+    try:
+        store = FeedbackStore(dd.db)
+    except StoreLockedError:
+        return ask_server(dd, method, route, body)
+    try:
+        return local(store)
+    finally:
+        store.close()
+
+
+def ask_server(dd: DataDir, method: str, route: str, body: dict[str, Any] | None = None) -> Any:
+    """Call the running server's API (admin routes with the data dir's token)."""
+    import httpx
+
+    if not dd.server_file.exists():
+        raise SystemExit(
+            f"tuneloop: {dd.db} is locked by another process, and no server is "
+            f"recorded in {dd.server_file}"
+        )
+    url = json.loads(dd.server_file.read_text())["url"]
+    headers = {}
+    if route.startswith("/v1/admin/"):
+        headers["Authorization"] = f"Bearer {dd.admin_token_file.read_text().strip()}"
+    resp = httpx.request(method, url + route, headers=headers, json=body, timeout=600)
+    if resp.status_code >= 400:
+        raise SystemExit(f"tuneloop: the server answered {resp.status_code}: {resp.text}")
+    return resp.json()
