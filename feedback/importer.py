@@ -58,14 +58,11 @@ class PreferencePair:
 
 @dataclass(frozen=True)
 class ImportResult:
-    pairs: int  # comparisons written (each with two responses)
+    pairs: int  # comparisons written
+    responses: int  # two per pair
     skipped: int  # rows without a usable pair: identical or empty answers
     skip_reasons: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
-
-    @property
-    def responses(self) -> int:
-        return 2 * self.pairs
 
 
 def read_preference_pairs(path: str | Path, *, limit: int | None = None) -> list[PreferencePair]:
@@ -145,6 +142,7 @@ def import_preferences(
         store.write(lambda con, rows=rows: _write_rows(con, rows, rater_id))
     return ImportResult(
         pairs=len(pairs),
+        responses=2 * len(pairs),
         skipped=sum(skipped.values()),
         skip_reasons=dict(skipped),
         seconds=time.perf_counter() - started,
@@ -304,7 +302,7 @@ def _rows_for(
         tables["comparisons"].append(
             {
                 # The store hands out feedback ids itself and has no public allocator for them.
-                "id": store._take_id("comparisons"),
+                "id": store.new_feedback_id("comparison"),
                 "response_a": rids[0],
                 "response_b": rids[1],
                 "winner": "a",

@@ -142,6 +142,10 @@ class FeedbackStore:
     def new_conversation_id(self) -> int:
         return self._take_id("conversations")
 
+    def new_feedback_id(self, kind: str) -> int:
+        """Reserve a row id for a feedback kind, for writers that insert through `write`."""
+        return self._take_id(FEEDBACK_TABLES[kind])
+
     def conversation_allocated(self, conversation_id: int) -> bool:
         """Whether this id was handed out (stored, or in use by a first turn still running)."""
         with self._id_lock:
@@ -417,10 +421,16 @@ class FeedbackStore:
         because each releases the GIL and must win it back from the busy event loop."""
         cols = list(rows[0])
         select = ", ".join(f"unnest(${i + 1})" for i in range(len(cols)))
+        # Raters and conversations are known to this process only once it wrote or saw them:
+        # after a restart, or beside the importer, the row may already be there.
+        keep_first = " ON CONFLICT DO NOTHING" if table in _SHARED_KEY_TABLES else ""
         self._con.execute(
-            f"INSERT INTO {table} ({', '.join(cols)}) SELECT {select}",
+            f"INSERT INTO {table} ({', '.join(cols)}) SELECT {select}{keep_first}",
             [[row[c] for row in rows] for c in cols],
         )
+
+
+_SHARED_KEY_TABLES = frozenset({"raters", "conversations"})
 
 
 def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> Any:

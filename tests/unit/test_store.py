@@ -206,6 +206,19 @@ def test_acknowledged_writes_are_on_disk_after_close_and_reopen(tmp_path: Path) 
         assert s.new_response_id() == a.id + 1  # counters continue after the stored ids
 
 
+def test_known_raters_and_conversations_can_write_again_after_a_restart(tmp_path: Path) -> None:
+    db = tmp_path / "f.duckdb"
+    with FeedbackStore(db) as s:
+        first = make_response(s)
+    with FeedbackStore(db) as s:
+        history = (Message("user", "What is a list?"), Message("assistant", "An answer"))
+        again = make_response(s, conversation_id=first.conversation_id, history=history)
+        assert s.record_feedback(Thumbs(first.id, 1)) == 1
+        assert s.record_feedback(Rating(again.id, 4)) == 1
+        assert s.read("SELECT count(*) AS n FROM raters")[0]["n"] == 1
+        assert s.read("SELECT count(*) AS n FROM conversations")[0]["n"] == 1
+
+
 def test_a_second_process_gets_a_clear_lock_error(tmp_path: Path) -> None:
     import subprocess
     import sys
