@@ -3,6 +3,7 @@ dir at start. The CLI uses them while a server owns the database file.
 
 - `POST /snapshot`, `GET /versions`, `GET /runs`, `GET /loop` (what trains, what serves)
 - `POST /train {"kind", "overrides"?, "full"?}`: start a cycle now (409 while one runs)
+- `POST /import {"path", "rater"?, "limit"?}`: load a preference file as comparisons
 - `POST /promote {"version"}`, `POST /rollback`: hot-swap the served policy, then record it
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import asdict
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException
@@ -30,10 +32,17 @@ class TrainIn(BaseModel):
     kind: Literal["rm", "dpo", "kto", "sft", "rl"] = "dpo"
     overrides: list[str] = Field(default_factory=list, description="TRL config `key=value`s")
     full: bool = False
+    config_file: str | None = Field(None, description="a YAML/JSON file of TRL config fields")
 
 
 class PromoteIn(BaseModel):
     version: str
+
+
+class ImportIn(BaseModel):
+    path: str = Field(description="a preference file on the server's machine")
+    rater: str = "import"
+    limit: int | None = None
 
 
 def jsonable(obj: Any) -> dict[str, Any]:
@@ -74,12 +83,28 @@ def create_admin_router(
 
     @router.post("/train", status_code=202)
     async def train(body: TrainIn) -> dict[str, Any]:
-        settings = JobSettings(overrides=tuple(body.overrides), full=body.full)
+        settings = JobSettings(
+            config_file=Path(body.config_file) if body.config_file else None,
+            overrides=tuple(body.overrides),
+            full=body.full,
+        )
         try:
             control.train_now(body.kind, settings)
         except BusyError as exc:
             raise HTTPException(409, str(exc)) from exc
         return {"started": body.kind}
+
+    @router.post("/import")
+    async def import_file(body: ImportIn) -> dict[str, Any]:
+        from tuneloop.feedback.importer import ImportFormatError, import_preferences
+
+        try:
+            result = await run_in_threadpool(
+                import_preferences, service.store, body.path, rater_id=body.rater, limit=body.limit
+            )
+        except (ImportFormatError, OSError) as exc:
+            raise HTTPException(422, str(exc)) from exc
+        return asdict(result)
 
     @router.post("/promote")
     async def promote(body: PromoteIn) -> dict[str, Any]:

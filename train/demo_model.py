@@ -177,6 +177,15 @@ def _build(
     (out_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
 
 
+def demo_questions(n: int, seed: int = 0, recipe: DemoRecipe = DEFAULT_RECIPE) -> list[str]:
+    """Up to `n` questions like those the demo model learned to answer, about subjects found on
+    this machine (what `tuneloop simulate`'s users ask)."""
+    rng = random.Random(seed)
+    subjects = sorted({doc.subject for doc in local_documents(recipe.corpus_chars)})
+    rng.shuffle(subjects)
+    return [rng.choice(_QUESTIONS).format(subject) for subject in subjects[:n]]
+
+
 def _dialogues(
     docs: list[LocalDocument], rng: random.Random, answer_chars: int
 ) -> list[tuple[str, str]]:

@@ -186,6 +186,29 @@ def _cmd_eval_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from tuneloop.simulate import SimulationConfig, run_simulation
+
+    summary = run_simulation(
+        SimulationConfig(
+            data_dir=args.data_dir,
+            preference=args.preference,
+            noise=args.noise,
+            comparisons=args.comparisons,
+            rounds=args.rounds,
+            heldout=args.heldout,
+            samples=args.samples,
+            kind=args.kind,
+            model=args.model,
+            seed=args.seed,
+            train_overrides=tuple(args.set),
+            min_win_rate=args.min_win_rate,
+        )
+    )
+    print(json.dumps(summary))
+    return 0
+
+
 def register(command: Callable[..., Any]) -> None:
     """Add the loop's subcommands; `command(name, help, fn, parent=None, group=False)` adds one
     with `--data-dir` (to the top level, or to the `parent` subparsers), or a `group` of
@@ -245,6 +268,29 @@ def register(command: Callable[..., Any]) -> None:
     imp.add_argument("file", type=Path, help=".jsonl, .jsonl.gz or .json")
     imp.add_argument("--rater", default="import")
     imp.add_argument("--limit", type=int, help="import at most this many pairs")
+
+    sim = command(
+        "simulate",
+        "run the whole loop with simulated users and raters on a fresh data dir; prints a JSON "
+        "summary (win rate of the new version over the baseline) as its last line",
+        _cmd_simulate,
+    )
+    sim.add_argument(
+        "--preference",
+        default="concise",
+        help="what raters prefer: concise, no_repeat, on_topic, or module:function taking "
+        "(prompt, response) and returning a float, higher is better (default: %(default)s)",
+    )
+    sim.add_argument("--noise", type=float, default=0.1, help="fraction of votes flipped")
+    sim.add_argument("--comparisons", type=int, default=600, help="pairs rated in all")
+    sim.add_argument("--rounds", type=int, default=1, help="collect-train-promote rounds")
+    sim.add_argument("--heldout", type=int, default=48, help="questions the win rate is on")
+    sim.add_argument("--samples", type=int, default=4, help="answers per held-out question")
+    sim.add_argument("--kind", choices=("dpo", "rl", "kto"), default="dpo")
+    sim.add_argument("--model", type=Path, help="base model (default: the demo model)")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sim.add_argument("--min-win-rate", type=float, default=0.55)
 
     ev = command("eval", "evaluate a model version", None, group=True)
     ev_sub = ev.add_subparsers(dest="eval_command", required=True, metavar="WHAT")

@@ -1,0 +1,223 @@
+"""Benchmark: hot-swap under load. Streams run back to back from `--streams` clients while the
+operator promotes a new version (`POST /v1/admin/promote`) and then rolls back
+(`POST /v1/admin/rollback`).
+
+Reported, for the promotion and for the rollback:
+
+- failed requests (any error or non-200): goal 0;
+- responses mixing versions: goal 0. Decoding is greedy, so every answer must equal, character for
+  character, what the version named in its chunks answers alone (computed beforehand in this
+  process with the same engine); a stream whose chunks name two versions, or whose stored
+  `model_version_id` differs from its chunks, counts too;
+- seconds from sending the promote (rollback) request to the first text chunk of the new version
+  (of the first request that starts after it): goal under 1 s on a demo-sized model.
+
+Both versions are models of the demo model's shape (hidden 96, 4 layers, vocab 4096) with
+different random weights, unless `--model` and `--candidate` name checkpoints or version dirs.
+
+    python bench/hot_swap.py [--streams 8] [--phase-seconds 4] [--max-tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+import httpx
+from common import ServerProcess
+
+from tuneloop.config import DataDir
+from tuneloop.feedback import registry
+from tuneloop.feedback.store import FeedbackStore
+from tuneloop.records import Message, ModelVersion, SamplingParams
+from tuneloop.serve.engine import EmbeddedEngine
+
+PROMPTS = [
+    f"Question {i}: what does the {w} module do?"
+    for i, w in enumerate(
+        [
+            "os",
+            "sys",
+            "json",
+            "re",
+            "math",
+            "time",
+            "random",
+            "string",
+            "heapq",
+            "bisect",
+            "array",
+            "queue",
+        ]
+    )
+]
+GOAL_SWAP_S = 1.0
+
+
+@dataclass
+class Stream:
+    prompt: int
+    started: float
+    first_chunk: float = 0.0
+    models: set[str] = field(default_factory=set)
+    text: str = ""
+    response_id: int = 0
+    error: str = ""
+
+
+def reference_answers(model: str, max_tokens: int) -> list[str]:
+    engine = EmbeddedEngine(model, "reference")
+    params = SamplingParams(max_tokens, 0.0)
+    return ["".join(engine.stream([Message("user", p)], params)) for p in PROMPTS]
+
+
+def client_loop(url: str, max_tokens: int, out: list[Stream], stop: threading.Event, k: int):
+    with httpx.Client(base_url=url, timeout=60) as http:
+        i = k
+        while not stop.is_set():
+            s = Stream(i % len(PROMPTS), time.perf_counter())
+            body = {
+                "messages": [{"role": "user", "content": PROMPTS[s.prompt]}],
+                "max_tokens": max_tokens,
+                "temperature": 0.0,
+                "stream": True,
+            }
+            try:
+                with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                    if r.status_code != 200:
+                        r.read()
+                        raise RuntimeError(f"{r.status_code} {r.text[:200]}")
+                    for line in r.iter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        event = json.loads(line[6:])
+                        s.models.add(event["model"])
+                        s.response_id = int(event["id"])
+                        for choice in event["choices"]:
+                            text = choice["delta"].get("content")
+                            if text:
+                                s.first_chunk = s.first_chunk or time.perf_counter()
+                                s.text += text
+            except Exception as exc:  # noqa: BLE001 - counted as a failed request
+                s.error = str(exc) or type(exc).__name__
+            out.append(s)
+            i += 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--candidate", type=Path)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--phase-seconds", type=float, default=4.0)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="tuneloop-bench-") as tmp:
+        old, new = args.model, args.candidate
+        if old is None or new is None:
+            from tuneloop.train.tiny_model import build_tiny_model
+
+            shape = {"hidden_size": 96, "num_layers": 4, "vocab_size": 4096}
+            old = build_tiny_model(Path(tmp) / "old", seed=0, **shape)
+            new = build_tiny_model(Path(tmp) / "new", seed=1, **shape)
+        return run(args, Path(old), Path(new), Path(tmp) / "data")
+
+
+def run(args: argparse.Namespace, old: Path, new: Path, data: Path) -> int:
+    dd = DataDir(data)
+    with FeedbackStore(dd.db) as store:  # the candidate, registered before the server starts
+        candidate = registry.register_version(
+            store, ModelVersion("policy-candidate", "policy", str(new), str(new.resolve()))
+        ).id
+    refs = {"new": reference_answers(str(new), args.max_tokens)}
+    refs["old"] = reference_answers(str(old), args.max_tokens)
+    streams: list[Stream] = []
+    stop = threading.Event()
+    marks: dict[str, float] = {}
+    with ServerProcess(old, data, max_concurrency=args.streams) as server:
+        served = httpx.get(f"{server.url}/health").json()["model_version"]
+        token = dd.admin_token_file.read_text().strip()
+        admin = {"Authorization": f"Bearer {token}"}
+        threads = [
+            threading.Thread(
+                target=client_loop, args=(server.url, args.max_tokens, streams, stop, k)
+            )
+            for k in range(args.streams)
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(args.phase_seconds)
+        marks["promote"] = time.perf_counter()
+        r = httpx.post(
+            f"{server.url}/v1/admin/promote",
+            json={"version": candidate},
+            headers=admin,
+            timeout=120,
+        )
+        r.raise_for_status()
+        marks["promote_done"] = time.perf_counter()
+        time.sleep(args.phase_seconds)
+        marks["rollback"] = time.perf_counter()
+        httpx.post(f"{server.url}/v1/admin/rollback", headers=admin, timeout=120).raise_for_status()
+        marks["rollback_done"] = time.perf_counter()
+        time.sleep(args.phase_seconds)
+        stop.set()
+        for t in threads:
+            t.join()
+    stored = dict(
+        duckdb.connect(str(dd.db), read_only=True)
+        .execute("SELECT id, model_version_id FROM responses")
+        .fetchall()
+    )
+    expected = {served: refs["old"], candidate: refs["new"]}
+    failed = [s for s in streams if s.error]
+    mixed = [
+        s
+        for s in streams
+        if not s.error
+        and (
+            len(s.models) != 1
+            or s.text != expected[next(iter(s.models))][s.prompt]
+            or stored.get(s.response_id) != next(iter(s.models))
+        )
+    ]
+
+    def first_token_after(mark: str, version: str) -> float:
+        times = [
+            s.first_chunk - marks[mark]
+            for s in streams
+            if not s.error and s.models == {version} and s.started >= marks[mark]
+        ]
+        return min(times) if times else float("nan")
+
+    to_new = first_token_after("promote", candidate)
+    to_old = first_token_after("rollback", served)
+    print(
+        f"streams: {args.streams} clients, {len(streams)} requests, greedy, "
+        f"{args.max_tokens} tokens"
+    )
+    print(f"versions: {served} (served) -> {candidate} (promoted) -> {served} (rollback)")
+    print(f"failed requests: {len(failed)}   (goal 0)")
+    print(f"responses mixing versions: {len(mixed)}   (goal 0)")
+    print(
+        f"promote request took {marks['promote_done'] - marks['promote']:.2f} s; "
+        f"rollback {marks['rollback_done'] - marks['rollback']:.2f} s"
+    )
+    print(f"promote -> first token of {candidate}: {to_new:.2f} s   (goal < {GOAL_SWAP_S} s)")
+    print(f"rollback -> first token of {served}: {to_old:.2f} s   (goal < {GOAL_SWAP_S} s)")
+    for s in failed[:3]:
+        print(f"  failed: {s.error}")
+    ok = not failed and not mixed and to_new < GOAL_SWAP_S and to_old < GOAL_SWAP_S
+    print(f"goal: {'met' if ok else 'MISSED'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

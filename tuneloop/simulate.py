@@ -1,0 +1,304 @@
+"""`tuneloop simulate`: the whole loop against a fresh data dir, as proof that it learns.
+
+A real server runs (in this process, on 127.0.0.1) on the base model. Simulated users ask
+questions through `POST /v1/chat/completions`, two answers per question; simulated raters compare
+each pair with a preference function (a fraction `noise` of votes flipped) and send the result to
+`POST /v1/feedback`. Then the operator's "train now" (`POST /v1/admin/train`) runs the cycle the
+server always runs: snapshot, reward model, DPO (or RL), gate, promotion and hot-swap.
+
+The win rate is judged with the preference itself on held-out questions that no rater saw: the
+baseline's and the new version's answers, `samples` of each per question with the same sampling
+settings, are scored; a question is won when the new version's mean score is higher (ties count
+half). When the gate rejected the candidate, it is scored in-process with the embedded engine.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tuneloop.config import DataDir, LoopConfig, ServeConfig
+from tuneloop.preferences import Preference, resolve
+
+RATERS = 8
+TRAIN_POLL_S = 1.0
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    data_dir: Path
+    preference: str = "concise"
+    noise: float = 0.1
+    comparisons: int = 600
+    rounds: int = 1
+    heldout: int = 48
+    samples: int = 4
+    max_tokens: int = 48
+    temperature: float = 1.0
+    kind: str = "dpo"
+    model: Path | None = None
+    seed: int = 0
+    concurrency: int = 8
+    train_overrides: tuple[str, ...] = ()
+    min_win_rate: float = 0.55
+    log: Callable[[str], None] = field(
+        default=lambda msg: print(f"simulate: {msg}", file=sys.stderr, flush=True)
+    )
+
+
+@dataclass
+class _Client:
+    http: httpx.Client
+    token: str
+
+    def chat(self, prompt: str, max_tokens: int, temperature: float, user: str) -> dict[str, Any]:
+        body = {
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "user": user,
+        }
+        resp = self.http.post("/v1/chat/completions", json=body)
+        resp.raise_for_status()
+        return resp.json()
+
+    def feedback(self, body: dict[str, Any]) -> None:
+        self.http.post("/v1/feedback", json=body).raise_for_status()
+
+    def admin(self, method: str, route: str, body: dict[str, Any] | None = None) -> Any:
+        resp = self.http.request(
+            method,
+            f"/v1/admin/{route}",
+            json=body,
+            headers={"Authorization": f"Bearer {self.token}"},
+        )
+        if resp.status_code >= 400:
+            raise RuntimeError(f"{route}: {resp.status_code} {resp.text}")
+        return resp.json()
+
+
+def run_simulation(config: SimulationConfig) -> dict[str, Any]:
+    """Run the loop; the summary `tuneloop simulate` prints as its last line."""
+    started = time.perf_counter()
+    preference = resolve(config.preference)
+    dd = DataDir(config.data_dir)
+    if dd.db.exists():
+        raise ValueError(f"{dd.root} already holds a database: simulate wants a fresh data dir")
+    model = config.model or _demo_model(dd, config.log)
+    heldout, train = _prompts(config)
+    rng = random.Random(config.seed)
+    with _server(dd, model, config) as client:
+        baseline = client.admin("GET", "loop")["served_version"]
+        config.log(f"baseline {baseline}; sampling held-out answers")
+        before = _answers(client, heldout, config)
+        cycle: dict[str, Any] = {}
+        per_round = -(-config.comparisons // config.rounds)
+        for round_no in range(config.rounds):
+            batch = [train[(round_no * per_round + i) % len(train)] for i in range(per_round)]
+            config.log(f"round {round_no + 1}: {len(batch)} comparisons")
+            _collect(client, batch, preference, config, rng)
+            cycle = _train(client, config)
+            config.log(f"round {round_no + 1}: {cycle.get('reason') or cycle.get('error')}")
+        if cycle.get("status") != "done":
+            raise RuntimeError(f"the training cycle failed: {cycle.get('error')}")
+        new_version = cycle["candidate_version"]
+        if cycle["promoted"]:
+            after = _answers(client, heldout, config)
+        else:
+            artifact = next(
+                v["artifact_path"]
+                for v in client.admin("GET", "versions")
+                if v["id"] == new_version
+            )
+            after = _answers_in_process(new_version, artifact, heldout, config)
+        counts = client.http.get("/v1/feedback/stats").json()
+    wins = _win_rate(before, after, heldout, preference)
+    return {
+        "preference": config.preference,
+        "noise": config.noise,
+        "comparisons": config.comparisons,
+        "heldout_prompts": len(heldout),
+        "win_rate": round(wins["win_rate"], 4),
+        "win_rate_ci": [round(wins["ci_low"], 4), round(wins["ci_high"], 4)],
+        "baseline_mean_score": round(wins["baseline_mean"], 4),
+        "new_mean_score": round(wins["new_mean"], 4),
+        "baseline_version": baseline,
+        "new_version": new_version,
+        "promoted": bool(cycle["promoted"]),
+        "gate": cycle.get("gate", {}),
+        "feedback_rows": sum(
+            counts[k] for k in ("thumbs", "rating", "edit", "comparison", "ranking")
+        ),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _demo_model(dd: DataDir, log: Callable[[str], None]) -> Path:
+    from tuneloop.train.demo_model import build_demo_model
+
+    log(f"building the demo model in {dd.demo_model} (pass --model to reuse one)")
+    return build_demo_model(dd.demo_model)
+
+
+def _prompts(config: SimulationConfig) -> tuple[list[str], list[str]]:
+    """Held-out questions (never rated) and the questions users ask for feedback."""
+    from importlib.resources import files
+
+    from tuneloop.train.demo_model import demo_questions
+
+    mt_bench = files("tuneloop.train") / "data" / "mt-bench-questions.jsonl"
+    questions = [json.loads(line)["turns"][0] for line in mt_bench.read_text().splitlines()]
+    questions += demo_questions(config.comparisons + config.heldout, seed=config.seed)
+    random.Random(config.seed).shuffle(questions)
+    return questions[: config.heldout], questions[config.heldout :]
+
+
+@contextmanager
+def _server(dd: DataDir, model: Path, config: SimulationConfig) -> Iterator[_Client]:
+    from tuneloop.serve.server import run_server
+
+    serve = ServeConfig(
+        dd,
+        model=str(model),
+        port=0,
+        ui=False,
+        max_concurrency=config.concurrency,
+        loop=LoopConfig(train_kind=config.kind, min_win_rate=config.min_win_rate),
+    )
+    ready: list[str] = []
+    up, stop = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_server(serve, lambda: model, lambda url: (ready.append(url), up.set()), stop)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller below
+            errors.append(exc)
+            up.set()
+
+    thread = threading.Thread(target=run, daemon=True, name="simulate-server")
+    thread.start()
+    up.wait()
+    if errors:
+        raise errors[0]
+    token = dd.admin_token_file.read_text().strip()
+    try:
+        with httpx.Client(base_url=ready[0], timeout=600) as http:
+            yield _Client(http, token)
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+
+
+def _answers(client: _Client, prompts: list[str], config: SimulationConfig) -> list[list[str]]:
+    """`samples` answers per prompt through the API."""
+
+    def ask(i: int) -> str:
+        prompt = prompts[i // config.samples]
+        reply = client.chat(prompt, config.max_tokens, config.temperature, "sim-eval")
+        return reply["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(config.concurrency) as pool:
+        flat = list(pool.map(ask, range(len(prompts) * config.samples)))
+    return [flat[i : i + config.samples] for i in range(0, len(flat), config.samples)]
+
+
+def _answers_in_process(
+    version_id: str, artifact: str, prompts: list[str], config: SimulationConfig
+) -> list[list[str]]:
+    """A candidate the gate rejected is not served: it answers from an engine of its own."""
+    from tuneloop.records import Message, SamplingParams
+    from tuneloop.serve.engine import EmbeddedEngine
+
+    engine = EmbeddedEngine(artifact, version_id, max_concurrency=config.concurrency)
+    params = SamplingParams(config.max_tokens, config.temperature)
+
+    def ask(i: int) -> str:
+        return "".join(engine.stream([Message("user", prompts[i // config.samples])], params))
+
+    with ThreadPoolExecutor(config.concurrency) as pool:
+        flat = list(pool.map(ask, range(len(prompts) * config.samples)))
+    return [flat[i : i + config.samples] for i in range(0, len(flat), config.samples)]
+
+
+def _collect(
+    client: _Client,
+    prompts: list[str],
+    preference: Preference,
+    config: SimulationConfig,
+    rng: random.Random,
+) -> None:
+    """Two answers per prompt, compared by a simulated rater."""
+    flips = [rng.random() < config.noise for _ in prompts]
+
+    def one(i: int) -> None:
+        prompt, user = prompts[i], f"sim-user-{i % 50}"
+        a = client.chat(prompt, config.max_tokens, config.temperature, user)
+        b = client.chat(prompt, config.max_tokens, config.temperature, user)
+        score_a = preference(prompt, a["choices"][0]["message"]["content"])
+        score_b = preference(prompt, b["choices"][0]["message"]["content"])
+        winner = "a" if score_a > score_b else "b" if score_b > score_a else "tie"
+        if flips[i] and winner != "tie":
+            winner = "b" if winner == "a" else "a"
+        client.feedback(
+            {
+                "kind": "comparison",
+                "response_ids": [int(a["id"]), int(b["id"])],
+                "winner": winner,
+                "rater": f"sim-rater-{i % RATERS}",
+            }
+        )
+
+    with ThreadPoolExecutor(config.concurrency) as pool:
+        list(pool.map(one, range(len(prompts))))
+
+
+def _train(client: _Client, config: SimulationConfig) -> dict[str, Any]:
+    client.admin("POST", "train", {"kind": config.kind, "overrides": list(config.train_overrides)})
+    shown = ""
+    while True:
+        time.sleep(TRAIN_POLL_S)
+        loop = client.admin("GET", "loop")
+        if not loop["busy"]:
+            return loop["last_cycle"] or {}
+        runs = client.admin("GET", "runs?limit=1")
+        if runs:
+            line = f"{runs[0]['kind']} {runs[0]['progress']:.0%}"
+            if line != shown:
+                config.log(line)
+                shown = line
+
+
+def _win_rate(
+    before: list[list[str]], after: list[list[str]], prompts: list[str], preference: Preference
+) -> dict[str, float]:
+    from tuneloop.train.gate import wilson_interval
+
+    won = 0.0
+    base_scores, new_scores = [], []
+    for prompt, old, new in zip(prompts, before, after, strict=True):
+        old_mean = statistics.fmean(preference(prompt, t) for t in old)
+        new_mean = statistics.fmean(preference(prompt, t) for t in new)
+        base_scores.append(old_mean)
+        new_scores.append(new_mean)
+        won += 1.0 if new_mean > old_mean else 0.5 if new_mean == old_mean else 0.0
+    low, high = wilson_interval(won, len(prompts))
+    return {
+        "win_rate": won / len(prompts),
+        "ci_low": low,
+        "ci_high": high,
+        "baseline_mean": statistics.fmean(base_scores),
+        "new_mean": statistics.fmean(new_scores),
+    }
