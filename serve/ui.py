@@ -4,30 +4,15 @@ code the HTTP API runs, so both store exactly the same records."""
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 import gradio as gr
 
-from tuneloop.feedback.registry import list_versions
 from tuneloop.feedback.validation import FeedbackError, check_rater_id
 from tuneloop.records import DEFAULT_RATER
 from tuneloop.serve.chat_service import ChatService
 from tuneloop.serve.control import LoopControl
 from tuneloop.serve.ui_chat import chat_tab
 from tuneloop.serve.ui_judge import compare_tab, rank_tab
-
-VERSION_COLUMNS = [
-    "id",
-    "kind",
-    "status",
-    "base",
-    "parent",
-    "adapter",
-    "snapshot",
-    "created",
-    "metrics",
-]
+from tuneloop.serve.ui_operator import operator_tab
 
 
 def _check_name(rater_id: str) -> str:
@@ -37,28 +22,6 @@ def _check_name(rater_id: str) -> str:
     except FeedbackError as exc:
         return f"⚠️ {exc}"
     return ""
-
-
-def operator_view(service: ChatService) -> tuple[str, dict[str, Any], list[list[Any]]]:
-    """The served version, rows stored per kind (one table row), and every model version."""
-    served = f"Serving model version **{service.version}**."
-    stored = service.feedback_counts()
-    counts = {"headers": list(stored), "data": [list(stored.values())]}
-    versions = [
-        [
-            v.id,
-            v.kind,
-            v.status,
-            v.base,
-            v.parent or "",
-            v.adapter,
-            v.snapshot_id or "",
-            v.created_at.strftime("%Y-%m-%d %H:%M:%S") if v.created_at else "",
-            json.dumps(v.metrics) if v.metrics else "",
-        ]
-        for v in list_versions(service.store)
-    ]
-    return served, counts, versions
 
 
 def build_ui(service: ChatService, control: LoopControl) -> gr.Blocks:
@@ -89,17 +52,5 @@ def build_ui(service: ChatService, control: LoopControl) -> gr.Blocks:
             with gr.Tab("Rank", id="rank"):
                 gr.Markdown("Several answers to one prompt: order them from best to worst.")
                 rank_tab(service, rater)
-            with gr.Tab("Operator", id="operator") as operator:
-                with gr.Row(equal_height=True):
-                    served = gr.Markdown()
-                    refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100)
-                counts = gr.Dataframe(label="Rows stored", type="array")
-                versions = gr.Dataframe(
-                    headers=VERSION_COLUMNS, label="Model versions (newest first)", type="array"
-                )
-
-        view = [served, counts, versions]
-        refresh.click(lambda: operator_view(service), None, view)
-        operator.select(lambda: operator_view(service), None, view)
-        ui.load(lambda: operator_view(service), None, view)
+            operator_tab(service, control)
     return ui

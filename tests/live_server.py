@@ -16,20 +16,23 @@ from tuneloop.serve.server import run_server
 class LiveServer:
     url: str
     data_dir: DataDir
-    model_dir: Path
+    model_dir: Path | None
 
 
 def _no_demo() -> Path:
-    raise AssertionError("tests pass --model; the demo model is never built here")
+    raise AssertionError("tests pass --model or promote a policy; the demo model is never built")
 
 
-def live_server(data_root: Path, model_dir: Path, **config: object) -> Iterator[LiveServer]:
-    """Generator for a fixture: yields once the server listens, stops it afterwards.
+def live_server(data_root: Path, model_dir: Path | None, **config: object) -> Iterator[LiveServer]:
+    """Generator for a fixture: yields once the server listens, stops it afterwards. Without
+    `model_dir` it serves the policy promoted in the data dir's registry.
 
     The test process may open the same DuckDB file with `duckdb.connect(path)`: within one
     process DuckDB shares the database instance, so the server's lock does not apply.
     """
-    cfg = ServeConfig(DataDir(data_root), model=str(model_dir), port=0, **config)
+    cfg = ServeConfig(
+        DataDir(data_root), model=str(model_dir) if model_dir else None, port=0, **config
+    )
     ready: queue.Queue[str] = queue.Queue()
     stop = threading.Event()
     errors: list[BaseException] = []

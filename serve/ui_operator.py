@@ -1,0 +1,384 @@
+"""The Operator tab: what serves, the job running now, the versions and runs with their metrics,
+and the buttons that train, promote and roll back (through `LoopControl`, like the admin API).
+
+The view functions at the top turn store rows into what the components show; they need no
+browser. While the tab is shown a timer refreshes the cheap parts every few seconds, and the
+rest when something changed (a run ended, the served version moved)."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from tuneloop.feedback.registry import list_versions
+from tuneloop.feedback.runs import list_runs
+from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
+from tuneloop.pipeline import JOBS
+from tuneloop.records import ModelVersion, TrainingRun
+from tuneloop.serve.chat_service import ChatService
+from tuneloop.serve.control import BusyError, LoopControl
+
+TAB_LABEL = "Operator"
+TICK_SECONDS = 2.0
+RECENT_RUNS = 20
+JOB_LABELS = {
+    "rm": "rm: reward model only",
+    "dpo": "dpo: preference pairs",
+    "kto": "kto: thumbs up/down",
+    "sft": "sft: edits and liked answers",
+    "rl": "rl: sample, score with the reward model",
+}
+VERSION_COLUMNS = [
+    "id",
+    "kind",
+    "job",
+    "status",
+    "reason",
+    "parent",
+    "snapshot",
+    "feedback rows",
+    "RM accuracy",
+    "win rate",
+    "95% CI",
+    "KL to parent",
+    "created (UTC)",
+]
+RUN_COLUMNS = [
+    "run",
+    "kind",
+    "status",
+    "stage",
+    "progress",
+    "version",
+    "trigger",
+    "started (UTC)",
+    "took",
+    "error",
+]
+VERSION_WIDTHS = ["8%", "6%", "4%", "7%", "16%", "7%", "10%", "11%", "6%", "5%", "7%", "5%", "8%"]
+RUN_WIDTHS = ["18%", "5%", "6%", "7%", "6%", "7%", "7%", "10%", "5%", "29%"]
+# Volume buckets: the finest whose count over the feedback's time span stays readable.
+BUCKETS = (("minute", timedelta(hours=3)), ("hour", timedelta(days=7)), ("day", None))
+
+# ---- view functions ------------------------------------------------------------------------------
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, int | float) else ""
+
+
+def _utc(when: datetime | str | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    if isinstance(when, str):
+        when = datetime.fromisoformat(when)
+    return when.astimezone(UTC).strftime(fmt) if when else ""
+
+
+def _took(run: TrainingRun) -> str:
+    if run.finished_at is None:
+        return ""
+    seconds = (run.finished_at - run.started_at).total_seconds()
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def status_markdown(status: dict[str, Any]) -> str:
+    """The served version (and the registry's, if it differs), the schedule, new feedback."""
+    served = status["served_version"]
+    lines = [f"Serving model version **{served}**."]
+    promoted = status.get("registry_promoted")
+    if promoted and promoted != served:
+        lines.append(f"The registry's promoted policy is **{promoted}**.")
+    s = status["schedule"]
+    if s["enabled"]:
+        lines.append(
+            f"Scheduled training: **{s['kind']}** once {s['min_new_feedback']} new feedback rows "
+            f"arrived, at most every {s['every_minutes']:g} min."
+        )
+    else:
+        lines.append("Scheduled training is off.")
+    lines.append(f"**{status['new_feedback_rows']}** feedback rows since the last snapshot.")
+    return "\n\n".join(lines)
+
+
+def job_html(runs: list[TrainingRun], busy: bool, now: datetime | None = None) -> str:
+    """The running job (newest first in `runs`) with a progress bar, or what the loop does."""
+    run = next((r for r in runs if r.status == "running"), None)
+    if run is None:
+        text = "A training cycle is starting: snapshot and datasets…" if busy else "No job runs."
+        return f'<p class="tl-job">{text}</p>'
+    pct = round(run.progress * 100)
+    elapsed = ((now or datetime.now(UTC)) - run.started_at).total_seconds()
+    label = (
+        f"<b>{html.escape(run.kind)}</b> · {html.escape(run.stage or 'running')} · {pct}% · "
+        f"{elapsed:.0f} s · {html.escape(run.version_id or '')}"
+    )
+    bar = (
+        f'<div role="progressbar" aria-valuenow="{pct}" aria-valuemin="0" aria-valuemax="100" '
+        'style="height:12px;border-radius:6px;background:#e5e7eb;overflow:hidden">'
+        f'<div style="height:100%;width:{pct}%;background:#f97316"></div></div>'
+    )
+    return f'<div class="tl-job"><p>Running: {label}</p>{bar}</div>'
+
+
+def last_cycle_markdown(cycle: dict[str, Any] | None) -> str:
+    """The outcome of the last cycle this server ran: promoted, rejected (why), or failed."""
+    if cycle is None:
+        return "No training cycle has finished since this server started."
+    head = f"Last cycle: **{cycle['kind']}** ({cycle.get('trigger')}, {_utc(cycle['finished_at'])})"
+    if cycle.get("status") == "failed":
+        return f"{head} **failed**: {cycle.get('error')}"
+    if cycle["kind"] == "rm":
+        return f"{head}: reward model **{cycle.get('reward_version')}** trained."
+    if cycle.get("promoted"):
+        verdict = "promoted"
+    else:
+        verdict = "rejected" if cycle.get("gate") else "left as a candidate"
+    return f"{head}: **{cycle.get('candidate_version')}** {verdict}: {cycle.get('reason')}"
+
+
+def _feedback_rows(metrics: dict[str, Any]) -> str:
+    counts = metrics.get("feedback_rows")
+    if not counts:
+        return ""
+    return " · ".join(f"{kind} {n}" for kind, n in counts.items() if n) or "none"
+
+
+def versions_frame(versions: list[ModelVersion]) -> pd.DataFrame:
+    """One row per version with its provenance and headline metrics; blank where none."""
+    rows = []
+    for v in versions:
+        gate = v.metrics.get("gate") or {}
+        ci = f"[{gate['ci_low']:.2f}, {gate['ci_high']:.2f}]" if "ci_low" in gate else ""
+        # The gate writes no KL where the tokenizers differ.
+        kl = _num(gate.get("kl_to_parent")) or ("unknown" if gate else "")
+        rows.append(
+            [
+                v.id,
+                v.kind,
+                v.config.get("job", ""),
+                v.status,
+                v.status_reason or "",
+                v.parent or "",
+                v.snapshot_id or "",
+                _feedback_rows(v.metrics),
+                _num(v.metrics.get("heldout_accuracy")),
+                _num(gate.get("win_rate")),
+                ci,
+                kl,
+                _utc(v.created_at, "%Y-%m-%d %H:%M"),
+            ]
+        )
+    return pd.DataFrame(rows, columns=VERSION_COLUMNS)
+
+
+def runs_frame(runs: list[TrainingRun]) -> pd.DataFrame:
+    rows = [
+        [
+            r.id,
+            r.kind,
+            r.status,
+            r.stage or "",
+            f"{r.progress:.0%}",
+            r.version_id or "",
+            r.trigger or "",
+            _utc(r.started_at),
+            _took(r),
+            r.error or "",
+        ]
+        for r in runs
+    ]
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+
+
+def reward_accuracy_frame(versions: list[ModelVersion]) -> pd.DataFrame:
+    """Held-out pair accuracy per reward version, oldest first."""
+    rows = [
+        [v.id, float(v.metrics["heldout_accuracy"]), v.metrics.get("heldout_pairs")]
+        for v in reversed(versions)
+        if v.kind == "reward" and isinstance(v.metrics.get("heldout_accuracy"), int | float)
+    ]
+    return pd.DataFrame(rows, columns=["version", "accuracy", "pairs"])
+
+
+def gate_frame(versions: list[ModelVersion]) -> pd.DataFrame:
+    """Gate win rate and its 95% interval per gated policy version, oldest first (long format:
+    one line per series)."""
+    rows = []
+    for v in reversed(versions):
+        gate = v.metrics.get("gate") or {}
+        if v.kind != "policy" or "win_rate" not in gate:
+            continue
+        for series, key in (("win rate", "win_rate"), ("CI low", "ci_low"), ("CI high", "ci_high")):
+            if key in gate:
+                rows.append([v.id, series, float(gate[key])])
+    return pd.DataFrame(rows, columns=["version", "series", "value"])
+
+
+def volume_bucket(span: timedelta) -> str:
+    return next(name for name, most in BUCKETS if most is None or span <= most)
+
+
+def feedback_volume(store: FeedbackStore) -> tuple[pd.DataFrame, str]:
+    """Feedback rows per time bucket and kind, and the bucket chosen from the time span. Buckets
+    start on UTC boundaries; the plot shows them in the browser's time zone."""
+    union = " UNION ALL ".join(
+        f"SELECT '{kind}' AS kind, created_at FROM {table}"
+        for kind, table in FEEDBACK_TABLES.items()
+    )
+    span = store.read(f"SELECT max(created_at) - min(created_at) AS span FROM ({union})")[0]
+    bucket = volume_bucket(span["span"] or timedelta(0))
+    rows = store.read(
+        f"SELECT date_trunc('{bucket}', timezone('UTC', created_at)) AS time, kind, "
+        f"count(*) AS rows FROM ({union}) GROUP BY ALL ORDER BY time, kind"
+    )
+    frame = pd.DataFrame(rows, columns=["time", "kind", "rows"])
+    frame["time"] = pd.to_datetime(frame["time"])
+    return frame, bucket
+
+
+def promote_choices(versions: list[ModelVersion]) -> list[tuple[str, str]]:
+    return [(f"{v.id} ({v.kind}, {v.status})", v.id) for v in versions if v.status != "promoted"]
+
+
+# ---- the tab -------------------------------------------------------------------------------------
+
+
+def operator_tab(service: ChatService, control: LoopControl) -> None:
+    """Build the Operator tab; call it inside the UI's `gr.Tabs`, whose selection turns the
+    polling timer on (this tab) and off (any other), so chat users never poll."""
+    store = service.store
+    with gr.Tab(TAB_LABEL, id="operator") as tab:
+        with gr.Row():
+            with gr.Column(scale=3):
+                served = gr.Markdown(elem_id="operator-served")
+                job = gr.HTML(elem_id="operator-job")
+                last = gr.Markdown(elem_id="operator-last-cycle")
+            with gr.Column(scale=2, min_width=320):
+                with gr.Row(equal_height=True):
+                    kind = gr.Dropdown(
+                        [(JOB_LABELS.get(k, k), k) for k in JOBS], value="dpo", label="Job"
+                    )
+                    train = gr.Button("Train now", variant="primary", min_width=110, scale=0)
+                with gr.Row(equal_height=True):
+                    chosen = gr.Dropdown([], label="Version to promote")
+                    promote = gr.Button("Promote", min_width=110, scale=0)
+                with gr.Row():
+                    rollback = gr.Button("Roll back", variant="stop", min_width=110)
+                    refresh = gr.Button("Refresh", min_width=110)
+        versions = gr.Dataframe(
+            headers=VERSION_COLUMNS,
+            label="Model versions (newest first)",
+            wrap=True,
+            column_widths=VERSION_WIDTHS,
+        )
+        runs = gr.Dataframe(
+            headers=RUN_COLUMNS,
+            label="Training runs (newest first)",
+            wrap=True,
+            column_widths=RUN_WIDTHS,
+        )
+        with gr.Row():
+            rm_plot = gr.LinePlot(
+                x="version",
+                y="accuracy",
+                title="Reward model: held-out pair accuracy",
+                y_lim=[0, 1],
+                tooltip="all",
+            )
+            gate_plot = gr.LinePlot(
+                x="version",
+                y="value",
+                color="series",
+                title="Policy gate: win rate vs. the served policy (95% CI)",
+                color_map={"win rate": "#f97316", "CI low": "#9ca3af", "CI high": "#9ca3af"},
+                y_lim=[0, 1],
+                tooltip="all",
+            )
+        volume_plot = gr.BarPlot(x="time", y="rows", color="kind", title="Feedback volume")
+        timer = gr.Timer(TICK_SECONDS, active=False)
+        seen = gr.State(None)  # what the heavy outputs were last built from
+
+    live_out = [served, job, last, runs]
+    full_out = [versions, chosen, rm_plot, gate_plot, volume_plot]
+    outputs = [*live_out, *full_out, seen]
+
+    def view(previous: Any, picked: str | None, force: bool) -> list[Any]:
+        """Every output; the versions and plots only when `force` or something changed."""
+        status = control.status()
+        recent = list_runs(store, RECENT_RUNS)
+        key = (
+            status["served_version"],
+            status["registry_promoted"],
+            status["busy"],
+            [(r.id, r.status) for r in recent[:1]],
+        )
+        live = [
+            status_markdown(status),
+            job_html(recent, status["busy"]),
+            last_cycle_markdown(status["last_cycle"]),
+            runs_frame(recent),
+        ]
+        if not force and key == previous:
+            return [*live, *(gr.skip(),) * len(full_out), gr.skip()]
+        all_versions = list_versions(store)
+        choices = promote_choices(all_versions)
+        volume, bucket = feedback_volume(store)
+        return [
+            *live,
+            versions_frame(all_versions),
+            gr.Dropdown(choices, value=picked if picked in dict(choices).values() else None),
+            reward_accuracy_frame(all_versions),
+            gate_frame(all_versions),
+            gr.BarPlot(volume, y_title=f"rows per {bucket}"),
+            key,
+        ]
+
+    def act(action: Callable[[], str], picked: str | None) -> list[Any]:
+        try:
+            gr.Info(action())
+        except (BusyError, ValueError) as exc:  # RegistryError is a ValueError
+            gr.Warning(str(exc))
+        except Exception as exc:  # noqa: BLE001 - e.g. weights that fail to load: say so
+            control.log(f"operator action failed: {exc!r}")
+            gr.Warning(f"Failed: {exc}")
+        return view(None, picked, force=True)
+
+    def on_train(job_kind: str, picked: str | None) -> list[Any]:
+        def start() -> str:
+            control.train_now(job_kind)
+            return f"Started a {job_kind} training cycle."
+
+        return act(start, picked)
+
+    def on_promote(picked: str | None) -> list[Any]:
+        def run() -> str:
+            if not picked:
+                raise ValueError("Pick a version to promote first.")
+            return f"Promoted {control.promote(picked).id}; serving {control.engine.version}."
+
+        return act(run, picked)
+
+    def on_rollback(picked: str | None) -> list[Any]:
+        return act(lambda: f"Rolled back: serving {control.rollback().id}.", picked)
+
+    def on_tab(picked: str | None, evt: gr.SelectData) -> list[Any]:
+        if evt.value != TAB_LABEL:
+            return [*(gr.skip(),) * len(outputs), gr.Timer(active=False)]
+        return [*view(None, picked, force=True), gr.Timer(active=True)]
+
+    tabs = tab.parent
+    if not isinstance(tabs, gr.Tabs):
+        raise TypeError("operator_tab() builds a gr.Tab: call it inside gr.Tabs")
+    quiet = {"queue": False, "show_progress": "hidden"}
+    timer.tick(lambda prev, picked: view(prev, picked, False), [seen, chosen], outputs, **quiet)
+    tabs.select(on_tab, chosen, [*outputs, timer], **quiet)
+    refresh.click(lambda picked: view(None, picked, True), chosen, outputs)
+    train.click(on_train, [kind, chosen], outputs)
+    # One swap at a time, across both buttons and every session.
+    swap = {"concurrency_limit": 1, "concurrency_id": "operator-swap"}
+    promote.click(on_promote, chosen, outputs, **swap)
+    rollback.click(on_rollback, chosen, outputs, **swap)
