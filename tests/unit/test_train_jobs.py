@@ -1,0 +1,454 @@
+"""Training jobs on the tiny model: real TRL + PEFT steps, version dirs, status files, failures."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tuneloop.artifacts import is_adapter, load_causal_lm, read_manifest
+from tuneloop.train.job_common import JobSpec, load_dataset_splits
+from tuneloop.train.job_config import JobError, build_config, parse_set, read_config_file
+from tuneloop.train.run import run_job
+
+MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+SCHEMAS = {
+    "preference": pa.schema(
+        [
+            ("prompt", MESSAGES),
+            ("chosen", MESSAGES),
+            ("rejected", MESSAGES),
+            ("source", pa.string()),
+        ]
+    ),
+    "kto": pa.schema([("prompt", MESSAGES), ("completion", MESSAGES), ("label", pa.bool_())]),
+    "sft": pa.schema([("messages", MESSAGES)]),
+}
+MANIFEST_KEYS = {
+    "id",
+    "kind",
+    "job",
+    "base",
+    "parent",
+    "parent_path",
+    "adapter",
+    "snapshot_id",
+    "config",
+    "lora",
+    "seed",
+    "reward_model",
+    "metrics",
+    "code_version",
+    "created_at",
+    "data",
+}
+TOPICS = ("lists", "tuples", "dicts", "sets", "strings", "files", "loops", "classes", "modules")
+# The preference is easy to learn: every chosen answer says "Certainly", no rejected one does.
+FAST = {"max_steps": 3, "per_device_train_batch_size": 4}
+
+
+def msg(role: str, text: str) -> list[dict[str, str]]:
+    return [{"role": role, "content": text}]
+
+
+def pairs(n: int, offset: int, rng: random.Random) -> list[dict[str, Any]]:
+    rows = []
+    for i in range(offset, offset + n):
+        topic = rng.choice(TOPICS)
+        rows.append(
+            {
+                "prompt": msg("user", f"Question {i}: what about {topic}?"),
+                "chosen": msg("assistant", f"Certainly, {topic} are useful here."),
+                "rejected": msg("assistant", f"No idea about {topic} at all."),
+                "source": "comparison",
+            }
+        )
+    return rows
+
+
+def write_split(out: Path, name: str, split: str, rows: list[dict[str, Any]]) -> None:
+    table = pa.Table.from_pylist(rows, schema=SCHEMAS[name])
+    pq.write_table(table, out / f"{name}.{split}.parquet")
+
+
+def write_datasets(out: Path, *, train_pairs: int = 64, heldout_pairs: int = 16) -> Path:
+    """Files as `tuneloop.feedback.datasets.build_datasets` writes them."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    splits = {"train": pairs(train_pairs, 0, rng), "heldout": pairs(heldout_pairs, 1000, rng)}
+    for split, rows in splits.items():
+        write_split(out, "preference", split, rows)
+        kto = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in rows]
+        kto += [{"prompt": r["prompt"], "completion": r["rejected"], "label": False} for r in rows]
+        write_split(out, "kto", split, kto)
+        write_split(out, "sft", split, [{"messages": r["prompt"] + r["chosen"]} for r in rows])
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_datasets(tmp_path_factory.mktemp("datasets"))
+
+
+@pytest.fixture(scope="module")
+def reward_version(
+    tmp_path_factory: pytest.TempPathFactory, data_dir: Path, tiny_model_dir: Path
+) -> tuple[Path, Path]:
+    """A reward model trained with the job's defaults but 2 epochs (16 steps); returns (version
+    dir, status file)."""
+    tmp = tmp_path_factory.mktemp("rm")
+    spec = JobSpec(
+        datasets=data_dir,
+        base=tiny_model_dir,
+        out=tmp / "rm-1",
+        version_id="rm-1",
+        snapshot_id="snap-1",
+        status=tmp / "status.json",
+        overrides={"num_train_epochs": 2},
+    )
+    return run_job("rm", spec), tmp / "status.json"
+
+
+@pytest.fixture(scope="module")
+def sft_version(
+    tmp_path_factory: pytest.TempPathFactory, data_dir: Path, tiny_model_dir: Path
+) -> Path:
+    out = tmp_path_factory.mktemp("sft") / "sft-1"
+    spec = JobSpec(data_dir, tiny_model_dir, out, "sft-1", overrides=FAST)
+    return run_job("sft", spec)
+
+
+def spec_for(tmp_path: Path, data_dir: Path, base: Path, **kwargs: Any) -> JobSpec:
+    return JobSpec(
+        datasets=data_dir,
+        base=base,
+        out=tmp_path / "v",
+        version_id="v",
+        status=tmp_path / "status.json",
+        **kwargs,
+    )
+
+
+def status_of(spec: JobSpec) -> dict[str, Any]:
+    assert spec.status is not None
+    return json.loads(spec.status.read_text())
+
+
+def changes_outputs(version: Path, base: Path) -> bool:
+    import torch
+
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        new, old = load_causal_lm(version)(ids).logits, load_causal_lm(base)(ids).logits
+    return not torch.allclose(new, old)
+
+
+# --- Reward model ---------------------------------------------------------------------------------
+
+
+def test_reward_model_learns_an_easy_preference(reward_version, tiny_model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from tuneloop.train.scoring import RewardScorer
+
+    version, status_file = reward_version
+    manifest = read_manifest(version)
+    assert set(manifest) == MANIFEST_KEYS
+    assert manifest["kind"] == "reward" and manifest["job"] == "rm"
+    assert manifest["adapter"] is False and not is_adapter(version)
+    assert manifest["base"] == str(tiny_model_dir.resolve())
+    assert manifest["parent"] is None and manifest["snapshot_id"] == "snap-1"
+    assert manifest["data"] == {"preference": {"train": 64, "heldout": 16}}
+    assert manifest["config"]["learning_rate"] > 0 and "output_dir" not in manifest["config"]
+    metrics = manifest["metrics"]
+    assert metrics["heldout_pairs"] == 16
+    assert metrics["heldout_accuracy"] > 0.8 and metrics["heldout_margin"] > 0
+    assert metrics["train_loss"] < 0.5
+
+    # Merged full weights: plain transformers loads it, the gate's scorer scores it.
+    model = AutoModelForSequenceClassification.from_pretrained(version)
+    assert model.config.num_labels == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    prompt = msg("user", "Question 7: what about sets?")
+    good, bad = RewardScorer(version).score([prompt, prompt], ["Certainly, sets.", "No idea."])
+    assert good > bad
+
+    status = json.loads(status_file.read_text())
+    assert status["state"] == "done" and status["progress"] == 1.0 and status["error"] is None
+    assert status["step"] == status["total_steps"] == metrics["steps"] > 0
+    assert status["metrics"]["heldout_accuracy"] == metrics["heldout_accuracy"]
+    assert {"loss", "updated_at", "job", "version_id"} <= set(status)
+
+
+def test_reward_model_without_heldout_pairs_reports_null_accuracy(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    data = write_datasets(tmp_path / "data", train_pairs=8, heldout_pairs=0)
+    version = run_job("rm", spec_for(tmp_path, data, tiny_model_dir, overrides=FAST))
+    metrics = read_manifest(version)["metrics"]
+    assert metrics["heldout_pairs"] == 0 and metrics["heldout_accuracy"] is None
+
+
+# --- Policy jobs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("job", ["dpo", "kto", "sft"])
+def test_policy_job_writes_a_loadable_adapter(
+    job: str, tmp_path: Path, data_dir: Path, tiny_model_dir: Path
+) -> None:
+    spec = spec_for(tmp_path, data_dir, tiny_model_dir, overrides=FAST, snapshot_id="s")
+    version = run_job(job, spec)
+
+    manifest = read_manifest(version)
+    assert set(manifest) == MANIFEST_KEYS
+    assert (manifest["kind"], manifest["job"], manifest["adapter"]) == ("policy", job, True)
+    assert manifest["base"] == str(tiny_model_dir.resolve())
+    assert manifest["lora"]["r"] == 8 and manifest["lora"]["lora_alpha"] == 16
+    assert set(manifest["lora"]["target_modules"]) >= {"q_proj", "v_proj", "down_proj"}
+    dataset = {"dpo": "preference", "kto": "kto", "sft": "sft"}[job]
+    assert manifest["data"][dataset]["train"] > 0
+    assert manifest["metrics"]["steps"] == 3 and manifest["metrics"]["train_loss"] is not None
+    assert manifest["metrics"]["heldout_loss"] is not None
+    assert (version / "tokenizer_config.json").exists()
+    assert not (version / "ref").exists() and not version.with_name("v.tmp").exists()
+    assert changes_outputs(version, tiny_model_dir)
+    status = status_of(spec)
+    assert (status["state"], status["progress"], status["step"]) == ("done", 1.0, 3)
+
+
+def test_dpo_keeps_training_the_parent_adapter(
+    tmp_path: Path, data_dir: Path, tiny_model_dir: Path, sft_version: Path
+) -> None:
+    spec = spec_for(tmp_path, data_dir, tiny_model_dir, parent=sft_version, overrides=FAST)
+    version = run_job("dpo", spec)
+
+    manifest = read_manifest(version)
+    assert manifest["parent"] == "sft-1" and manifest["parent_path"] == str(sft_version.resolve())
+    assert manifest["base"] == str(tiny_model_dir.resolve())  # still over the root base
+    assert manifest["lora"]["r"] == read_manifest(sft_version)["lora"]["r"]
+    assert changes_outputs(version, sft_version)
+
+
+def test_lora_settings_of_an_adapter_parent_cannot_change(
+    tmp_path: Path, data_dir: Path, tiny_model_dir: Path, sft_version: Path
+) -> None:
+    spec = spec_for(tmp_path, data_dir, tiny_model_dir, parent=sft_version, overrides={"lora.r": 4})
+    with pytest.raises(JobError, match="keeps its settings"):
+        run_job("dpo", spec)
+    assert not spec.out.exists()
+
+
+def test_full_fine_tuning_writes_full_weights(
+    tmp_path: Path, data_dir: Path, tiny_model_dir: Path, sft_version: Path
+) -> None:
+    spec = spec_for(
+        tmp_path, data_dir, tiny_model_dir, parent=sft_version, full=True, overrides=FAST
+    )
+    version = run_job("sft", spec)
+
+    manifest = read_manifest(version)
+    assert manifest["adapter"] is False and manifest["lora"] is None
+    assert (version / "model.safetensors").exists() and not is_adapter(version)
+    assert changes_outputs(version, sft_version)
+
+
+def test_rl_job_trains_against_the_reward_model(
+    tmp_path: Path, data_dir: Path, tiny_model_dir: Path, reward_version
+) -> None:
+    rm_dir, _ = reward_version
+    spec = spec_for(
+        tmp_path,
+        data_dir,
+        tiny_model_dir,
+        reward_model=rm_dir,
+        overrides={"max_steps": 2, "max_completion_length": 16},
+    )
+    version = run_job("rl", spec)
+
+    manifest = read_manifest(version)
+    assert (manifest["kind"], manifest["job"], manifest["adapter"]) == ("policy", "rl", True)
+    assert manifest["reward_model"] == str(rm_dir.resolve())
+    assert manifest["config"]["num_generations"] == 4
+    assert manifest["config"]["max_completion_length"] == 16
+    # 64 + 16 prompts, each in all three datasets: the unique ones count once.
+    assert manifest["data"] == {"prompts": {"train": 64, "heldout": 16}}
+    assert manifest["metrics"]["train_reward_first"] is not None
+    assert manifest["metrics"]["heldout_reward"] is not None
+    assert changes_outputs(version, tiny_model_dir)
+
+
+def test_rl_job_needs_a_reward_version(
+    tmp_path: Path, data_dir: Path, tiny_model_dir: Path, sft_version: Path
+) -> None:
+    with pytest.raises(JobError, match="needs --reward-model"):
+        run_job("rl", spec_for(tmp_path, data_dir, tiny_model_dir))
+    spec = spec_for(tmp_path, data_dir, tiny_model_dir, reward_model=sft_version)
+    with pytest.raises(JobError, match="not a reward model version"):
+        run_job("rl", spec)
+    assert status_of(spec)["state"] == "failed"
+
+
+# --- Failures -------------------------------------------------------------------------------------
+
+
+def test_diverging_job_fails_and_leaves_no_version(
+    tmp_path: Path, data_dir: Path, tiny_model_dir: Path
+) -> None:
+    spec = spec_for(
+        tmp_path, data_dir, tiny_model_dir, overrides={"max_steps": 4, "learning_rate": 1e30}
+    )
+    with pytest.raises(JobError, match="training diverged"):
+        run_job("sft", spec)
+    assert not spec.out.exists() and not spec.out.with_name("v.tmp").exists()
+    status = status_of(spec)
+    assert status["state"] == "failed" and "lower learning_rate" in status["error"]
+
+
+def test_empty_train_split_fails_through_the_entry_point(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    data = write_datasets(tmp_path / "data", train_pairs=0, heldout_pairs=2)
+    out, status_file = tmp_path / "models" / "dpo-1", tmp_path / "status.json"
+    args = ["--datasets", data, "--base", tiny_model_dir, "--out", out, "--status", status_file]
+    proc = subprocess.run(
+        [sys.executable, "-m", "tuneloop.train.run", "dpo", "--version-id", "dpo-1", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    message = "no preference pairs in the train split: collect comparisons or thumbs first"
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists() and not out.with_name("dpo-1.tmp").exists()
+    status = json.loads(status_file.read_text())
+    assert (status["state"], status["error"], status["job"]) == ("failed", message, "dpo")
+
+
+def test_cancelled_job_cleans_up_and_reports(
+    tmp_path: Path, data_dir: Path, tiny_model_dir: Path
+) -> None:
+    out, status_file = tmp_path / "sft-1", tmp_path / "status.json"
+    args = ["--datasets", data_dir, "--base", tiny_model_dir, "--out", out, "--status", status_file]
+    settings = ["--set", "max_steps=100000", "--set", "logging_steps=1"]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tuneloop.train.run",
+            "sft",
+            "--version-id",
+            "sft-1",
+            *args,
+            *settings,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            status = json.loads(status_file.read_text()) if status_file.exists() else {}
+            if status.get("step", 0) >= 1:
+                break
+            time.sleep(0.2)
+        assert status.get("state") == "running" and status["total_steps"] == 100000
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, stderr
+    status = json.loads(status_file.read_text())
+    assert (status["state"], status["error"]) == ("failed", "cancelled (SIGTERM)")
+    assert not out.exists() and not out.with_name("sft-1.tmp").exists()
+
+
+def test_existing_output_dir_is_never_overwritten(
+    tmp_path: Path, data_dir: Path, tiny_model_dir: Path
+) -> None:
+    spec = spec_for(tmp_path, data_dir, tiny_model_dir)
+    spec.out.mkdir()
+    (spec.out / "keep.txt").write_text("mine")
+    with pytest.raises(JobError, match="already exists"):
+        run_job("sft", spec)
+    assert (spec.out / "keep.txt").read_text() == "mine"
+
+
+def test_thread_picker_follows_the_faster_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from tuneloop.train import job_callbacks
+
+    picker = job_callbacks.ThreadPicker(2, interval=4, max_interval=8)
+    clock = [0.0]
+    monkeypatch.setattr(job_callbacks.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(job_callbacks.torch, "set_num_threads", lambda n: None)
+    seconds = {1: 1.0, 2: 0.6}  # an idle machine: 2 threads are faster
+
+    def run(steps: range) -> list[int]:
+        used = []
+        for step in steps:
+            picker.on_step_begin(None, SimpleNamespace(global_step=step), None)
+            used.append(picker._threads)
+            clock[0] += seconds[picker._threads]
+            picker.on_step_end(None, SimpleNamespace(global_step=step + 1), None)
+        return used
+
+    # Warm-up and two timed steps on one thread, a probe on two, which wins.
+    assert run(range(8)) == [1, 1, 1, 2, 2, 2, 2, 1]  # step 7: probe of one thread, which loses
+    seconds[2] = 20.0  # another process takes a core: the next step is far slower
+    assert run(range(8, 12)) == [2, 1, 1, 1]  # probe at once; one thread wins and stays
+
+
+# --- Settings and data ----------------------------------------------------------------------------
+
+
+def test_config_layers_file_then_set_flags(tmp_path: Path) -> None:
+    from trl import DPOConfig
+
+    path = tmp_path / "dpo.yaml"
+    path.write_text("learning_rate: 1e-4\nbeta: 0.3\nlora:\n  r: 4\n  lora_alpha: 8\n")
+    flags = parse_set(["beta=0.5", "lora.r=16", "lr_scheduler_type=linear", "max_steps=7"])
+    config, lora = build_config(
+        DPOConfig, [{"beta": 0.1}, read_config_file(path), flags], output_dir=tmp_path / "t"
+    )
+    assert config.learning_rate == 1e-4  # YAML's "1e-4" string, converted for a float field
+    assert config.beta == 0.5 and config.max_steps == 7
+    assert config.lr_scheduler_type == "linear"
+    assert config.report_to == [] and config.use_cpu and not config.bf16  # no CUDA here
+    assert config.save_strategy == "no" and config.dataloader_num_workers == 0
+    assert lora["r"] == 16 and lora["lora_alpha"] == 8 and "q_proj" in lora["target_modules"]
+
+
+def test_unknown_config_keys_are_named(tmp_path: Path) -> None:
+    from trl import DPOConfig
+
+    with pytest.raises(JobError, match=r"unknown config key 'lerning_rate' for DPOConfig.*"):
+        build_config(DPOConfig, [{"lerning_rate": 1.0}], output_dir=tmp_path)
+    with pytest.raises(JobError, match=r"unknown config key 'lora.rank' for LoraConfig"):
+        build_config(DPOConfig, [{"lora.rank": 4}], output_dir=tmp_path)
+    with pytest.raises(JobError, match="key=value"):
+        parse_set(["beta"])
+
+
+def test_row_order_depends_on_the_seed_not_on_the_file(tmp_path: Path) -> None:
+    a, b = write_datasets(tmp_path / "a"), write_datasets(tmp_path / "b")
+    rows = pq.read_table(b / "preference.train.parquet").to_pylist()
+    write_split(b, "preference", "train", rows[::-1])
+
+    def order(data: Path, seed: int) -> list[str]:
+        spec = JobSpec(data, tmp_path, tmp_path / "out", "x", seed=seed)
+        train, _ = load_dataset_splits(spec, tmp_path / "work", "preference")
+        return [r["prompt"][0]["content"] for r in train]
+
+    assert order(a, 0) == order(b, 0) != order(a, 1)

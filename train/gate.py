@@ -1,0 +1,324 @@
+"""The promotion gate: does a candidate policy beat the incumbent, as the reward model sees it?
+
+Both policies answer every prompt with the same sampling settings and seeds; the reward model
+scores both answers; the candidate wins a prompt when its answer scores higher (identical answers,
+or equal scores, are a tie and count half). The win rate comes with a 95% Wilson score interval:
+each prompt is one trial, ties count as half a success. Unlike the normal approximation, Wilson's
+interval stays inside [0, 1] and keeps sensible coverage for small counts and rates near 0 or 1.
+Counting ties as half makes it slightly conservative (ties have less variance than coin flips).
+
+KL to parent is the mean per-token KL(candidate || incumbent) over the candidate's own sampled
+answers: at every answer position (the end-of-turn token included) the exact KL between the two
+models' next-token distributions, summed over the vocabulary, then averaged over all answer tokens.
+This is the expectation of the usual log-prob-difference estimator (log p_c(y_t) - log p_i(y_t))
+over the token, so it has less variance and is never negative; only the positions visited are
+sampled. Both are the models' raw distributions (temperature 1, no top-p): the divergence of the
+policies themselves, not of the samplers. It needs a shared tokenizer; otherwise it is None.
+
+    python -m tuneloop.train.gate --candidate DIR --incumbent DIR --reward-model DIR
+        (--prompts PROMPTS.jsonl | --datasets DIR [--mt-bench FILE]) [--limit N] --out RESULT.json
+        [--status FILE] [--max-tokens N] [--temperature T] [--top-p P] [--seed S] [--device D]
+        [--min-win-rate X] [--use-lower-bound] [--max-kl K]
+
+writes the GateResult as JSON, plus `promote` and `reason` from `decide`. Prompts come from a file
+(one JSON list of {role, content} messages a line; see `save_prompts`) or from a datasets dir
+(`gate_prompts` over its held-out splits, then MT-bench: the questions shipped in `data/` unless
+`--mt-bench` names others). The status file follows the training jobs' (`StatusFile`): "running"
+with progress, then "done" or "failed" with the error. The orchestrator runs this as a
+subprocess, so the server never holds the models twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tuneloop.artifacts import load_causal_lm, load_tokenizer
+from tuneloop.train.sampling import mean_token_kl, sample_answers
+
+# Shipped with tuneloop (Apache-2.0, see data/README.md): the gate's prompts besides held-out ones.
+DEFAULT_MT_BENCH = Path(__file__).resolve().parent / "data" / "mt-bench-questions.jsonl"
+HELDOUT_SPLITS = ("preference", "kto", "sft")
+
+Z_95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class GateResult:
+    win_rate: float  # (wins + ties / 2) / prompts
+    ci_low: float  # 95% Wilson score interval of the win rate
+    ci_high: float
+    wins: int
+    ties: int
+    losses: int
+    prompts: int
+    kl_to_parent: float | None  # mean per-token KL(candidate || incumbent); None: tokenizers differ
+    mean_reward_candidate: float
+    mean_reward_incumbent: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GateResult:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval of a proportion `successes / n` ((0, 1) when n is 0)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def evaluate_candidate(
+    candidate_dir: str | Path,
+    incumbent_dir: str | Path,
+    reward_model_dir: str | Path,
+    prompts: list[list[dict]],
+    *,
+    max_tokens: int = 48,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    seed: int = 0,
+    device: str | None = None,
+    batch_size: int = 16,
+    on_progress: Callable[[float], None] | None = None,
+) -> GateResult:
+    """Sample both policies on `prompts`, score the answers, compare; see the module doc.
+
+    The two policies are held together (for the KL), then freed before the reward model loads.
+    `on_progress(fraction)` is called as the stages finish."""
+    from tuneloop.train.scoring import RewardScorer, default_device
+
+    if not prompts:
+        raise ValueError("the gate needs at least one prompt")
+    device = device or default_device()
+    progress = on_progress or (lambda fraction: None)
+    settings = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
+    settings |= {"seed": seed, "batch_size": batch_size}
+    cand_model = load_causal_lm(candidate_dir, device=device)
+    cand_tok = load_tokenizer(candidate_dir)
+    cand = sample_answers(cand_model, cand_tok, prompts, **settings)
+    progress(0.4)
+    inc_model = load_causal_lm(incumbent_dir, device=device)
+    inc_tok = load_tokenizer(incumbent_dir)
+    inc = sample_answers(inc_model, inc_tok, prompts, **settings)
+    progress(0.75)
+    kl = None
+    same_vocab = cand_model.config.vocab_size == inc_model.config.vocab_size
+    if same_vocab and cand_tok.get_vocab() == inc_tok.get_vocab():
+        kl = mean_token_kl(cand_model, inc_model, cand, batch_size)
+    del cand_model, inc_model
+    _free_memory(device)
+    progress(0.85)
+
+    scorer = RewardScorer(reward_model_dir, device=device, batch_size=batch_size)
+    cand_scores = scorer.score(prompts, cand.texts)
+    inc_scores = scorer.score(prompts, inc.texts)
+    wins = ties = 0
+    for c_text, i_text, c, i in zip(cand.texts, inc.texts, cand_scores, inc_scores, strict=True):
+        if c_text == i_text or c == i:
+            ties += 1
+        elif c > i:
+            wins += 1
+    n = len(prompts)
+    low, high = wilson_interval(wins + ties / 2, n)
+    return GateResult(
+        win_rate=(wins + ties / 2) / n,
+        ci_low=low,
+        ci_high=high,
+        wins=wins,
+        ties=ties,
+        losses=n - wins - ties,
+        prompts=n,
+        kl_to_parent=kl,
+        mean_reward_candidate=sum(cand_scores) / n,
+        mean_reward_incumbent=sum(inc_scores) / n,
+    )
+
+
+def decide(
+    result: GateResult,
+    *,
+    min_win_rate: float = 0.55,
+    use_lower_bound: bool = False,
+    max_kl: float | None = None,
+) -> tuple[bool, str]:
+    """Promote or not, with the reason in words. With `use_lower_bound`, the interval's lower
+    end must clear the bar (the candidate is better with 97.5% confidence), not the point estimate.
+    With `max_kl`, a candidate too far from its parent (or of unknown distance) is rejected."""
+    stat = result.ci_low if use_lower_bound else result.win_rate
+    passed = stat >= min_win_rate
+    reason = (
+        f"win rate {result.win_rate:.2f} [{result.ci_low:.2f}, {result.ci_high:.2f}] over "
+        f"{result.prompts} prompts{': its lower bound' if use_lower_bound else ''} "
+        f"{'clears' if passed else 'is below'} the bar {min_win_rate:.2f}"
+    )
+    if max_kl is not None:
+        kl = result.kl_to_parent
+        if kl is None:
+            passed = False
+            reason += f"; KL to parent unknown (tokenizers differ), limit {max_kl:.3g}"
+        elif kl > max_kl:
+            passed = False
+            reason += f"; KL to parent {kl:.3g} exceeds the limit {max_kl:.3g}"
+        else:
+            reason += f"; KL to parent {kl:.3g} is within the limit {max_kl:.3g}"
+    return passed, reason
+
+
+def gate_prompts(
+    heldout_parquet_paths: Iterable[str | Path],
+    mt_bench_path: str | Path | None = None,
+    *,
+    limit: int | None = None,
+) -> list[list[dict]]:
+    """Unique prompts for the gate: those of the held-out dataset splits (preference and kto rows'
+    `prompt`, sft rows' `messages` without the final answer), then the first turn of each
+    MT-bench question; the first `limit` of them."""
+    import pyarrow.parquet as pq
+
+    found: dict[str, list[dict]] = {}
+
+    def add(messages: list[dict]) -> None:
+        prompt = [{"role": m["role"], "content": m["content"]} for m in messages]
+        if prompt and prompt[-1]["role"] == "user":
+            found.setdefault(json.dumps(prompt, ensure_ascii=False), prompt)
+
+    for path in heldout_parquet_paths:
+        table = pq.read_table(path)
+        if "prompt" in table.column_names:
+            for prompt in table.column("prompt").to_pylist():
+                add(prompt)
+        elif "messages" in table.column_names:
+            for messages in table.column("messages").to_pylist():
+                add(messages[:-1] if messages and messages[-1]["role"] == "assistant" else [])
+        else:
+            raise ValueError(f"{path}: no prompt or messages column")
+    if mt_bench_path is not None:
+        with open(mt_bench_path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    add([{"role": "user", "content": json.loads(line)["turns"][0]}])
+    prompts = list(found.values())
+    return prompts if limit is None else prompts[:limit]
+
+
+def save_prompts(prompts: list[list[dict]], path: str | Path) -> Path:
+    """Write prompts for the gate's command line: one JSON list of messages a line."""
+    path = Path(path)
+    path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts))
+    return path
+
+
+def load_prompts(path: str | Path) -> list[list[dict]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _free_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tuneloop.train.gate",
+        description="Compare a candidate policy with the incumbent on prompts; write the result.",
+    )
+    parser.add_argument("--candidate", required=True, type=Path)
+    parser.add_argument("--incumbent", required=True, type=Path)
+    parser.add_argument("--reward-model", required=True, type=Path)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", type=Path, help="JSONL, one list of messages a line")
+    source.add_argument(
+        "--datasets", type=Path, help="a datasets dir: prompts of its held-out splits + MT-bench"
+    )
+    parser.add_argument(
+        "--mt-bench", type=Path, default=None, help="with --datasets (default: the shipped file)"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    parser.add_argument("--out", required=True, type=Path, help="where to write the result JSON")
+    parser.add_argument("--status", type=Path, default=None, help="progress file for the runner")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--min-win-rate", type=float, default=0.55)
+    parser.add_argument("--use-lower-bound", action="store_true")
+    parser.add_argument("--max-kl", type=float, default=None)
+    args = parser.parse_args(argv)
+
+    from tuneloop.train.job_common import StatusFile
+
+    status = StatusFile(args.status, "gate", args.candidate.name)
+    status.write("running", progress=0.0)
+    try:
+        result = _run(args, lambda fraction: status.write("running", progress=fraction))
+    except BaseException as exc:
+        status.write("failed", error=f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+        raise
+    _write_json(args.out, result)
+    status.metrics = result
+    status.write("done", progress=1.0)
+    kl = "unknown" if result["kl_to_parent"] is None else f"{result['kl_to_parent']:.4f}"
+    print(f"{'promote' if result['promote'] else 'reject'}: {result['reason']} (KL {kl})")
+    return 0
+
+
+def _run(args: argparse.Namespace, on_progress: Callable[[float], None]) -> dict[str, Any]:
+    """The gate's command line minus its bookkeeping: prompts, evaluation, decision."""
+    if args.prompts is not None:
+        prompts = load_prompts(args.prompts)[: args.limit]
+    else:
+        heldout = [args.datasets / f"{name}.heldout.parquet" for name in HELDOUT_SPLITS]
+        mt_bench = args.mt_bench or (DEFAULT_MT_BENCH if DEFAULT_MT_BENCH.exists() else None)
+        prompts = gate_prompts([p for p in heldout if p.exists()], mt_bench, limit=args.limit)
+    result = evaluate_candidate(
+        args.candidate,
+        args.incumbent,
+        args.reward_model,
+        prompts,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        device=args.device,
+        batch_size=args.batch_size,
+        on_progress=on_progress,
+    )
+    promote, reason = decide(
+        result,
+        min_win_rate=args.min_win_rate,
+        use_lower_bound=args.use_lower_bound,
+        max_kl=args.max_kl,
+    )
+    return result.to_dict() | {"promote": promote, "reason": reason}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

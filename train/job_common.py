@@ -1,0 +1,324 @@
+"""Pieces every training job shares: the job's inputs, its status file, its data, the policy it
+starts from, and the manifest of the version it writes.
+
+Policy versions follow `tuneloop.artifacts`: each is one LoRA adapter over the root base model.
+A job whose parent is an adapter keeps training that adapter; a parent with full weights (a
+`--full` version, or a plain checkpoint) gets a new adapter over its weights, and its path is
+then the `base` of the new version. `--full` trains all weights and writes full weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import tuneloop
+from tuneloop.artifacts import base_model_path, is_adapter, read_manifest
+from tuneloop.train.job_config import (
+    JobError,
+    build_config,
+    json_safe,
+    read_config_file,
+    user_lora_keys,
+)
+
+if TYPE_CHECKING:
+    import datasets
+    from peft import LoraConfig
+    from transformers import PreTrainedModel
+
+# The error when a dataset's train split is empty: what to collect first.
+EMPTY_SPLIT_HINTS = {
+    "preference": "no preference pairs in the train split: collect comparisons or thumbs first",
+    "kto": "no KTO rows in the train split: collect thumbs up and down first",
+    "sft": "no SFT rows in the train split: collect edits or ratings of 4-5 first",
+}
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a job reads. `overrides` holds `--set` values (`tuneloop.train.job_config`)."""
+
+    datasets: Path
+    base: Path
+    out: Path
+    version_id: str
+    parent: Path | None = None
+    parent_id: str | None = None
+    snapshot_id: str | None = None
+    status: Path | None = None
+    config_file: Path | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    full: bool = False
+    reward_model: Path | None = None
+    seed: int = 0
+
+
+@dataclass
+class JobOutput:
+    """What a job function reports after saving its model and tokenizer into the work dir."""
+
+    kind: str  # "policy" | "reward"
+    adapter: bool
+    base: Path  # the full weights the saved adapter applies to (the root base for full weights)
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    data: dict[str, dict[str, int]]
+    lora: dict[str, Any] | None = None
+
+
+class StatusFile:
+    """The job's progress as one JSON document, replaced atomically on every write."""
+
+    def __init__(self, path: Path | None, job: str, version_id: str) -> None:
+        self.path, self.job, self.version_id = path, job, version_id
+        self.step, self.total_steps, self.loss = 0, 0, None
+        self.metrics: dict[str, Any] = {}
+
+    def write(self, state: str, *, progress: float | None = None, error: str | None = None) -> None:
+        if self.path is None:
+            return
+        if progress is None:
+            progress = self.step / self.total_steps if self.total_steps else 0.0
+        doc = {
+            "job": self.job,
+            "version_id": self.version_id,
+            "state": state,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "progress": round(min(max(progress, 0.0), 1.0), 4),
+            "loss": self.loss,
+            "metrics": self.metrics,
+            "error": error,
+            "updated_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(json_safe(doc), indent=2) + "\n")
+        os.replace(tmp, self.path)
+
+
+def job_settings(
+    spec: JobSpec, config_cls: type, defaults: dict[str, Any], work: Path
+) -> tuple[Any, dict[str, Any], list[str]]:
+    """The TRL config, the LoRA settings and the LoRA keys the operator set.
+
+    Layers: shared defaults, the job's defaults, `--seed`, the config file, `--set` values."""
+    user = [read_config_file(spec.config_file) if spec.config_file else {}, spec.overrides]
+    seed = {"seed": spec.seed, "data_seed": spec.seed}
+    layers = [defaults, seed, *user]
+    config, lora = build_config(config_cls, layers, output_dir=scratch_dir(work))
+    return config, lora, user_lora_keys(user)
+
+
+# --- Data -----------------------------------------------------------------------------------------
+
+
+def split_path(spec: JobSpec, name: str, split: str) -> Path:
+    path = spec.datasets / f"{name}.{split}.parquet"
+    if not path.exists():
+        raise JobError(f"dataset file not found: {path} (build datasets from a snapshot first)")
+    return path
+
+
+def scratch_dir(work: Path) -> Path:
+    """The trainer's output dir and the datasets cache: removed before the version is renamed."""
+    return work / ".trainer"
+
+
+def load_split_file(spec: JobSpec, work: Path, name: str, split: str) -> datasets.Dataset:
+    """One split, its `datasets` cache in the job's scratch dir (not the user's cache)."""
+    from tuneloop.feedback.datasets import load_split
+
+    return load_split(split_path(spec, name, split), cache_dir=scratch_dir(work) / "cache")
+
+
+def load_dataset_splits(
+    spec: JobSpec, work: Path, name: str
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The train and held-out splits of dataset `name`, each in a seeded shuffled order.
+
+    Row order in the files is unspecified, so rows are first sorted by a hash of their content:
+    the same snapshot and seed then give the same training order."""
+    train, heldout = (
+        _seeded_order(load_split_file(spec, work, name, split), spec.seed)
+        for split in ("train", "heldout")
+    )
+    if len(train) == 0:
+        raise JobError(EMPTY_SPLIT_HINTS[name])
+    return train, heldout
+
+
+def _seeded_order(data: datasets.Dataset, seed: int) -> datasets.Dataset:
+    keys = [
+        hashlib.sha1(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()
+        for row in data
+    ]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    random.Random(seed).shuffle(order)
+    return data.select(order).flatten_indices() if order else data
+
+
+# --- Models ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Policy:
+    """The model a policy job trains and what its saved version applies to."""
+
+    model: PreTrainedModel
+    peft_config: LoraConfig | None  # a new adapter for the trainer to add; None: train `model`
+    base: Path
+
+
+def load_policy(spec: JobSpec, lora: dict[str, Any], user_lora_keys: list[str]) -> Policy:
+    """The parent policy (or the base model), ready to train.
+
+    An adapter parent is loaded trainable over the root base (its LoRA settings are kept, so
+    setting `lora.*` is an error); with `--full` it is merged first."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    root = spec.base.resolve()
+    parent = spec.parent
+    if parent is not None and is_adapter(parent):
+        _check_same_base(parent, root)
+        if user_lora_keys and not spec.full:
+            raise JobError(
+                f"{', '.join(user_lora_keys)}: the parent is a LoRA adapter and keeps its settings"
+            )
+        model = AutoModelForCausalLM.from_pretrained(root)
+        model = PeftModel.from_pretrained(model, str(parent), is_trainable=not spec.full)
+        if spec.full:  # PEFT froze the base weights: unfreeze them once merged
+            return Policy(model.merge_and_unload().requires_grad_(True), None, root)
+        return Policy(model, None, root)
+    source = (parent or root).resolve()
+    model = AutoModelForCausalLM.from_pretrained(source)
+    if spec.full:
+        return Policy(model, None, root)
+    return Policy(model, lora_config(lora, "CAUSAL_LM"), source)
+
+
+def lora_config(settings: dict[str, Any], task_type: str, **extra: Any) -> LoraConfig:
+    from peft import LoraConfig
+
+    return LoraConfig(task_type=task_type, **settings, **extra)
+
+
+def _check_same_base(parent: Path, root: Path) -> None:
+    parent_base = Path(base_model_path(parent))
+    if parent_base.exists() and parent_base.resolve() != root:
+        raise JobError(f"parent {parent} is an adapter over {parent_base}, not over --base {root}")
+
+
+def use_base_as_reference(trainer: Any) -> None:
+    """Make the root base (adapter disabled) the reference model of DPO, KTO and GRPO.
+
+    Given a model that already holds an adapter, TRL copies it into a frozen "ref" adapter: the
+    reference would be the parent policy, and each round could drift a further KL budget away
+    from the base. Without "ref", TRL disables the adapter for reference passes, so every round
+    optimises the same objective against the base (the SFT model of the classic pipeline)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
+
+
+def load_training_tokenizer(spec: JobSpec, padding_side: str = "right") -> Any:
+    from tuneloop.artifacts import load_tokenizer
+
+    tokenizer = load_tokenizer(spec.parent or spec.base)
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def check_finite(model: PreTrainedModel) -> None:
+    """Refuse to save weights that diverged (a last step can break them after the last log)."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and not param.detach().isfinite().all():
+            raise JobError(f"training diverged: {name} holds NaN or inf; lower learning_rate")
+
+
+def save_policy(trainer: Any, tokenizer: Any, work: Path) -> dict[str, Any] | None:
+    """Save the trained adapter (or full weights) and the tokenizer; returns the LoRA config."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    check_finite(model)
+    model.save_pretrained(work)
+    tokenizer.save_pretrained(work)
+    if is_adapter(work):
+        return json_safe(model.peft_config["default"].to_dict())
+    return None
+
+
+def train_metrics(trainer: Any, result: Any) -> dict[str, Any]:
+    """Last logged train loss, mean loss over the run, steps and runtime."""
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return {
+        "train_loss": losses[-1] if losses else None,
+        "train_loss_mean": result.training_loss,
+        "steps": trainer.state.global_step,
+        "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
+    }
+
+
+def heldout_metrics(trainer: Any, heldout: datasets.Dataset) -> dict[str, Any]:
+    """The trainer's own evaluation on the held-out split, keys `eval_*` renamed `heldout_*`."""
+    if len(heldout) == 0:
+        return {"heldout_rows": 0}
+    results = trainer.evaluate(eval_dataset=heldout)
+    renamed = {"heldout_" + k.removeprefix("eval_"): v for k, v in results.items()}
+    return {"heldout_rows": len(heldout), **renamed}
+
+
+# --- Manifest -------------------------------------------------------------------------------------
+
+
+def build_manifest(job: str, spec: JobSpec, output: JobOutput) -> dict[str, Any]:
+    return json_safe(
+        {
+            "id": spec.version_id,
+            "kind": output.kind,
+            "job": job,
+            "base": str(output.base.resolve()),
+            "parent": spec.parent_id or _parent_id(spec.parent),
+            "parent_path": str(spec.parent.resolve()) if spec.parent else None,
+            "adapter": output.adapter,
+            "snapshot_id": spec.snapshot_id,
+            "config": output.config,
+            "lora": output.lora,
+            "seed": spec.seed,
+            "reward_model": str(spec.reward_model.resolve()) if spec.reward_model else None,
+            "metrics": output.metrics,
+            "code_version": code_version(),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "data": output.data,
+        }
+    )
+
+
+def _parent_id(parent: Path | None) -> str | None:
+    if parent is None:
+        return None
+    return (read_manifest(parent) or {}).get("id")
+
+
+def code_version() -> str:
+    """`tuneloop.__version__`, plus `git describe` of the source tree where there is one."""
+    try:
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=Path(tuneloop.__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        described = ""
+    return f"{tuneloop.__version__}+{described}" if described else tuneloop.__version__

@@ -1,0 +1,91 @@
+"""Offline policy jobs: DPO on preference pairs, KTO on thumbs, SFT on edits and good answers.
+
+Each trains the parent policy's adapter (or a new LoRA adapter over the base, or all weights
+with `--full`) with TRL's own trainer and saves the result as a policy version. The reference
+model of DPO and KTO is the root base model (see `job_common.use_base_as_reference`).
+
+The defaults suit the small demo model with LoRA (a high learning rate, short sequences); a
+larger model wants `--set learning_rate=...` and `--set max_length=...`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+
+from tuneloop.train.job_callbacks import job_callbacks
+from tuneloop.train.job_common import (
+    JobOutput,
+    JobSpec,
+    StatusFile,
+    heldout_metrics,
+    job_settings,
+    load_dataset_splits,
+    load_policy,
+    load_training_tokenizer,
+    save_policy,
+    train_metrics,
+    use_base_as_reference,
+)
+from tuneloop.train.job_config import config_dict, resolve_max_steps
+
+STEP_CAP = 200
+DPO_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-4, "beta": 0.1, "max_length": 512}
+KTO_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-4, "beta": 0.1, "max_length": 512}
+SFT_DEFAULTS: dict[str, Any] = {"learning_rate": 1e-3, "max_length": 512}
+
+
+def train_dpo(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
+    tokenizer = load_training_tokenizer(spec)
+    return _train(spec, work, status, tokenizer, "preference", DPOConfig, DPOTrainer, DPO_DEFAULTS)
+
+
+def train_kto(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
+    tokenizer = load_training_tokenizer(spec)
+    return _train(spec, work, status, tokenizer, "kto", KTOConfig, KTOTrainer, KTO_DEFAULTS)
+
+
+def train_sft(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
+    tokenizer = load_training_tokenizer(spec)
+    # Loss on the assistant's tokens only, where the chat template marks them.
+    marked = "{% generation %}" in (tokenizer.chat_template or "")
+    defaults = {**SFT_DEFAULTS, "assistant_only_loss": marked}
+    return _train(spec, work, status, tokenizer, "sft", SFTConfig, SFTTrainer, defaults)
+
+
+def _train(
+    spec: JobSpec,
+    work: Path,
+    status: StatusFile,
+    tokenizer: Any,
+    dataset: str,
+    config_cls: type,
+    trainer_cls: type,
+    defaults: dict[str, Any],
+) -> JobOutput:
+    train, heldout = load_dataset_splits(spec, work, dataset)
+    config, lora, lora_keys = job_settings(spec, config_cls, defaults, work)
+    resolve_max_steps(config, len(train), step_cap=STEP_CAP)
+    policy = load_policy(spec, lora, lora_keys)
+    trainer = trainer_cls(
+        model=policy.model,
+        args=config,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=policy.peft_config,
+        callbacks=job_callbacks(status),
+    )
+    use_base_as_reference(trainer)
+    result = trainer.train()
+    saved_lora = save_policy(trainer, tokenizer, work)
+    return JobOutput(
+        kind="policy",
+        adapter=saved_lora is not None,
+        base=policy.base,
+        config=config_dict(config),
+        metrics={**train_metrics(trainer, result), **heldout_metrics(trainer, heldout)},
+        data={dataset: {"train": len(train), "heldout": len(heldout)}},
+        lora=saved_lora,
+    )

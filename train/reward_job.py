@@ -1,0 +1,117 @@
+"""Reward model: TRL's `RewardTrainer` on preference pairs (Bradley-Terry loss).
+
+The model is a sequence classifier with one output, its body initialised from the parent policy
+(or the base model), trained with LoRA (the new `score` head trained in full) unless `--full`.
+The version keeps merged full weights, so that scoring needs neither PEFT nor the base model:
+`AutoModelForSequenceClassification.from_pretrained(version_dir)` loads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForSequenceClassification, PreTrainedModel
+from trl import RewardConfig, RewardTrainer
+
+from tuneloop.artifacts import base_model_path, is_adapter
+from tuneloop.train.job_callbacks import job_callbacks
+from tuneloop.train.job_common import (
+    JobOutput,
+    JobSpec,
+    StatusFile,
+    check_finite,
+    job_settings,
+    load_dataset_splits,
+    load_training_tokenizer,
+    lora_config,
+    train_metrics,
+)
+from tuneloop.train.job_config import config_dict, json_safe, resolve_max_steps
+
+DEFAULTS: dict[str, Any] = {"learning_rate": 1e-3, "max_length": 512}
+STEP_CAP = 300
+
+
+def train_reward(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
+    train, heldout = load_dataset_splits(spec, work, "preference")
+    config, lora, _ = job_settings(spec, RewardConfig, DEFAULTS, work)
+    resolve_max_steps(config, len(train), step_cap=STEP_CAP)
+    metrics, used_lora = _train_and_save(spec, config, lora, train, work, status)
+    # Scored the way the gate scores, from the saved version (the trainer's copy is freed).
+    metrics.update(heldout_accuracy(work, heldout))
+    return JobOutput(
+        kind="reward",
+        adapter=False,
+        base=spec.base,
+        config=config_dict(config),
+        metrics=metrics,
+        data={"preference": {"train": len(train), "heldout": len(heldout)}},
+        lora=used_lora,
+    )
+
+
+def _train_and_save(
+    spec: JobSpec,
+    config: RewardConfig,
+    lora: dict[str, Any],
+    train: Any,
+    work: Path,
+    status: StatusFile,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Train, save merged full weights and the tokenizer; returns train metrics and LoRA config."""
+    tokenizer = load_training_tokenizer(spec)
+    model = load_backbone(spec.parent or spec.base, pad_token_id=tokenizer.pad_token_id)
+    peft_config = None if spec.full else lora_config(lora, "SEQ_CLS", modules_to_save=["score"])
+    trainer = RewardTrainer(
+        model=model,
+        args=config,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=job_callbacks(status),
+    )
+    result = trainer.train()
+    trained = trainer.accelerator.unwrap_model(trainer.model)
+    check_finite(trained)
+    used_lora = None if spec.full else json_safe(trained.peft_config["default"].to_dict())
+    merged = trained if spec.full else trained.merge_and_unload()
+    merged.save_pretrained(work)
+    tokenizer.save_pretrained(work)
+    return train_metrics(trainer, result), used_lora
+
+
+def load_backbone(source: Path, *, pad_token_id: int) -> PreTrainedModel:
+    """A one-output sequence classifier with the body of `source` (an adapter is merged in)."""
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base_model_path(source), num_labels=1
+    )
+    if is_adapter(source):  # a causal-LM adapter: load it untyped onto the classifier's body
+        from peft import PeftConfig, PeftModel
+
+        adapter_config = PeftConfig.from_pretrained(str(source))
+        adapter_config.task_type = None
+        model = PeftModel.from_pretrained(model, str(source), config=adapter_config)
+        model = model.merge_and_unload()
+    model.config.pad_token_id = pad_token_id
+    return model
+
+
+def heldout_accuracy(version: Path, heldout: Any) -> dict[str, Any]:
+    """Fraction of held-out pairs where r(chosen) > r(rejected) (ties count half), and the mean
+    margin r(chosen) - r(rejected); null when the held-out split is empty."""
+    if len(heldout) == 0:
+        return {"heldout_pairs": 0, "heldout_accuracy": None, "heldout_margin": None}
+    from tuneloop.train.scoring import RewardScorer
+
+    scorer = RewardScorer(version)
+    prompts = list(heldout["prompt"])
+    chosen = scorer.score(prompts, [r[-1]["content"] for r in heldout["chosen"]])
+    rejected = scorer.score(prompts, [r[-1]["content"] for r in heldout["rejected"]])
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    wins = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins)
+    return {
+        "heldout_pairs": len(margins),
+        "heldout_accuracy": wins / len(margins),
+        "heldout_margin": sum(margins) / len(margins),
+    }

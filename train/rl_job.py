@@ -1,0 +1,121 @@
+"""Online RL: the policy samples answers to users' prompts and a reward model scores them.
+
+TRL's `GRPOTrainer`: for each prompt it samples a group of answers, uses each answer's reward
+relative to its group as the advantage (no value model to train, which a 2-core CPU and a small
+policy both favour), and takes PPO-style clipped steps. RLOO's leave-one-out baseline would do
+as well; GRPO is TRL's most used online trainer, with its loss variants and reward scaling.
+A KL penalty (`beta`) to the root base keeps the policy from gaming the learned reward.
+
+Prompts are the unique prompts of the preference, KTO and SFT train splits (up to 32 held-out ones
+give the held-out reward); the reward model is a version written by the `rm` job
+(`--reward-model`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import datasets
+from transformers import AutoModelForSequenceClassification
+from trl import GRPOConfig, GRPOTrainer
+
+from tuneloop.artifacts import load_tokenizer, read_manifest
+from tuneloop.train.job_callbacks import job_callbacks
+from tuneloop.train.job_common import (
+    JobOutput,
+    JobSpec,
+    StatusFile,
+    heldout_metrics,
+    job_settings,
+    load_policy,
+    load_split_file,
+    load_training_tokenizer,
+    save_policy,
+    train_metrics,
+    use_base_as_reference,
+)
+from tuneloop.train.job_config import JobError, config_dict, resolve_max_steps
+
+STEP_CAP = 40
+DEFAULTS: dict[str, Any] = {
+    "learning_rate": 5e-4,
+    "beta": 0.05,
+    "num_generations": 4,
+    "max_completion_length": 40,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 8,
+}
+PROMPT_SOURCES = {"preference": "prompt", "kto": "prompt", "sft": "messages"}
+# Sampling answers is most of an RL job's time; the gate is the real evaluation.
+HELDOUT_PROMPTS = 32
+
+
+def train_rl(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
+    train, heldout = (unique_prompts(spec, work, split) for split in ("train", "heldout"))
+    heldout = heldout.select(range(min(len(heldout), HELDOUT_PROMPTS)))
+    if len(train) == 0:
+        raise JobError("no prompts in the train splits: collect feedback on some answers first")
+    reward_model, reward_tokenizer = load_reward_model(spec.reward_model)
+    config, lora, lora_keys = job_settings(spec, GRPOConfig, DEFAULTS, work)
+    prompts_per_step = (
+        config.per_device_train_batch_size * config.gradient_accumulation_steps
+    ) // config.num_generations
+    resolve_max_steps(config, len(train), step_cap=STEP_CAP, rows_per_step=prompts_per_step)
+    tokenizer = load_training_tokenizer(spec, padding_side="left")
+    policy = load_policy(spec, lora, lora_keys)
+    trainer = GRPOTrainer(
+        model=policy.model,
+        reward_funcs=reward_model,
+        args=config,
+        train_dataset=train,
+        processing_class=tokenizer,
+        reward_processing_classes=reward_tokenizer,
+        peft_config=policy.peft_config,
+        callbacks=job_callbacks(status),
+    )
+    use_base_as_reference(trainer)
+    result = trainer.train()
+    saved_lora = save_policy(trainer, tokenizer, work)
+    rewards = [log["reward"] for log in trainer.state.log_history if "reward" in log]
+    metrics = {
+        **train_metrics(trainer, result),
+        "train_reward_first": rewards[0] if rewards else None,
+        "train_reward_last": rewards[-1] if rewards else None,
+        **heldout_metrics(trainer, heldout),
+    }
+    return JobOutput(
+        kind="policy",
+        adapter=saved_lora is not None,
+        base=policy.base,
+        config=config_dict(config),
+        metrics=metrics,
+        data={"prompts": {"train": len(train), "heldout": len(heldout)}},
+        lora=saved_lora,
+    )
+
+
+def unique_prompts(spec: JobSpec, work: Path, split: str) -> datasets.Dataset:
+    """The distinct prompts of every dataset's `split`, as a `prompt` column, in a seeded order."""
+    seen: dict[str, list[dict[str, str]]] = {}
+    for name, column in PROMPT_SOURCES.items():
+        for value in load_split_file(spec, work, name, split)[column]:
+            prompt = value[:-1] if column == "messages" else value
+            seen.setdefault(json.dumps(prompt, sort_keys=True), prompt)
+    prompts = [seen[key] for key in sorted(seen)]
+    data = datasets.Dataset.from_dict({"prompt": prompts})
+    return data.shuffle(seed=spec.seed).flatten_indices() if prompts else data
+
+
+def load_reward_model(path: Path | None) -> tuple[Any, Any]:
+    """The reward version at `path` (merged full weights) and its tokenizer."""
+    if path is None:
+        raise JobError("the rl job needs --reward-model: a version dir written by the rm job")
+    manifest = read_manifest(path) if path.is_dir() else None
+    if manifest is None or manifest.get("kind") != "reward":
+        raise JobError(f"{path} is not a reward model version (train one with the rm job)")
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    tokenizer = load_tokenizer(path)
+    tokenizer.padding_side = "right"
+    return model.eval(), tokenizer
