@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from tuneloop.remote import local_or_server
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from tuneloop.config import ServeConfig
+    from tuneloop.config import LoopConfig, ServeConfig
     from tuneloop.feedback.store import StoreLockedError
     from tuneloop.serve.server import run_server
 
@@ -31,6 +32,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
         port=args.port,
         max_concurrency=args.max_concurrency,
         ui=not args.no_ui,
+        loop=LoopConfig(
+            schedule=args.schedule,
+            min_new_feedback=args.min_new_feedback,
+            every_minutes=args.every_minutes,
+            train_kind=args.train_kind,
+            min_win_rate=args.min_win_rate,
+        ),
     )
 
     def build_demo() -> Path:
@@ -177,6 +185,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--no-ui", action="store_true", help="serve the API only, no Gradio UI")
     up.add_argument(
+        "--schedule",
+        action="store_true",
+        help="retrain on its own when enough new feedback arrived (off by default)",
+    )
+    up.add_argument(
+        "--min-new-feedback",
+        type=int,
+        default=200,
+        help="scheduled retraining: feedback rows since the last snapshot (default: %(default)s)",
+    )
+    up.add_argument(
+        "--every-minutes",
+        type=float,
+        default=30.0,
+        help="scheduled retraining: at most this often (default: %(default)s)",
+    )
+    up.add_argument(
+        "--train-kind",
+        choices=("dpo", "kto", "sft", "rl"),
+        default="dpo",
+        help="the policy job of scheduled and 'train now' cycles (default: %(default)s)",
+    )
+    up.add_argument(
+        "--min-win-rate",
+        type=float,
+        default=0.55,
+        help="the gate's bar for promotion (default: %(default)s)",
+    )
+    up.add_argument(
         "--demo-seconds",
         type=float,
         default=150.0,
@@ -220,6 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Serving and training jobs share the CPU. OpenMP's default of spinning idle threads made a
+    # server ~50x slower beside a running job on 2 cores (bench/hot_swap.py: 16 vs 568 requests
+    # in 12 s); sleeping threads cost little when alone. Read by torch when it loads, inherited by
+    # job processes.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return args.fn(args)
 
 

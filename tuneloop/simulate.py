@@ -97,7 +97,7 @@ def run_simulation(config: SimulationConfig) -> dict[str, Any]:
     if dd.db.exists():
         raise ValueError(f"{dd.root} already holds a database: simulate wants a fresh data dir")
     model = config.model or _demo_model(dd, config.log)
-    heldout, train = _prompts(config)
+    heldout, train = _prompts(config, model)
     rng = random.Random(config.seed)
     with _server(dd, model, config) as client:
         baseline = client.admin("GET", "loop")["served_version"]
@@ -152,14 +152,29 @@ def _demo_model(dd: DataDir, log: Callable[[str], None]) -> Path:
     return build_demo_model(dd.demo_model)
 
 
-def _prompts(config: SimulationConfig) -> tuple[list[str], list[str]]:
-    """Held-out questions (never rated) and the questions users ask for feedback."""
+def _prompts(config: SimulationConfig, model: Path) -> tuple[list[str], list[str]]:
+    """Held-out questions (never rated) and the questions users ask for feedback: MT-bench's
+    first turns that leave room for an answer in the model's context, and questions like the
+    demo model's training dialogues."""
     from importlib.resources import files
 
+    from tuneloop.artifacts import base_model_path, load_tokenizer
     from tuneloop.train.demo_model import demo_questions
 
     mt_bench = files("tuneloop.train") / "data" / "mt-bench-questions.jsonl"
     questions = [json.loads(line)["turns"][0] for line in mt_bench.read_text().splitlines()]
+    from transformers import AutoConfig
+
+    tokenizer = load_tokenizer(model)
+    context = AutoConfig.from_pretrained(base_model_path(model)).max_position_embeddings
+    room = min(int(tokenizer.model_max_length), int(context)) - config.max_tokens
+
+    def fits(question: str) -> bool:
+        chat = [{"role": "user", "content": question}]
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+        return len(ids) <= room
+
+    questions = [q for q in questions if fits(q)]
     questions += demo_questions(config.comparisons + config.heldout, seed=config.seed)
     random.Random(config.seed).shuffle(questions)
     return questions[: config.heldout], questions[config.heldout :]
