@@ -278,7 +278,7 @@ def register(command: Callable[..., Any]) -> None:
     sim.add_argument(
         "--preference",
         default="concise",
-        help="what raters prefer: concise, no_repeat, on_topic, or module:function taking "
+        help="what raters prefer: concise, no_repeat, detailed, or module:function taking "
         "(prompt, response) and returning a float, higher is better (default: %(default)s)",
     )
     sim.add_argument("--noise", type=float, default=0.1, help="fraction of votes flipped")

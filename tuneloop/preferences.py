@@ -7,7 +7,7 @@ a stand-in for a preference real users show:
 
 - `concise`: shorter answers win ("get to the point").
 - `no_repeat`: answers that do not repeat themselves win (distinct words, not length).
-- `on_topic`: answers that reuse the prompt's own words win (stay on the question).
+- `detailed`: longer answers win ("tell me more"): the opposite pull of `concise`.
 
 Any importable callable works too: `--preference package.module:function`.
 """
@@ -40,18 +40,15 @@ def no_repeat(prompt: str, response: str) -> float:
     return float(distinct - (len(words) - distinct))
 
 
-def on_topic(prompt: str, response: str) -> float:
-    """The share of the prompt's content words (4+ letters) that the answer uses."""
-    wanted = {w for w in _words(prompt) if len(w) >= 4}
-    if not wanted:
-        return 0.0
-    return len(wanted & set(_words(response))) / len(wanted)
+def detailed(prompt: str, response: str) -> float:
+    """More words is better."""
+    return float(len(_words(response)))
 
 
 BUILTIN: dict[str, Preference] = {
     "concise": concise,
     "no_repeat": no_repeat,
-    "on_topic": on_topic,
+    "detailed": detailed,
 }
 
 
