@@ -134,19 +134,30 @@ def promote(
     """Make `version_id` the promoted version of its kind, in one transaction with the history
     row; returns the version it replaced. The replaced one is retired (it can come back through
     a rollback) or, when `action` is "rollback", rejected (a later rollback goes further back).
+    The promoted version is read inside the transaction, so concurrent promotions never leave
+    two versions promoted.
     """
     version = require_version(store, version_id)
-    previous = promoted_version(store, version.kind)
-    if previous is not None and previous.id == version_id:
-        raise RegistryError(f"{version_id} is already the promoted {version.kind}")
     demoted = "rejected" if action == "rollback" else "retired"
 
-    def apply(con: Any) -> None:
+    def apply(con: Any) -> str | None:
+        current = [
+            row[0]
+            for row in con.execute(
+                "SELECT id FROM model_versions WHERE kind = ? AND status = 'promoted' "
+                "ORDER BY created_at DESC",
+                [version.kind],
+            ).fetchall()
+        ]
+        if version_id in current:
+            raise RegistryError(f"{version_id} is already the promoted {version.kind}")
+        previous = current[0] if current else None
         now = datetime.now(UTC)
-        if previous is not None:
+        if current:
             con.execute(
-                "UPDATE model_versions SET status = ?, status_reason = ? WHERE id = ?",
-                [demoted, f"{action}: replaced by {version_id}", previous.id],
+                "UPDATE model_versions SET status = ?, status_reason = ? "
+                "WHERE id IN (SELECT unnest(?::VARCHAR[]))",
+                [demoted, f"{action}: replaced by {version_id}", current],
             )
         con.execute(
             "UPDATE model_versions SET status = 'promoted', status_reason = ? WHERE id = ?",
@@ -155,11 +166,12 @@ def promote(
         con.execute(
             "INSERT INTO promotions SELECT coalesce(max(id), 0) + 1, ?, ?, ?, ?, ?, ? "
             "FROM promotions",
-            [version.kind, version_id, previous.id if previous else None, action, reason, now],
+            [version.kind, version_id, previous, action, reason, now],
         )
+        return previous
 
-    store.write(apply)
-    return previous
+    previous_id = store.write(apply)
+    return get_version(store, previous_id) if previous_id else None
 
 
 def rollback_target(store: FeedbackStore, kind: str = "policy") -> ModelVersion:

@@ -10,7 +10,7 @@ dir at start. The CLI uses them while a server owns the database file.
 from __future__ import annotations
 
 import hmac
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +33,15 @@ class TrainIn(BaseModel):
     overrides: list[str] = Field(default_factory=list, description="TRL config `key=value`s")
     full: bool = False
     config_file: str | None = Field(None, description="a YAML/JSON file of TRL config fields")
+    seed: int = 0
+    reward_overrides: list[str] = Field(
+        default_factory=list, description="for the reward model retrained in the same cycle"
+    )
+    keep_reward: bool = Field(False, description="gate with the current reward model")
+    gate: bool = Field(True, description="false: leave the policy a candidate")
+    min_win_rate: float | None = Field(None, description="the gate's bar (default: the server's)")
+    gate_prompts: int | None = Field(None, ge=1)
+    gate_max_tokens: int | None = Field(None, ge=1)
 
 
 class PromoteIn(BaseModel):
@@ -87,9 +96,24 @@ def create_admin_router(
             config_file=Path(body.config_file) if body.config_file else None,
             overrides=tuple(body.overrides),
             full=body.full,
+            seed=body.seed,
         )
+        gate = control.gate
+        if body.min_win_rate is not None:
+            gate = replace(gate, min_win_rate=body.min_win_rate)
+        if body.gate_prompts is not None:
+            gate = replace(gate, max_prompts=body.gate_prompts)
+        if body.gate_max_tokens is not None:
+            gate = replace(gate, max_tokens=body.gate_max_tokens)
         try:
-            control.train_now(body.kind, settings)
+            control.train_now(
+                body.kind,
+                settings,
+                reward_settings=JobSettings(overrides=tuple(body.reward_overrides), seed=body.seed),
+                retrain_reward=not body.keep_reward,
+                gate=body.gate,
+                gate_settings=gate,
+            )
         except BusyError as exc:
             raise HTTPException(409, str(exc)) from exc
         return {"started": body.kind}

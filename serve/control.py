@@ -58,7 +58,7 @@ class LoopControl:
         self.gate = gate or GateSettings()
         self.python = python
         self.log = log or (lambda msg: print(f"[tuneloop] {msg}", flush=True))
-        self._swap_lock = threading.Lock()
+        self._promotion_lock = threading.Lock()
         self._cycle_lock = threading.Lock()
         self._stop = threading.Event()
         self._cycle: threading.Thread | None = None
@@ -79,15 +79,12 @@ class LoopControl:
         gc.freeze()
         self.log(f"serving {version.id}")
 
-    def _swap_locked(self, version: ModelVersion) -> None:
-        with self._swap_lock:
-            self.swap(version)
-
     def _pipeline(self, trigger: str) -> Pipeline:
         return Pipeline(
             self.dd,
             self.store,
-            swap=self._swap_locked,
+            swap=self.swap,
+            promotion_lock=self._promotion_lock,
             gate=self.gate,
             python=self.python,
             stop=self._stop,
@@ -108,9 +105,14 @@ class LoopControl:
         return self._cycle is not None and self._cycle.is_alive()
 
     def train_now(
-        self, kind: str = "dpo", settings: JobSettings | None = None, trigger: str = "operator"
+        self,
+        kind: str = "dpo",
+        settings: JobSettings | None = None,
+        trigger: str = "operator",
+        **cycle: Any,
     ) -> None:
-        """Start a cycle in the background; BusyError if one is running."""
+        """Start a cycle in the background; BusyError if one is running. `cycle` takes
+        `Pipeline.run`'s keywords (reward_settings, retrain_reward, gate, gate_settings)."""
         if kind not in JOBS:
             raise ValueError(f"unknown job {kind!r}; choose one of {', '.join(JOBS)}")
         with self._cycle_lock:
@@ -118,7 +120,7 @@ class LoopControl:
                 raise BusyError("a training job is already running; one at a time")
             self._last_start = time.monotonic()
             self._cycle = threading.Thread(
-                target=self._run_cycle, args=(kind, settings, trigger), daemon=True
+                target=self._run_cycle, args=(kind, settings, trigger, cycle), daemon=True
             )
             self._cycle.start()
 
@@ -129,11 +131,13 @@ class LoopControl:
             cycle.join(timeout)
         return self.last_cycle
 
-    def _run_cycle(self, kind: str, settings: JobSettings | None, trigger: str) -> None:
+    def _run_cycle(
+        self, kind: str, settings: JobSettings | None, trigger: str, cycle: dict[str, Any]
+    ) -> None:
         started = datetime.now(UTC).isoformat()
         summary: dict[str, Any] = {"kind": kind, "trigger": trigger, "started_at": started}
         try:
-            result = self._pipeline(trigger).run(kind, settings)
+            result = self._pipeline(trigger).run(kind, settings, **cycle)
             summary |= result.to_dict() | {"status": "done"}
         except Exception as exc:  # noqa: BLE001 - the operator sees it; serving goes on
             summary |= {"status": "failed", "error": str(exc) or type(exc).__name__}

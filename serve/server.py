@@ -89,7 +89,11 @@ def create_control(config: ServeConfig, store: FeedbackStore, engine: Engine) ->
             every_minutes=loop.every_minutes,
             kind=loop.train_kind,
         ),
-        gate=GateSettings(min_win_rate=loop.min_win_rate),
+        gate=GateSettings(
+            min_win_rate=loop.min_win_rate,
+            max_prompts=loop.gate_prompts,
+            max_tokens=loop.gate_max_tokens,
+        ),
     )
 
 

@@ -38,6 +38,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
             every_minutes=args.every_minutes,
             train_kind=args.train_kind,
             min_win_rate=args.min_win_rate,
+            gate_prompts=args.gate_prompts,
+            gate_max_tokens=args.gate_max_tokens,
         ),
     )
 
@@ -212,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.55,
         help="the gate's bar for promotion (default: %(default)s)",
+    )
+    up.add_argument(
+        "--gate-prompts",
+        type=int,
+        default=128,
+        help="held-out prompts the gate compares on, at most (default: %(default)s)",
+    )
+    up.add_argument(
+        "--gate-max-tokens",
+        type=int,
+        default=48,
+        help="length of the gate's answers, in tokens (default: %(default)s)",
     )
     up.add_argument(
         "--demo-seconds",

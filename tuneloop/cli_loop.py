@@ -28,7 +28,8 @@ def _jsonable(obj: Any) -> dict[str, Any]:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from tuneloop.feedback.store import FeedbackStore, StoreLockedError
-    from tuneloop.pipeline import GateSettings, JobSettings, Pipeline
+    from tuneloop.jobs import JobFailed
+    from tuneloop.pipeline import GateSettings, JobSettings, NothingToTrainError, Pipeline
 
     dd = DataDir(args.data_dir)
     settings = JobSettings(
@@ -40,7 +41,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         store = FeedbackStore(dd.db)
     except StoreLockedError:
-        body = {"kind": args.kind, "overrides": list(args.set), "full": args.full}
+        body = {
+            "kind": args.kind,
+            "overrides": list(args.set),
+            "full": args.full,
+            "seed": args.seed,
+            "reward_overrides": list(args.rm_set),
+            "keep_reward": args.keep_reward,
+            "gate": not args.no_gate,
+            "min_win_rate": args.min_win_rate,
+            "gate_prompts": args.gate_prompts,
+            "gate_max_tokens": args.gate_max_tokens,
+        }
         if args.config:
             body["config_file"] = str(args.config.resolve())
         ask_server(dd, "POST", "/v1/admin/train", body)
@@ -50,13 +62,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
         pipeline = Pipeline(
             dd,
             store,
-            gate=GateSettings(min_win_rate=args.min_win_rate),
+            gate=GateSettings(
+                min_win_rate=args.min_win_rate,
+                max_prompts=args.gate_prompts,
+                max_tokens=args.gate_max_tokens,
+            ),
             trigger="cli",
             log=lambda msg: print(f"tuneloop: {msg}", file=sys.stderr, flush=True),
         )
         result = pipeline.run(
-            args.kind, settings, retrain_reward=not args.keep_reward, gate=not args.no_gate
+            args.kind,
+            settings,
+            reward_settings=JobSettings(overrides=tuple(args.rm_set), seed=args.seed),
+            retrain_reward=not args.keep_reward,
+            gate=not args.no_gate,
         )
+    except (JobFailed, NothingToTrainError, ValueError) as exc:
+        raise SystemExit(f"tuneloop: {exc}") from exc
     finally:
         store.close()
     print(json.dumps(result.to_dict(), default=str))
@@ -146,8 +168,13 @@ def _cmd_data_import(args: argparse.Namespace) -> int:
 
         return _jsonable(import_preferences(store, path, rater_id=args.rater, limit=args.limit))
 
+    from tuneloop.feedback.importer import ImportFormatError
+
     body = {"path": str(path), "rater": args.rater, "limit": args.limit}
-    result = local_or_server(DataDir(args.data_dir), local, "POST", "/v1/admin/import", body)
+    try:
+        result = local_or_server(DataDir(args.data_dir), local, "POST", "/v1/admin/import", body)
+    except (ImportFormatError, OSError) as exc:
+        raise SystemExit(f"tuneloop: {exc}") from exc
     print(json.dumps(result))
     return 0
 
@@ -174,7 +201,10 @@ def _cmd_eval_rm(args: argparse.Namespace) -> int:
         if not chosen:
             raise SystemExit("tuneloop: no reward model yet; run `tuneloop train rm` first")
     version = chosen[0]
-    result = evaluate_file(Path(version["artifact_path"]), args.data)
+    try:
+        result = evaluate_file(Path(version["artifact_path"]), args.data)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"tuneloop: {exc}") from exc
     result = {"version": version["id"], **result}
     if args.json:
         print(json.dumps(result))
@@ -237,10 +267,29 @@ def register(command: Callable[..., Any]) -> None:
         help="gate with the current reward model instead of retraining it on the new snapshot",
     )
     train.add_argument(
+        "--rm-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a field of the reward model's RewardConfig, for the one retrained in this cycle",
+    )
+    train.add_argument(
         "--min-win-rate",
         type=float,
         default=0.55,
         help="the gate's bar: win rate against the served policy (default: %(default)s)",
+    )
+    train.add_argument(
+        "--gate-prompts",
+        type=int,
+        default=128,
+        help="held-out prompts the gate compares on, at most (default: %(default)s)",
+    )
+    train.add_argument(
+        "--gate-max-tokens",
+        type=int,
+        default=48,
+        help="length of the gate's answers, in tokens (default: %(default)s)",
     )
 
     promote = command("promote", "serve a version (hot-swaps a running server)", _cmd_promote)

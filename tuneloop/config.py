@@ -58,6 +58,8 @@ class LoopConfig:
     every_minutes: float = 30.0
     train_kind: str = "dpo"
     min_win_rate: float = 0.55
+    gate_prompts: int = 128
+    gate_max_tokens: int = 48
 
 
 @dataclass(frozen=True)

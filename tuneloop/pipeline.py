@@ -134,6 +134,7 @@ class Pipeline:
         stop: threading.Event | None = None,
         trigger: str = "operator",
         log: Callable[[str], None] | None = None,
+        promotion_lock: threading.Lock | None = None,
     ) -> None:
         self.dd = data_dir
         self.store = store
@@ -143,6 +144,9 @@ class Pipeline:
         self.stop = stop
         self.trigger = trigger
         self.log = log or (lambda _msg: None)
+        # Held across the swap and the registry write, so what serves and what the registry
+        # says change together (the server shares one lock between operator and cycles).
+        self._promotion_lock = promotion_lock or threading.Lock()
 
     # ---- the cycle ---------------------------------------------------------------------------
 
@@ -154,13 +158,16 @@ class Pipeline:
         reward_settings: JobSettings | None = None,
         retrain_reward: bool = True,
         gate: bool = True,
+        gate_settings: GateSettings | None = None,
     ) -> CycleResult:
         """Snapshot, then train `kind`. A policy job is gated against the served policy and
         promoted if it passes. The reward model the gate (and RL) scores with is retrained on
-        the same snapshot first when `retrain_reward`, or when there is none yet."""
+        the same snapshot first when `retrain_reward`, or when there is none yet.
+        `gate_settings` replaces the pipeline's for this cycle."""
         if kind not in JOBS:
             raise ValueError(f"unknown job {kind!r}; choose one of {', '.join(JOBS)}")
         settings = settings or JobSettings()
+        self._served_policy()  # fail before snapshotting when nothing is served yet
         snapshot, datasets_dir = self.snapshot()
         result = CycleResult(snapshot.id)
         if kind == "rm":
@@ -176,7 +183,7 @@ class Pipeline:
         if not gate:
             result.reason = "not gated: left as a candidate"
             return result
-        result.gate = self.run_gate(candidate, reward, datasets_dir)
+        result.gate = self.run_gate(candidate, reward, datasets_dir, gate_settings)
         result.reason = result.gate["reason"]
         if result.gate["promote"]:
             self.promote(candidate.id, reason=f"gate: {result.reason}")
@@ -316,8 +323,13 @@ class Pipeline:
     # ---- gate and promotion ------------------------------------------------------------------
 
     def run_gate(
-        self, candidate: ModelVersion, reward: ModelVersion, datasets_dir: Path
+        self,
+        candidate: ModelVersion,
+        reward: ModelVersion,
+        datasets_dir: Path,
+        settings: GateSettings | None = None,
     ) -> dict[str, Any]:
+        settings = settings or self.gate_settings
         incumbent = registry.promoted_version(self.store, "policy")
         assert incumbent is not None, "a candidate always has a served parent"
         run = start_run(
@@ -325,7 +337,7 @@ class Pipeline:
             "gate",
             snapshot_id=candidate.snapshot_id,
             version_id=candidate.id,
-            config=asdict(self.gate_settings) | {"mt_bench": str(self.gate_settings.mt_bench)},
+            config=asdict(settings) | {"mt_bench": str(settings.mt_bench)},
             trigger=self.trigger,
         )
         run_dir = self.dd.runs / run.id
@@ -343,7 +355,7 @@ class Pipeline:
             str(out),
             "--status",
             str(run_dir / "status.json"),
-            *self.gate_settings.args(),
+            *settings.args(),
         ]
         self.log(f"{run.id}: gating {candidate.id} against {incumbent.id}")
         run_job(
@@ -367,18 +379,23 @@ class Pipeline:
 
     def promote(self, version_id: str, *, reason: str) -> ModelVersion:
         """Serve `version_id` (swap first), then record it as promoted."""
-        version = registry.require_version(self.store, version_id)
-        if version.kind == "policy" and self.swap is not None:
-            self.swap(version)
-        registry.promote(self.store, version_id, reason=reason)
+        with self._promotion_lock:
+            version = registry.require_version(self.store, version_id)
+            served = registry.promoted_version(self.store, version.kind)
+            if served is not None and served.id == version_id:
+                raise registry.RegistryError(f"{version_id} is already the promoted {version.kind}")
+            if version.kind == "policy" and self.swap is not None:
+                self.swap(version)
+            registry.promote(self.store, version_id, reason=reason)
         return registry.get_version(self.store, version_id)  # type: ignore[return-value]
 
     def rollback(self, *, reason: str = "rolled back by the operator") -> ModelVersion:
         """Serve the policy promoted before the current one again; the current one is rejected."""
-        target = registry.rollback_target(self.store, "policy")
-        if self.swap is not None:
-            self.swap(target)
-        registry.promote(self.store, target.id, reason=reason, action="rollback")
+        with self._promotion_lock:
+            target = registry.rollback_target(self.store, "policy")
+            if self.swap is not None:
+                self.swap(target)
+            registry.promote(self.store, target.id, reason=reason, action="rollback")
         return registry.get_version(self.store, target.id)  # type: ignore[return-value]
 
     def _served_policy(self) -> str:
