@@ -17,7 +17,7 @@ import pytest
 def test_simulate_learns_the_raters_preference_end_to_end(tmp_path: Path) -> None:
     from tuneloop.train.demo_model import build_demo_model
 
-    demo = build_demo_model(tmp_path / "demo", seconds=60, progress=False)
+    demo = build_demo_model(tmp_path / "demo", seconds=90, progress=False)
     data_dir = tmp_path / "sim"
     proc = subprocess.run(
         [
@@ -32,11 +32,11 @@ def test_simulate_learns_the_raters_preference_end_to_end(tmp_path: Path) -> Non
             "--preference",
             "concise",
             "--comparisons",
-            "300",
+            "400",
             "--heldout",
-            "24",
+            "32",
             "--samples",
-            "2",
+            "4",
         ],
         capture_output=True,
         text=True,
@@ -47,7 +47,7 @@ def test_simulate_learns_the_raters_preference_end_to_end(tmp_path: Path) -> Non
     assert summary["promoted"] is True, summary
     assert summary["baseline_version"] == "policy-v1"
     assert summary["new_version"] == "policy-v2"
-    assert summary["feedback_rows"] == 300
+    assert summary["feedback_rows"] == 400
     low, high = summary["win_rate_ci"]
     assert low <= summary["win_rate"] <= high
     # Half of the held-out questions won would be no learning at all.

@@ -47,7 +47,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo_model(
-        tmp_path_factory.mktemp("demo") / "model", seconds=3, progress=False, recipe=SMALL_RECIPE
+        tmp_path_factory.mktemp("demo") / "model", seconds=6, progress=False, recipe=SMALL_RECIPE
     )
 
 
@@ -156,7 +156,7 @@ def test_demo_build_is_complete_and_chats(demo_dir: Path) -> None:
     assert marker["recipe_version"] == RECIPE_VERSION
     assert marker["steps"] > 0
     assert marker["final_loss"] < math.log(SMALL_RECIPE.vocab_size)  # it learned something
-    assert marker["seconds"] < 10
+    assert marker["seconds"] < 15
     assert not [p for p in demo_dir.parent.iterdir() if p != demo_dir]  # no temp dir left
     tok, model = load(demo_dir)
     assert model.num_parameters() == marker["parameters"]
