@@ -133,7 +133,11 @@ def list_runs(store: FeedbackStore, limit: int = 50) -> list[TrainingRun]:
 def fail_interrupted_runs(store: FeedbackStore) -> int:
     """Mark runs left 'running' by a process that died as failed; returns how many. Called when
     a store's owner starts, before it starts any job of its own."""
-    rows = store.read("SELECT count(*) AS n FROM training_runs WHERE status = 'running'")
+    left = int(
+        store.read("SELECT count(*) AS n FROM training_runs WHERE status = 'running'")[0]["n"]
+    )
+    if left == 0:
+        return 0
     store.write(
         lambda con: con.execute(
             "UPDATE training_runs SET status = 'failed', finished_at = ?, stage = 'failed', "
@@ -141,4 +145,4 @@ def fail_interrupted_runs(store: FeedbackStore) -> int:
             [datetime.now(UTC)],
         )
     )
-    return int(rows[0]["n"])
+    return left

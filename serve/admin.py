@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hmac
 from dataclasses import asdict, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +23,7 @@ from tuneloop.feedback.registry import RegistryError, UnknownVersionError, list_
 from tuneloop.feedback.runs import list_runs
 from tuneloop.feedback.snapshot import create_snapshot
 from tuneloop.pipeline import JobSettings
+from tuneloop.records import to_json_dict
 from tuneloop.serve.chat_service import ChatService
 from tuneloop.serve.control import BusyError, LoopControl
 
@@ -54,11 +54,6 @@ class ImportIn(BaseModel):
     limit: int | None = None
 
 
-def jsonable(obj: Any) -> dict[str, Any]:
-    """A record dataclass as JSON-ready dict (datetimes as ISO strings)."""
-    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in asdict(obj).items()}
-
-
 def create_admin_router(
     service: ChatService, control: LoopControl, data_dir: DataDir, token: str
 ) -> APIRouter:
@@ -80,11 +75,11 @@ def create_admin_router(
 
     @router.get("/versions")
     async def versions() -> list[dict[str, Any]]:
-        return [jsonable(v) for v in await run_in_threadpool(list_versions, service.store)]
+        return [to_json_dict(v) for v in await run_in_threadpool(list_versions, service.store)]
 
     @router.get("/runs")
     async def runs(limit: int = 50) -> list[dict[str, Any]]:
-        return [jsonable(r) for r in await run_in_threadpool(list_runs, service.store, limit)]
+        return [to_json_dict(r) for r in await run_in_threadpool(list_runs, service.store, limit)]
 
     @router.get("/loop")
     async def loop() -> dict[str, Any]:
@@ -138,7 +133,7 @@ def create_admin_router(
             raise HTTPException(404, str(exc)) from exc
         except RegistryError as exc:
             raise HTTPException(409, str(exc)) from exc
-        return jsonable(version)
+        return to_json_dict(version)
 
     @router.post("/rollback")
     async def rollback() -> dict[str, Any]:
@@ -146,6 +141,6 @@ def create_admin_router(
             version = await run_in_threadpool(control.rollback)
         except RegistryError as exc:
             raise HTTPException(409, str(exc)) from exc
-        return jsonable(version)
+        return to_json_dict(version)
 
     return router

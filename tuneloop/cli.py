@@ -119,11 +119,10 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 
 def _cmd_versions(args: argparse.Namespace) -> int:
     def local(store: Any) -> list[dict[str, Any]]:
-        from dataclasses import asdict
-
         from tuneloop.feedback.registry import list_versions
+        from tuneloop.records import to_json_dict
 
-        return [asdict(v) | {"created_at": str(v.created_at)} for v in list_versions(store)]
+        return [to_json_dict(v) for v in list_versions(store)]
 
     rows = local_or_server(DataDir(args.data_dir), local, "GET", "/v1/admin/versions")
     if args.json:

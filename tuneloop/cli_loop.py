@@ -8,22 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tuneloop.config import DataDir
-from tuneloop.remote import ask_server, local_or_server
+from tuneloop.records import to_json_dict
+from tuneloop.remote import ask_server, follow_cycle, local_or_server
 
 JOBS = ("rm", "dpo", "kto", "sft", "rl")
-FOLLOW_POLL_S = 2.0
-
-
-def _jsonable(obj: Any) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return json.loads(json.dumps(asdict(obj), default=str))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -87,20 +80,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _follow_server_cycle(dd: DataDir) -> int:
     """Print the server's running job and its progress until the cycle ends."""
-    shown = ""
-    while True:
-        loop = ask_server(dd, "GET", "/v1/admin/loop")
-        if not loop["busy"]:
-            break
-        runs = ask_server(dd, "GET", "/v1/admin/runs?limit=1")
-        if runs:
-            run = runs[0]
-            line = f"{run['id']} {run['kind']}: {run['stage']} {run['progress']:.0%}"
-            if line != shown:
-                print(f"tuneloop: {line}", file=sys.stderr, flush=True)
-                shown = line
-        time.sleep(FOLLOW_POLL_S)
-    last = loop["last_cycle"] or {}
+    last = follow_cycle(
+        lambda route: ask_server(dd, "GET", route),
+        lambda line: print(f"tuneloop: {line}", file=sys.stderr, flush=True),
+    )
     print(json.dumps(last, default=str))
     return 0 if last.get("status") == "done" else 1
 
@@ -110,7 +93,7 @@ def _cmd_promote(args: argparse.Namespace) -> int:
         from tuneloop.pipeline import Pipeline
 
         pipeline = Pipeline(DataDir(args.data_dir), store)
-        return _jsonable(pipeline.promote(args.version, reason=args.reason))
+        return to_json_dict(pipeline.promote(args.version, reason=args.reason))
 
     version = _registry_call(args, local, "/v1/admin/promote", {"version": args.version})
     print(f"promoted {version['id']} ({version['artifact_path']})")
@@ -121,7 +104,7 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     def local(store: Any) -> dict[str, Any]:
         from tuneloop.pipeline import Pipeline
 
-        return _jsonable(Pipeline(DataDir(args.data_dir), store).rollback(reason=args.reason))
+        return to_json_dict(Pipeline(DataDir(args.data_dir), store).rollback(reason=args.reason))
 
     version = _registry_call(args, local, "/v1/admin/rollback", {})
     print(f"rolled back to {version['id']} ({version['artifact_path']})")
@@ -143,7 +126,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     def local(store: Any) -> list[dict[str, Any]]:
         from tuneloop.feedback.runs import list_runs
 
-        return [_jsonable(r) for r in list_runs(store, args.limit)]
+        return [to_json_dict(r) for r in list_runs(store, args.limit)]
 
     runs = local_or_server(
         DataDir(args.data_dir), local, "GET", f"/v1/admin/runs?limit={args.limit}"
@@ -166,7 +149,7 @@ def _cmd_data_import(args: argparse.Namespace) -> int:
     def local(store: Any) -> dict[str, Any]:
         from tuneloop.feedback.importer import import_preferences
 
-        return _jsonable(import_preferences(store, path, rater_id=args.rater, limit=args.limit))
+        return to_json_dict(import_preferences(store, path, rater_id=args.rater, limit=args.limit))
 
     from tuneloop.feedback.importer import ImportFormatError
 
@@ -185,7 +168,7 @@ def _cmd_eval_rm(args: argparse.Namespace) -> int:
     def local(store: Any) -> list[dict[str, Any]]:
         from tuneloop.feedback.registry import list_versions
 
-        return [_jsonable(v) for v in list_versions(store, "reward")]
+        return [to_json_dict(v) for v in list_versions(store, "reward")]
 
     versions = [
         v

@@ -207,7 +207,12 @@ class Pipeline:
     ) -> ModelVersion:
         policy = self._served_policy()
         version = self._run_training(
-            "rm", snapshot, datasets_dir, settings, parent=None, base=base_model_path(policy)
+            "rm",
+            snapshot,
+            datasets_dir,
+            settings,
+            parent=None,
+            base=base_model_path(policy.artifact_path),
         )
         registry.promote(self.store, version.id, reason="newest reward model")
         return registry.get_version(self.store, version.id)  # type: ignore[return-value]
@@ -222,9 +227,7 @@ class Pipeline:
     ) -> ModelVersion:
         if kind not in POLICY_JOBS:
             raise ValueError(f"{kind!r} is not a policy job ({', '.join(POLICY_JOBS)})")
-        parent = registry.promoted_version(self.store, "policy")
-        if parent is None:
-            raise NothingToTrainError("no policy is served yet: run `tuneloop up` once first")
+        parent = self._served_policy()
         extra = []
         if kind == "rl":
             if reward is None:
@@ -398,11 +401,11 @@ class Pipeline:
             registry.promote(self.store, target.id, reason=reason, action="rollback")
         return registry.get_version(self.store, target.id)  # type: ignore[return-value]
 
-    def _served_policy(self) -> str:
+    def _served_policy(self) -> ModelVersion:
         served = registry.promoted_version(self.store, "policy")
         if served is None:
             raise NothingToTrainError("no policy is served yet: run `tuneloop up` once first")
-        return served.artifact_path
+        return served
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
@@ -164,3 +164,8 @@ class TrainingRun:
     error: str | None = None
     trigger: str | None = None
     finished_at: datetime | None = None
+
+
+def to_json_dict(record: Any) -> dict[str, Any]:
+    """A record dataclass as a JSON-ready dict (datetimes as ISO strings), for the API and CLI."""
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in asdict(record).items()}

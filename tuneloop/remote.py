@@ -4,6 +4,7 @@ that holds the DuckDB file (one read-write process at a time), with the data dir
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -47,3 +48,21 @@ def ask_server(dd: DataDir, method: str, route: str, body: dict[str, Any] | None
     if resp.status_code >= 400:
         raise SystemExit(f"tuneloop: the server answered {resp.status_code}: {resp.text}")
     return resp.json()
+
+
+def follow_cycle(
+    get: Callable[[str], Any], show: Callable[[str], None], poll_s: float = 1.0
+) -> dict[str, Any]:
+    """Wait for a server's training cycle to end, showing its running job's progress as it
+    changes; returns the cycle's summary. `get(route)` answers a GET of an admin route."""
+    shown = ""
+    while (loop := get("/v1/admin/loop"))["busy"]:
+        runs = get("/v1/admin/runs?limit=1")
+        if runs:
+            run = runs[0]
+            line = f"{run['id']} {run['kind']}: {run['stage']} {run['progress']:.0%}"
+            if line != shown:
+                show(line)
+                shown = line
+        time.sleep(poll_s)
+    return loop["last_cycle"] or {}

@@ -30,10 +30,11 @@ from typing import Any
 import httpx
 
 from tuneloop.config import DataDir, LoopConfig, ServeConfig
+from tuneloop.feedback.store import FEEDBACK_TABLES
 from tuneloop.preferences import Preference, resolve
+from tuneloop.remote import follow_cycle
 
 RATERS = 8
-TRAIN_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -138,9 +139,7 @@ def run_simulation(config: SimulationConfig) -> dict[str, Any]:
         "new_version": new_version,
         "promoted": bool(cycle["promoted"]),
         "gate": cycle.get("gate", {}),
-        "feedback_rows": sum(
-            counts[k] for k in ("thumbs", "rating", "edit", "comparison", "ranking")
-        ),
+        "feedback_rows": sum(counts[kind] for kind in FEEDBACK_TABLES),
         "seconds": round(time.perf_counter() - started, 1),
     }
 
@@ -220,14 +219,11 @@ def _server(dd: DataDir, model: Path, config: SimulationConfig) -> Iterator[_Cli
 def _answers(client: _Client, prompts: list[str], config: SimulationConfig) -> list[list[str]]:
     """`samples` answers per prompt through the API."""
 
-    def ask(i: int) -> str:
-        prompt = prompts[i // config.samples]
+    def ask(prompt: str) -> str:
         reply = client.chat(prompt, config.max_tokens, config.temperature, "sim-eval")
         return reply["choices"][0]["message"]["content"]
 
-    with ThreadPoolExecutor(config.concurrency) as pool:
-        flat = list(pool.map(ask, range(len(prompts) * config.samples)))
-    return [flat[i : i + config.samples] for i in range(0, len(flat), config.samples)]
+    return _sample(ask, prompts, config)
 
 
 def _answers_in_process(
@@ -239,13 +235,19 @@ def _answers_in_process(
 
     engine = EmbeddedEngine(artifact, version_id, max_concurrency=config.concurrency)
     params = SamplingParams(config.max_tokens, config.temperature)
+    return _sample(
+        lambda prompt: "".join(engine.stream([Message("user", prompt)], params)), prompts, config
+    )
 
-    def ask(i: int) -> str:
-        return "".join(engine.stream([Message("user", prompts[i // config.samples])], params))
 
+def _sample(
+    ask: Callable[[str], str], prompts: list[str], config: SimulationConfig
+) -> list[list[str]]:
+    """`config.samples` answers of `ask` per prompt, `config.concurrency` at a time."""
+    n = config.samples
     with ThreadPoolExecutor(config.concurrency) as pool:
-        flat = list(pool.map(ask, range(len(prompts) * config.samples)))
-    return [flat[i : i + config.samples] for i in range(0, len(flat), config.samples)]
+        flat = list(pool.map(lambda i: ask(prompts[i // n]), range(len(prompts) * n)))
+    return [flat[i : i + n] for i in range(0, len(flat), n)]
 
 
 def _collect(
@@ -282,18 +284,9 @@ def _collect(
 
 def _train(client: _Client, config: SimulationConfig) -> dict[str, Any]:
     client.admin("POST", "train", {"kind": config.kind, "overrides": list(config.train_overrides)})
-    shown = ""
-    while True:
-        time.sleep(TRAIN_POLL_S)
-        loop = client.admin("GET", "loop")
-        if not loop["busy"]:
-            return loop["last_cycle"] or {}
-        runs = client.admin("GET", "runs?limit=1")
-        if runs:
-            line = f"{runs[0]['kind']} {runs[0]['progress']:.0%}"
-            if line != shown:
-                config.log(line)
-                shown = line
+    return follow_cycle(
+        lambda route: client.admin("GET", route.removeprefix("/v1/admin/")), config.log
+    )
 
 
 def _win_rate(
