@@ -39,7 +39,7 @@ from tuneloop.records import (
     Thumbs,
 )
 from tuneloop.serve.chat_service import ChatService, ChatTurn
-from tuneloop.serve.engine import PromptTooLongError
+from tuneloop.serve.engine import EngineUnavailableError, PromptTooLongError
 
 MAX_BODY_BYTES = 1_000_000
 # A streamed answer's tokens decoded within this many seconds of each other go out as one SSE
@@ -262,6 +262,8 @@ def create_api(service: ChatService) -> FastAPI:
             )
         except PromptTooLongError as exc:
             return _error(400, str(exc))
+        except EngineUnavailableError as exc:
+            return _error(503, str(exc), "server_error")
         except FeedbackError as exc:
             return _error(exc.status, str(exc))
         if req.stream:
@@ -269,7 +271,10 @@ def create_api(service: ChatService) -> FastAPI:
             return StreamingResponse(
                 _stream_events(turn, include_usage), media_type="text/event-stream"
             )
-        text = await run_in_threadpool(turn.text)
+        try:
+            text = await run_in_threadpool(turn.text)
+        except EngineUnavailableError as exc:
+            return _error(503, str(exc), "server_error")
         return {
             "id": str(turn.id),
             "object": "chat.completion",

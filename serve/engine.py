@@ -24,6 +24,10 @@ class PromptTooLongError(ValueError):
     """The prompt leaves no room for an answer in the model's context window."""
 
 
+class EngineUnavailableError(RuntimeError):
+    """The engine cannot answer now (a remote engine is down or restarting)."""
+
+
 class Generation(Protocol):
     """One answer being generated. Iterate for text chunks; stats are final after the end."""
 

@@ -58,6 +58,51 @@ def resolve_served_version(
     return get_version(store, version.id)  # type: ignore[return-value]
 
 
+def open_engine(config: ServeConfig, version: ModelVersion) -> Engine:
+    """The engine `config` names, serving `version`; for vLLM, the server is started (or
+    reached) first and stopped again if the engine cannot be set up."""
+    if config.engine == "embedded":
+        return EmbeddedEngine(
+            version.artifact_path,
+            version.id,
+            device=config.device,
+            max_concurrency=config.max_concurrency,
+        )
+    from tuneloop.artifacts import base_model_path
+    from tuneloop.serve.vllm_engine import VllmEngine
+    from tuneloop.serve.vllm_server import (
+        AttachedVllm,
+        VllmLaunch,
+        VllmServer,
+        parse_vllm_url,
+    )
+
+    vs = config.vllm
+    server: VllmServer | AttachedVllm
+    if vs.url:
+        server = AttachedVllm(parse_vllm_url(vs.url, vs.api_key))
+    elif vs.command:
+        launch = VllmLaunch(
+            command=vs.command,
+            model=base_model_path(version.artifact_path),
+            max_model_len=vs.max_model_len,
+            max_lora_rank=vs.max_lora_rank,
+            max_loras=max(4, config.max_concurrency),
+            dtype=vs.dtype,
+            kv_cache_gib=vs.kv_cache_gib,
+            extra_args=vs.extra_args,
+        )
+        server = VllmServer(launch, config.data_dir.root / "vllm")
+    else:
+        raise ValueError("--engine vllm needs --vllm-python, --vllm-command or --vllm-url")
+    server.start()
+    try:
+        return VllmEngine(server, version.id, version.artifact_path)
+    except BaseException:
+        server.close()
+        raise
+
+
 def build_app(
     service: ChatService,
     control: LoopControl,
@@ -119,14 +164,10 @@ def run_server(
     dd = config.data_dir
     store = FeedbackStore(dd.db)
     control: LoopControl | None = None
+    engine: Engine | None = None
     try:
         version = resolve_served_version(store, config.model, build_demo)
-        engine = EmbeddedEngine(
-            version.artifact_path,
-            version.id,
-            device=config.device,
-            max_concurrency=config.max_concurrency,
-        )
+        engine = open_engine(config, version)
         service = ChatService(engine, store)
         control = create_control(config, store, engine)
         app = build_app(service, control, dd, write_admin_token(dd), with_ui=config.ui)
@@ -152,6 +193,8 @@ def run_server(
         dd.server_file.unlink(missing_ok=True)
         if control is not None:
             control.close()
+        if engine is not None:
+            engine.close()  # a vLLM server tuneloop started stops with it
         store.close()
 
 

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 # Bump when anything changes what a build produces: cached builds of older recipes are rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 MARKER_FILE = "tuneloop-demo.json"
 
 _QUESTIONS = (

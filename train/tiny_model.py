@@ -45,6 +45,9 @@ CHATML_TEMPLATE = (
 
 # Default amount of text the tiny models' tokenizer learns from: enough for a 1k vocabulary, small
 # enough to train in a fraction of a second.
+# vLLM's CPU attention kernels take head sizes of 32 and up (32, 64, 80, ...): every model built
+# here has heads of 32, so that the vLLM engine can serve the tiny models and the demo.
+HEAD_DIM = 32
 _TINY_CORPUS_CHARS = 200_000
 
 # With the usual 0.02, a random model's output is dominated by the tied embedding of the last input
@@ -250,7 +253,7 @@ def new_llama(
     max_position_embeddings: int,
     initializer_range: float = 0.02,
 ) -> LlamaForCausalLM:
-    """A randomly initialised Llama for `tokenizer`: 4 heads, 2 KV heads, tied embeddings.
+    """A randomly initialised Llama for `tokenizer`: heads of HEAD_DIM, tied embeddings.
 
     The special-token ids are set in both the config and the generation config (eos =
     `<|im_end|>`), so that `generate` stops at the end of a ChatML turn. The global torch RNG is
@@ -259,6 +262,8 @@ def new_llama(
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+    if hidden_size % HEAD_DIM:
+        raise ValueError(f"hidden_size must be a multiple of {HEAD_DIM}, got {hidden_size}")
     ids = {
         "bos_token_id": tokenizer.convert_tokens_to_ids(IM_START),
         "eos_token_id": tokenizer.convert_tokens_to_ids(IM_END),
@@ -269,8 +274,8 @@ def new_llama(
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=hidden_size // HEAD_DIM,
+        num_key_value_heads=hidden_size // HEAD_DIM,
         max_position_embeddings=max_position_embeddings,
         initializer_range=initializer_range,
         tie_word_embeddings=True,

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tuneloop.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT, ENGINES, DataDir
+from tuneloop.cli_engine import add_engine_arguments, vllm_settings
+from tuneloop.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT, DataDir
 from tuneloop.remote import local_or_server
 
 
@@ -28,6 +29,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         dd,
         model=args.model,
         engine=args.engine,
+        vllm=vllm_settings(args),
         host=args.host,
         port=args.port,
         max_concurrency=args.max_concurrency,
@@ -170,12 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a local Hugging Face checkpoint dir or a hub id "
         "(default: the promoted version, else the demo model)",
     )
-    up.add_argument(
-        "--engine",
-        choices=ENGINES,
-        default="embedded",
-        help="embedded: transformers in this process (default)",
-    )
+    add_engine_arguments(up)
     up.add_argument("--host", default=DEFAULT_HOST, help="default: %(default)s")
     up.add_argument("--port", type=int, default=DEFAULT_PORT, help="default: %(default)s")
     up.add_argument(

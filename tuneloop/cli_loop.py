@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tuneloop.cli_engine import add_engine_arguments, vllm_settings
 from tuneloop.config import DataDir
 from tuneloop.records import to_json_dict
 from tuneloop.remote import ask_server, follow_cycle, local_or_server
@@ -216,6 +217,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             seed=args.seed,
             train_overrides=tuple(args.set),
             min_win_rate=args.min_win_rate,
+            engine=args.engine,
+            vllm=vllm_settings(args),
         )
     )
     print(json.dumps(summary))
@@ -323,6 +326,7 @@ def register(command: Callable[..., Any]) -> None:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sim.add_argument("--min-win-rate", type=float, default=0.55)
+    add_engine_arguments(sim)
 
     ev = command("eval", "evaluate a model version", None, group=True)
     ev_sub = ev.add_subparsers(dest="eval_command", required=True, metavar="WHAT")

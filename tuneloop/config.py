@@ -8,7 +8,7 @@ from pathlib import Path
 DEFAULT_DATA_DIR = Path("tuneloop-data")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
-ENGINES = ("embedded",)
+ENGINES = ("embedded", "vllm")
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,22 @@ class LoopConfig:
 
 
 @dataclass(frozen=True)
+class VllmSettings:
+    """How `--engine vllm` reaches vLLM: a server it starts (`command`, e.g. `python -m
+    vllm.entrypoints.openai.api_server` from vLLM's own environment) or one it attaches to
+    (`url`: `http://host:port` or `unix:/path/to.sock`, with `api_key`)."""
+
+    command: tuple[str, ...] = ()
+    url: str | None = None
+    api_key: str | None = None
+    max_model_len: int | None = None
+    max_lora_rank: int = 64
+    kv_cache_gib: int = 1
+    dtype: str = "auto"
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     data_dir: DataDir
     model: str | None = None
@@ -73,3 +89,4 @@ class ServeConfig:
     device: str | None = None
     ui: bool = True
     loop: LoopConfig = field(default_factory=LoopConfig)
+    vllm: VllmSettings = field(default_factory=VllmSettings)

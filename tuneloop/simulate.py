@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from tuneloop.config import DataDir, LoopConfig, ServeConfig
+from tuneloop.config import DataDir, LoopConfig, ServeConfig, VllmSettings
 from tuneloop.feedback.store import FEEDBACK_TABLES
 from tuneloop.preferences import Preference, resolve
 from tuneloop.remote import follow_cycle
@@ -54,6 +54,8 @@ class SimulationConfig:
     concurrency: int = 8
     train_overrides: tuple[str, ...] = ()
     min_win_rate: float = 0.55
+    engine: str = "embedded"
+    vllm: VllmSettings = field(default_factory=VllmSettings)
     log: Callable[[str], None] = field(
         default=lambda msg: print(f"simulate: {msg}", file=sys.stderr, flush=True)
     )
@@ -186,6 +188,8 @@ def _server(dd: DataDir, model: Path, config: SimulationConfig) -> Iterator[_Cli
     serve = ServeConfig(
         dd,
         model=str(model),
+        engine=config.engine,
+        vllm=config.vllm,
         port=0,
         ui=False,
         max_concurrency=config.concurrency,

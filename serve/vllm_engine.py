@@ -1,0 +1,375 @@
+"""The vLLM engine: answers come from a vLLM server through its OpenAI API; swaps never mix
+versions within one answer.
+
+How a swap happens depends on what the new version is (see `load`):
+
+- **A LoRA policy over the weights vLLM already holds** (every adapter tuneloop trains applies to
+  the root base): the adapter is loaded under a new name (the version id) with
+  `/v1/load_lora_adapter`, new requests name it, and the previous adapter is unloaded once its
+  last request has ended. Never loaded in place: requests would mix policies, and the prefix
+  cache could serve blocks computed by the old one. Takes milliseconds; nothing waits.
+- **Full or merged weights** (or an adapter whose base is not the weights vLLM holds): vLLM holds
+  one set of base weights, and no answer may see two. New requests wait; the ones in flight
+  finish; then `reload_weights` (through `/collective_rpc`) and `/reset_prefix_cache` (cached KV
+  blocks were computed by the old weights); then the waiting requests go. Chosen over blue/green
+  (a second vLLM server on the new weights) because it needs no second copy of the weights and
+  the KV cache: on one GPU, or on CPU, memory is what runs out first. Its cost is the drain: new
+  requests wait for the longest answer in flight.
+
+Rollback is a swap like any other. Every answer carries the version id it was routed to, which
+is the version that produced every one of its tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tuneloop.artifacts import base_model_path, is_adapter, load_tokenizer
+from tuneloop.records import Message, SamplingParams
+from tuneloop.serve.engine import EngineUnavailableError, PromptTooLongError
+from tuneloop.serve.vllm_server import AttachedVllm, VllmError, VllmServer
+
+# How long a request waits for a swap's drain or a restarting server before it is refused.
+_WAIT_FOR_SERVER_S = 300.0
+
+
+@dataclass(eq=False)
+class _Route:
+    """Where new requests for one version go: the model name vLLM knows it by."""
+
+    version_id: str
+    model: str
+    adapter_path: str | None
+    ready: threading.Event = field(default_factory=threading.Event)
+    inflight: int = 0
+    retired: bool = False
+
+
+def _same_path(a: str | Path, b: str | Path) -> bool:
+    pa, pb = Path(a), Path(b)
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return str(a) == str(b)
+
+
+class VllmEngine:
+    """The Engine protocol over a vLLM server (`VllmServer`, which tuneloop supervises, or
+    `AttachedVllm`). Starts serving `version_id` from `path` before returning."""
+
+    def __init__(
+        self, server: VllmServer | AttachedVllm, version_id: str, path: str | Path
+    ) -> None:
+        self._server = server
+        self._endpoint = server.endpoint
+        self._client = self._endpoint.client(timeout=None)
+        self._aclients: dict[asyncio.AbstractEventLoop, httpx.AsyncClient] = {}
+        base = self._models()[0]
+        self._base_name: str = base["id"]
+        self._launch_weights: str = str(base.get("root") or base["id"])
+        self.max_context: int = int(base.get("max_model_len") or 2048)
+        self._weights = self._launch_weights
+        self._tokenizer = load_tokenizer(path)
+        self._cond = threading.Condition()
+        self._swap_lock = threading.Lock()  # one swap (or adapter unload) at a time
+        self._adapters: dict[str, _Route] = {}  # loaded in vLLM, by adapter name
+        self._current = _Route("", self._base_name, None)
+        self._current.ready.set()
+        self.last_swap_seconds = 0.0
+        self.load(version_id, path)
+        server.on_restart = self._restore
+
+    # --- the Engine protocol ---
+
+    @property
+    def version(self) -> str:
+        return self._current.version_id
+
+    def stream(self, messages: list[Message], params: SamplingParams) -> VllmGeneration:
+        prompt_tokens = self._count_prompt_tokens(messages)
+        room = self.max_context - prompt_tokens
+        if room < 1:
+            raise PromptTooLongError(
+                f"the prompt is {prompt_tokens} tokens; this model reads at most {self.max_context}"
+            )
+        with self._cond:
+            route = self._current
+            route.inflight += 1
+        body = {
+            "model": route.model,
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "max_tokens": min(params.max_tokens, room),
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        return VllmGeneration(self, route, body, prompt_tokens)
+
+    def load(self, version_id: str, path: str | Path) -> None:
+        """Serve `version_id` (an adapter or full weights at `path`) to new requests."""
+        started = time.perf_counter()
+        path = str(path)
+        adapter = path if is_adapter(path) else None
+        weights = base_model_path(path)
+        with self._swap_lock:
+            if not _same_path(weights, self._weights):
+                self._swap_weights(version_id, weights, adapter)
+            else:
+                route = self._adapter_route(version_id, adapter) if adapter else None
+                self._switch(route or _Route(version_id, self._base_name, None))
+        self.last_swap_seconds = time.perf_counter() - started
+
+    def close(self) -> None:
+        self._server.close()
+        self._client.close()
+
+    # --- swaps ---
+
+    def _adapter_route(self, version_id: str, adapter: str) -> _Route:
+        """The route of `adapter`, loaded under the name `version_id` unless it still is."""
+        route = self._adapters.get(version_id)
+        if route is None:
+            self._admin("/v1/load_lora_adapter", {"lora_name": version_id, "lora_path": adapter})
+            route = _Route(version_id, version_id, adapter)
+            self._adapters[version_id] = route
+        return route
+
+    def _switch(self, route: _Route) -> None:
+        route.ready.set()
+        with self._cond:
+            old, self._current = self._current, route
+            route.retired = False
+            if old is not route:
+                old.retired = True
+                self._unload_if_idle(old)
+
+    def _swap_weights(self, version_id: str, weights: str, adapter: str | None) -> None:
+        """Drain, reload the base weights, reset the prefix cache, then let new requests go."""
+        name = version_id if adapter else self._base_name
+        route = _Route(version_id, name, adapter)  # not ready: new requests wait on it
+        with self._cond:
+            old, self._current = self._current, route
+            old.retired = True
+            self._cond.wait_for(lambda: self._inflight_except(route) == 0)
+        try:
+            self._reload(weights)
+            if adapter:
+                self._adapters.pop(version_id, None)  # loaded over other weights: load anew
+                self._adapter_route(version_id, adapter)
+                self._adapters[version_id] = route
+        except Exception:
+            with self._cond:  # the old version goes on serving
+                self._current, old.retired = old, False
+            route.ready.set()  # its waiting requests go to vLLM and fail there, not hang
+            raise
+        route.ready.set()
+        with self._cond:
+            for r in list(self._adapters.values()):
+                self._unload_if_idle(r)
+
+    def _inflight_except(self, route: _Route) -> int:
+        return sum(r.inflight for r in self._routes() if r is not route)
+
+    def _routes(self) -> list[_Route]:
+        return [self._current, *self._adapters.values()]
+
+    def _reload(self, weights: str) -> None:
+        self._admin(
+            "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": weights}}
+        )
+        self._admin("/reset_prefix_cache", None)
+        self._weights = weights
+
+    def _unload_if_idle(self, route: _Route) -> None:
+        """Called with `_cond` held: unload a retired adapter once nothing runs on it."""
+        if route.adapter_path and route.retired and route.inflight == 0:
+            threading.Thread(target=self._unload, args=(route,), daemon=True).start()
+
+    def _unload(self, route: _Route) -> None:
+        with self._swap_lock:
+            with self._cond:
+                idle = route.retired and route.inflight == 0 and route is not self._current
+                if not idle or self._adapters.get(route.model) is not route:
+                    return
+                del self._adapters[route.model]
+            # An adapter left loaded costs memory, not correctness.
+            with contextlib.suppress(VllmError):
+                self._admin("/v1/unload_lora_adapter", {"lora_name": route.model})
+
+    def _restore(self) -> None:
+        """After vLLM restarted on its launch weights: load the served version back."""
+        with self._swap_lock:
+            self._adapters.clear()
+            self._weights = self._launch_weights
+            current = self._current
+            if current.adapter_path:
+                need = base_model_path(current.adapter_path)
+            else:
+                need = self._weights if current.model == self._base_name else current.model
+            if not _same_path(need, self._weights):
+                self._reload(need)
+            if current.adapter_path:
+                self._admin(
+                    "/v1/load_lora_adapter",
+                    {"lora_name": current.model, "lora_path": current.adapter_path},
+                )
+                self._adapters[current.model] = current
+
+    # --- requests ---
+
+    def _release(self, route: _Route) -> None:
+        with self._cond:
+            route.inflight -= 1
+            self._cond.notify_all()
+            self._unload_if_idle(route)
+
+    def _wait_until_servable(self, route: _Route) -> None:
+        if not (
+            route.ready.wait(_WAIT_FOR_SERVER_S) and self._server.wait_ready(_WAIT_FOR_SERVER_S)
+        ):
+            raise EngineUnavailableError("the vLLM server is not ready; try again shortly")
+
+    def _aclient(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        client = self._aclients.get(loop)
+        if client is None:
+            client = self._aclients[loop] = self._endpoint.async_client()
+        return client
+
+    def _count_prompt_tokens(self, messages: list[Message]) -> int:
+        text = self._tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _models(self) -> list[dict[str, Any]]:
+        r = self._client.get("/v1/models")
+        if r.status_code != 200:
+            raise VllmError(f"GET /v1/models answered {r.status_code}: {r.text[:300]}")
+        return r.json()["data"]
+
+    def _admin(self, route: str, body: dict[str, Any] | None) -> None:
+        if not self._server.wait_ready(_WAIT_FOR_SERVER_S):
+            raise VllmError("the vLLM server is not ready")
+        r = self._client.post(route, json=body, timeout=120.0)
+        if r.status_code != 200:
+            raise VllmError(f"vLLM {route} answered {r.status_code}: {r.text[:300]}")
+
+
+class VllmGeneration:
+    """One answer streamed from vLLM; iterate it (in a thread) or `achunks()` (on an event
+    loop), once. Every chunk that arrived in one read of the socket comes out as one."""
+
+    def __init__(
+        self, engine: VllmEngine, route: _Route, body: dict[str, Any], prompt_tokens: int
+    ) -> None:
+        self.version_id = route.version_id
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.finish_reason = "stop"
+        self._engine = engine
+        self._route = route
+        self._body = body
+        self._done = False  # the route's lease is given back
+        self._reading = False
+        self._cancelled = False
+
+    def _end(self) -> None:
+        with self._engine._cond:
+            if self._done:
+                return
+            self._done = True
+        self._engine._release(self._route)
+
+    def _start(self) -> bool:
+        """Mark the stream as read; False if it was cancelled before that."""
+        self._reading = True
+        if self._cancelled:
+            self._end()
+        return not self._cancelled
+
+    def __iter__(self) -> Iterator[str]:
+        if not self._start():
+            return
+        try:
+            self._engine._wait_until_servable(self._route)
+            client = self._engine._client
+            with client.stream("POST", "/v1/chat/completions", json=self._body) as r:
+                if r.status_code != 200:
+                    raise _refused(r.status_code, r.read())
+                for line in r.iter_lines():
+                    if self._cancelled:
+                        return
+                    text = self._event(line)
+                    if text:
+                        yield text
+        except httpx.HTTPError as exc:
+            raise EngineUnavailableError(f"the vLLM server failed mid-answer: {exc}") from exc
+        finally:
+            self._end()
+
+    async def achunks(self, merge_s: float = 0.0) -> AsyncIterator[str]:
+        if not self._start():
+            return
+        try:
+            if not self._route.ready.is_set() or not self._engine._server.wait_ready(0):
+                await asyncio.to_thread(self._engine._wait_until_servable, self._route)
+            client = self._engine._aclient()
+            async with client.stream("POST", "/v1/chat/completions", json=self._body) as r:
+                if r.status_code != 200:
+                    raise _refused(r.status_code, await r.aread())
+                pending = b""
+                async for data in r.aiter_raw():
+                    pending += data
+                    *events, pending = pending.split(b"\n\n")
+                    text = "".join(self._event(e.decode()) for e in events)
+                    if text:
+                        yield text
+                    if self._cancelled:
+                        return
+        except httpx.HTTPError as exc:
+            raise EngineUnavailableError(f"the vLLM server failed mid-answer: {exc}") from exc
+        finally:
+            self._end()
+
+    def _event(self, line: str) -> str:
+        """The text of one SSE event (`data: {...}`); usage and finish reason are kept."""
+        if not line.startswith("data: ") or line.startswith("data: [DONE]"):
+            return ""
+        payload = json.loads(line[6:])
+        if "error" in payload:
+            raise EngineUnavailableError(f"vLLM: {payload['error'].get('message')}")
+        usage = payload.get("usage")
+        if usage:
+            self.prompt_tokens = usage["prompt_tokens"]
+            self.completion_tokens = usage["completion_tokens"]
+        choices = payload.get("choices")
+        if not choices:
+            return ""
+        choice = choices[0]
+        if choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
+        return choice.get("delta", {}).get("content") or ""
+
+    def cancel(self) -> None:
+        """Stop reading; closing the stream makes vLLM abort the request."""
+        self._cancelled = True
+        if not self._reading:
+            self._end()
+
+
+def _refused(status: int, body: bytes) -> Exception:
+    message = body.decode(errors="replace")[:500]
+    return EngineUnavailableError(f"vLLM refused the request ({status}): {message}")
