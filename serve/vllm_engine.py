@@ -82,6 +82,7 @@ class VllmEngine:
         self._cond = threading.Condition()
         self._swap_lock = threading.Lock()  # one swap (or adapter unload) at a time
         self._adapters: dict[str, _Route] = {}  # loaded in vLLM, by adapter name
+        self._active: set[_Route] = set()  # routes with requests in flight
         self._current = _Route("", self._base_name, None)
         self._current.ready.set()
         self.last_swap_seconds = 0.0
@@ -104,6 +105,7 @@ class VllmEngine:
         with self._cond:
             route = self._current
             route.inflight += 1
+            self._active.add(route)
         body = {
             "model": route.model,
             "messages": [{"role": m.role, "content": m.content} for m in messages],
@@ -121,6 +123,8 @@ class VllmEngine:
         path = str(path)
         adapter = path if is_adapter(path) else None
         weights = base_model_path(path)
+        if not self._server.wait_ready(_WAIT_FOR_SERVER_S):
+            raise VllmError("the vLLM server is not ready; nothing was swapped")
         with self._swap_lock:
             if not _same_path(weights, self._weights):
                 self._swap_weights(version_id, weights, adapter)
@@ -178,10 +182,7 @@ class VllmEngine:
                 self._unload_if_idle(r)
 
     def _inflight_except(self, route: _Route) -> int:
-        return sum(r.inflight for r in self._routes() if r is not route)
-
-    def _routes(self) -> list[_Route]:
-        return [self._current, *self._adapters.values()]
+        return sum(r.inflight for r in self._active if r is not route)
 
     def _reload(self, weights: str) -> None:
         self._admin(
@@ -230,6 +231,8 @@ class VllmEngine:
     def _release(self, route: _Route) -> None:
         with self._cond:
             route.inflight -= 1
+            if route.inflight == 0:
+                self._active.discard(route)
             self._cond.notify_all()
             self._unload_if_idle(route)
 
@@ -261,8 +264,6 @@ class VllmEngine:
         return r.json()["data"]
 
     def _admin(self, route: str, body: dict[str, Any] | None) -> None:
-        if not self._server.wait_ready(_WAIT_FOR_SERVER_S):
-            raise VllmError("the vLLM server is not ready")
         r = self._client.post(route, json=body, timeout=120.0)
         if r.status_code != 200:
             raise VllmError(f"vLLM {route} answered {r.status_code}: {r.text[:300]}")

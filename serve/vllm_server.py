@@ -128,7 +128,8 @@ class VllmServer:
     """Starts vLLM, waits until it answers, restarts it after a crash or when it stops
     answering, and stops it (the whole process group) on `close()`.
 
-    Logs go to `<run_dir>/vllm.log`, appended to across restarts. After a restart,
+    Logs go to `<run_dir>/vllm.log`, appended to across restarts; `<run_dir>/vllm.pid` holds the
+    pid of the running server (its process group: the engine and workers it started). After a restart,
     `on_restart` runs before the server is reported ready again, so that the engine can load the
     served weights and adapter back."""
 
@@ -143,6 +144,7 @@ class VllmServer:
         self.launch = launch
         self.run_dir = Path(run_dir)
         self.log_path = self.run_dir / "vllm.log"
+        self.pid_path = self.run_dir / "vllm.pid"
         self.ready_timeout_s = ready_timeout_s
         self.on_restart = on_restart
         self.restarts = 0
@@ -209,6 +211,7 @@ class VllmServer:
             env=env,
             start_new_session=True,  # its engine and worker processes go with it on close
         )
+        self.pid_path.write_text(f"{self._proc.pid}\n")
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout_s
@@ -297,6 +300,7 @@ class VllmServer:
             self._log = None
         if self.endpoint.uds:
             Path(self.endpoint.uds).unlink(missing_ok=True)
+        self.pid_path.unlink(missing_ok=True)
 
 
 def _signal_group(proc: subprocess.Popen[Any] | None, sig: int) -> None:

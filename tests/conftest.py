@@ -23,3 +23,24 @@ def tiny_model_dir_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tuneloop.train.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model-seed1"), seed=1)
+
+
+# --- vLLM -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> str:
+    """The interpreter of vLLM's own environment (README: "vLLM engine"): TUNELOOP_VLLM_PYTHON,
+    else ~/.cache/tuneloop/vllm-venv/bin/python. Missing: skipped on a developer's machine, a
+    failure in CI, which builds it (.ci/run)."""
+    import os
+
+    python = os.environ.get("TUNELOOP_VLLM_PYTHON") or str(
+        Path.home() / ".cache/tuneloop/vllm-venv/bin/python"
+    )
+    if not Path(python).exists():
+        message = f"no vLLM environment at {python} (set TUNELOOP_VLLM_PYTHON)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
