@@ -50,7 +50,7 @@ class ServerProcess:
     Use as a context manager: entering starts the process and waits until `GET /health` answers
     200; leaving sends SIGINT (a clean shutdown that closes the store) and kills the process if it
     has not exited after `stop_timeout` seconds. The server's output goes to `data_dir/server.log`;
-    `env` adds variables to its environment.
+    `args` go to `tuneloop up` after the others; `env` adds variables to its environment.
     """
 
     def __init__(
@@ -59,6 +59,7 @@ class ServerProcess:
         data_dir: Path,
         *,
         max_concurrency: int = 8,
+        args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         start_timeout: float = 180.0,
         stop_timeout: float = 15.0,
@@ -69,6 +70,7 @@ class ServerProcess:
         self.url = f"http://{HOST}:{self.port}"
         self.log_path = data_dir / "server.log"
         self._max_concurrency = max_concurrency
+        self._args = list(args)
         self._env = os.environ | (env or {})
         self._start_timeout = start_timeout
         self._stop_timeout = stop_timeout
@@ -97,6 +99,7 @@ class ServerProcess:
             str(self._max_concurrency),
             "--data-dir",
             str(self.data_dir),
+            *self._args,
         ]
         with self.log_path.open("wb") as log:
             self._proc = subprocess.Popen(

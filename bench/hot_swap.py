@@ -6,16 +6,22 @@ Reported, for the promotion and for the rollback:
 
 - failed requests (any error or non-200): goal 0;
 - responses mixing versions: goal 0. Decoding is greedy, so every answer must equal, character for
-  character, what the version named in its chunks answers alone (computed beforehand in this
-  process with the same engine); a stream whose chunks name two versions, or whose stored
-  `model_version_id` differs from its chunks, counts too;
+  character, what the version named in its chunks answers alone (asked one at a time through the
+  same server before the load starts: promote, ask, promote back); a stream whose chunks name two
+  versions, or whose stored `model_version_id` differs from its chunks, counts too;
 - seconds from sending the promote (rollback) request to the first text chunk of the new version
-  (of the first request that starts after it): goal under 1 s on a demo-sized model.
+  (of the first request that starts after it): goal under 1 s on a demo-sized model (on vLLM:
+  for a LoRA candidate).
 
-Both versions are models of the demo model's shape (hidden 96, 4 layers, vocab 4096) with
-different random weights, unless `--model` and `--candidate` name checkpoints or version dirs.
+The served version is a model of the demo model's shape (hidden 96, 4 layers, vocab 4096) with
+random weights; the candidate (`--candidate-kind`) is another such model (`full`: on vLLM a
+merged-weights swap, drain and reload) or a LoRA adapter over the served model with random
+weights (`lora`: on vLLM a new adapter name). `--model` and `--candidate` name checkpoints or
+version dirs instead. `--engine vllm` serves from vLLM (`--vllm-python`, default `tuneloop
+vllm-env`'s interpreter).
 
-    python bench/hot_swap.py [--streams 8] [--phase-seconds 4] [--max-tokens 32]
+    python bench/hot_swap.py [--engine embedded|vllm] [--candidate-kind full|lora] [--streams 8]
+        [--phase-seconds 4] [--max-tokens 32]
 """
 
 from __future__ import annotations
@@ -33,11 +39,12 @@ import duckdb
 import httpx
 from common import ServerProcess
 
+from tuneloop.artifacts import is_adapter
+from tuneloop.cli_engine import default_vllm_env
 from tuneloop.config import DataDir
 from tuneloop.feedback import registry
 from tuneloop.feedback.store import FeedbackStore
-from tuneloop.records import Message, ModelVersion, SamplingParams
-from tuneloop.serve.engine import EmbeddedEngine
+from tuneloop.records import ModelVersion
 
 PROMPTS = [
     f"Question {i}: what does the {w} module do?"
@@ -72,10 +79,32 @@ class Stream:
     error: str = ""
 
 
-def reference_answers(model: str, max_tokens: int) -> list[str]:
-    engine = EmbeddedEngine(model, "reference")
-    params = SamplingParams(max_tokens, 0.0)
-    return ["".join(engine.stream([Message("user", p)], params)) for p in PROMPTS]
+def answers_alone(url: str, max_tokens: int) -> list[str]:
+    """The served version's greedy answer to each prompt, one request at a time."""
+    answers = []
+    with httpx.Client(base_url=url, timeout=120) as http:
+        for prompt in PROMPTS:
+            body = {
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens,
+                "temperature": 0.0,
+            }
+            r = http.post("/v1/chat/completions", json=body)
+            r.raise_for_status()
+            answers.append(r.json()["choices"][0]["message"]["content"])
+    return answers
+
+
+def random_lora(base: Path, out: Path) -> Path:
+    """A LoRA adapter over `base` with random (not zero) B matrices: other answers."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
 
 
 def client_loop(url: str, max_tokens: int, out: list[Stream], stop: threading.Event, k: int):
@@ -118,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--phase-seconds", type=float, default=4.0)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--engine", choices=("embedded", "vllm"), default="embedded")
+    parser.add_argument("--candidate-kind", choices=("full", "lora"), default="full")
+    parser.add_argument("--vllm-python", default=str(default_vllm_env() / "bin" / "python"))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tuneloop-bench-") as tmp:
         old, new = args.model, args.candidate
@@ -126,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
 
             shape = {"hidden_size": 96, "num_layers": 4, "vocab_size": 4096}
             old = build_tiny_model(Path(tmp) / "old", seed=0, **shape)
-            new = build_tiny_model(Path(tmp) / "new", seed=1, **shape)
+            if args.candidate_kind == "lora":
+                new = random_lora(old, Path(tmp) / "new")
+            else:
+                new = build_tiny_model(Path(tmp) / "new", seed=1, **shape)
         return run(args, Path(old), Path(new), Path(tmp) / "data")
 
 
@@ -134,17 +169,41 @@ def run(args: argparse.Namespace, old: Path, new: Path, data: Path) -> int:
     dd = DataDir(data)
     with FeedbackStore(dd.db) as store:  # the candidate, registered before the server starts
         candidate = registry.register_version(
-            store, ModelVersion("policy-candidate", "policy", str(new), str(new.resolve()))
+            store,
+            ModelVersion(
+                "policy-candidate",
+                "policy",
+                str(old),
+                str(new.resolve()),
+                adapter=is_adapter(new),
+            ),
         ).id
-    refs = {"new": reference_answers(str(new), args.max_tokens)}
-    refs["old"] = reference_answers(str(old), args.max_tokens)
+    engine_args = ["--engine", args.engine]
+    if args.engine == "vllm":
+        engine_args += ["--vllm-python", args.vllm_python]
     streams: list[Stream] = []
     stop = threading.Event()
     marks: dict[str, float] = {}
-    with ServerProcess(old, data, max_concurrency=args.streams) as server:
+    with ServerProcess(
+        old, data, max_concurrency=args.streams, args=engine_args, start_timeout=600
+    ) as server:
         served = httpx.get(f"{server.url}/health").json()["model_version"]
         token = dd.admin_token_file.read_text().strip()
         admin = {"Authorization": f"Bearer {token}"}
+
+        def promote(version: str) -> None:
+            r = httpx.post(
+                f"{server.url}/v1/admin/promote",
+                json={"version": version},
+                headers=admin,
+                timeout=120,
+            )
+            r.raise_for_status()
+
+        refs = {served: answers_alone(server.url, args.max_tokens)}
+        promote(candidate)
+        refs[candidate] = answers_alone(server.url, args.max_tokens)
+        promote(served)
         threads = [
             threading.Thread(
                 target=client_loop, args=(server.url, args.max_tokens, streams, stop, k)
@@ -155,13 +214,7 @@ def run(args: argparse.Namespace, old: Path, new: Path, data: Path) -> int:
             t.start()
         time.sleep(args.phase_seconds)
         marks["promote"] = time.perf_counter()
-        r = httpx.post(
-            f"{server.url}/v1/admin/promote",
-            json={"version": candidate},
-            headers=admin,
-            timeout=120,
-        )
-        r.raise_for_status()
+        promote(candidate)
         marks["promote_done"] = time.perf_counter()
         time.sleep(args.phase_seconds)
         marks["rollback"] = time.perf_counter()
@@ -176,7 +229,7 @@ def run(args: argparse.Namespace, old: Path, new: Path, data: Path) -> int:
         .execute("SELECT id, model_version_id FROM responses")
         .fetchall()
     )
-    expected = {served: refs["old"], candidate: refs["new"]}
+    expected = refs
     failed = [s for s in streams if s.error]
     mixed = [
         s
@@ -200,8 +253,8 @@ def run(args: argparse.Namespace, old: Path, new: Path, data: Path) -> int:
     to_new = first_token_after("promote", candidate)
     to_old = first_token_after("rollback", served)
     print(
-        f"streams: {args.streams} clients, {len(streams)} requests, greedy, "
-        f"{args.max_tokens} tokens"
+        f"engine: {args.engine}, candidate: {args.candidate_kind}; streams: {args.streams} "
+        f"clients, {len(streams)} requests, greedy, {args.max_tokens} tokens"
     )
     print(f"versions: {served} (served) -> {candidate} (promoted) -> {served} (rollback)")
     print(f"failed requests: {len(failed)}   (goal 0)")

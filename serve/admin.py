@@ -26,6 +26,7 @@ from tuneloop.pipeline import JobSettings
 from tuneloop.records import to_json_dict
 from tuneloop.serve.chat_service import ChatService
 from tuneloop.serve.control import BusyError, LoopControl
+from tuneloop.serve.engine import EngineLoadError
 
 
 class TrainIn(BaseModel):
@@ -133,6 +134,8 @@ def create_admin_router(
             raise HTTPException(404, str(exc)) from exc
         except RegistryError as exc:
             raise HTTPException(409, str(exc)) from exc
+        except EngineLoadError as exc:
+            raise HTTPException(500, str(exc)) from exc
         return to_json_dict(version)
 
     @router.post("/rollback")
@@ -141,6 +144,8 @@ def create_admin_router(
             version = await run_in_threadpool(control.rollback)
         except RegistryError as exc:
             raise HTTPException(409, str(exc)) from exc
+        except EngineLoadError as exc:
+            raise HTTPException(500, str(exc)) from exc
         return to_json_dict(version)
 
     return router

@@ -20,7 +20,7 @@ from tuneloop.feedback.snapshot import latest_snapshot
 from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
 from tuneloop.pipeline import JOBS, GateSettings, JobSettings, Pipeline
 from tuneloop.records import ModelVersion
-from tuneloop.serve.engine import Engine
+from tuneloop.serve.engine import Engine, EngineLoadError
 
 
 class BusyError(RuntimeError):
@@ -73,7 +73,13 @@ class LoopControl:
     def swap(self, version: ModelVersion) -> None:
         """Load `version` beside the served weights, then switch new requests to it."""
         self.log(f"loading {version.id} ({version.artifact_path})")
-        self.engine.load(version.id, version.artifact_path)
+        try:
+            self.engine.load(version.id, version.artifact_path)
+        except Exception as exc:
+            served = self.engine.version
+            raise EngineLoadError(
+                f"loading {version.id} failed ({exc}); {served} is still served"
+            ) from exc
         # The new weights' objects would otherwise make every full GC pass slower (see server).
         gc.collect()
         gc.freeze()

@@ -28,6 +28,10 @@ class EngineUnavailableError(RuntimeError):
     """The engine cannot answer now (a remote engine is down or restarting)."""
 
 
+class EngineLoadError(RuntimeError):
+    """A version could not be loaded; the engine serves what it served before."""
+
+
 class Generation(Protocol):
     """One answer being generated. Iterate for text chunks; stats are final after the end."""
 

@@ -49,10 +49,12 @@ class _Route:
 
     version_id: str
     model: str
-    adapter_path: str | None
+    weights: str  # the base weights vLLM must hold for it
+    adapter_path: str | None = None
     ready: threading.Event = field(default_factory=threading.Event)
     inflight: int = 0
     retired: bool = False
+    failed: bool = False  # its swap failed: requests waiting on it are refused
 
 
 def _same_path(a: str | Path, b: str | Path) -> bool:
@@ -83,7 +85,7 @@ class VllmEngine:
         self._swap_lock = threading.Lock()  # one swap (or adapter unload) at a time
         self._adapters: dict[str, _Route] = {}  # loaded in vLLM, by adapter name
         self._active: set[_Route] = set()  # routes with requests in flight
-        self._current = _Route("", self._base_name, None)
+        self._current = _Route("", self._base_name, self._weights)
         self._current.ready.set()
         self.last_swap_seconds = 0.0
         self.load(version_id, path)
@@ -127,10 +129,13 @@ class VllmEngine:
             raise VllmError("the vLLM server is not ready; nothing was swapped")
         with self._swap_lock:
             if not _same_path(weights, self._weights):
-                self._swap_weights(version_id, weights, adapter)
+                self._swap_weights(
+                    _Route(version_id, self._name(version_id, adapter), weights, adapter)
+                )
+            elif adapter:
+                self._switch(self._adapter_route(version_id, adapter))
             else:
-                route = self._adapter_route(version_id, adapter) if adapter else None
-                self._switch(route or _Route(version_id, self._base_name, None))
+                self._switch(_Route(version_id, self._base_name, weights))
         self.last_swap_seconds = time.perf_counter() - started
 
     def close(self) -> None:
@@ -139,14 +144,21 @@ class VllmEngine:
 
     # --- swaps ---
 
+    def _name(self, version_id: str, adapter: str | None) -> str:
+        """What requests for a version call the model: its adapter's name, else the base's."""
+        return version_id if adapter else self._base_name
+
     def _adapter_route(self, version_id: str, adapter: str) -> _Route:
         """The route of `adapter`, loaded under the name `version_id` unless it still is."""
         route = self._adapters.get(version_id)
         if route is None:
-            self._admin("/v1/load_lora_adapter", {"lora_name": version_id, "lora_path": adapter})
-            route = _Route(version_id, version_id, adapter)
+            self._load_adapter(version_id, adapter)
+            route = _Route(version_id, version_id, self._weights, adapter)
             self._adapters[version_id] = route
         return route
+
+    def _load_adapter(self, name: str, adapter: str) -> None:
+        self._admin("/v1/load_lora_adapter", {"lora_name": name, "lora_path": adapter})
 
     def _switch(self, route: _Route) -> None:
         route.ready.set()
@@ -157,24 +169,30 @@ class VllmEngine:
                 old.retired = True
                 self._unload_if_idle(old)
 
-    def _swap_weights(self, version_id: str, weights: str, adapter: str | None) -> None:
-        """Drain, reload the base weights, reset the prefix cache, then let new requests go."""
-        name = version_id if adapter else self._base_name
-        route = _Route(version_id, name, adapter)  # not ready: new requests wait on it
+    def _swap_weights(self, route: _Route) -> None:
+        """Drain, reload the base weights, reset the prefix cache, then let new requests go.
+
+        `route` is not ready yet: new requests take it and wait. If the reload fails, the old
+        weights are loaded back, the old version serves again, and the requests that waited are
+        refused (they were promised the new version)."""
         with self._cond:
             old, self._current = self._current, route
             old.retired = True
             self._cond.wait_for(lambda: self._inflight_except(route) == 0)
         try:
-            self._reload(weights)
-            if adapter:
-                self._adapters.pop(version_id, None)  # loaded over other weights: load anew
-                self._adapter_route(version_id, adapter)
-                self._adapters[version_id] = route
+            self._reload(route.weights)
+            if route.adapter_path:
+                # An adapter still loaded is the same adapter over the same root base: keep it.
+                if route.model not in self._adapters:
+                    self._load_adapter(route.model, route.adapter_path)
+                self._adapters[route.model] = route
         except Exception:
-            with self._cond:  # the old version goes on serving
+            route.failed = True
+            with contextlib.suppress(VllmError, httpx.HTTPError):
+                self._reload(old.weights)
+            with self._cond:
                 self._current, old.retired = old, False
-            route.ready.set()  # its waiting requests go to vLLM and fail there, not hang
+            route.ready.set()
             raise
         route.ready.set()
         with self._cond:
@@ -213,17 +231,10 @@ class VllmEngine:
             self._adapters.clear()
             self._weights = self._launch_weights
             current = self._current
+            if not _same_path(current.weights, self._weights):
+                self._reload(current.weights)
             if current.adapter_path:
-                need = base_model_path(current.adapter_path)
-            else:
-                need = self._weights if current.model == self._base_name else current.model
-            if not _same_path(need, self._weights):
-                self._reload(need)
-            if current.adapter_path:
-                self._admin(
-                    "/v1/load_lora_adapter",
-                    {"lora_name": current.model, "lora_path": current.adapter_path},
-                )
+                self._load_adapter(current.model, current.adapter_path)
                 self._adapters[current.model] = current
 
     # --- requests ---
@@ -325,8 +336,9 @@ class VllmGeneration:
         if not self._start():
             return
         try:
-            if not self._route.ready.is_set() or not self._engine._server.wait_ready(0):
-                await asyncio.to_thread(self._engine._wait_until_servable, self._route)
+            route, server = self._route, self._engine._server
+            if not route.ready.is_set() or route.failed or not server.wait_ready(0):
+                await asyncio.to_thread(self._engine._wait_until_servable, route)
             client = self._engine._aclient()
             async with client.stream("POST", "/v1/chat/completions", json=self._body) as r:
                 if r.status_code != 200:

@@ -129,9 +129,9 @@ class VllmServer:
     answering, and stops it (the whole process group) on `close()`.
 
     Logs go to `<run_dir>/vllm.log`, appended to across restarts; `<run_dir>/vllm.pid` holds the
-    pid of the running server (its process group: the engine and workers it started). After a restart,
-    `on_restart` runs before the server is reported ready again, so that the engine can load the
-    served weights and adapter back."""
+    pid of the running server, whose process group holds the engine and workers it started.
+    After a restart, `on_restart` runs before the server is reported ready again, so that the
+    engine can load the served weights and adapter back."""
 
     def __init__(
         self,

@@ -14,7 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tuneloop.cli_engine import add_engine_arguments, vllm_settings
+from tuneloop.cli_engine import (
+    add_engine_arguments,
+    add_vllm_env_arguments,
+    make_vllm_env,
+    vllm_settings,
+)
 from tuneloop.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT, DataDir
 from tuneloop.remote import local_or_server
 
@@ -236,6 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
         _cmd_demo_model,
     )
     demo.add_argument("--seconds", type=float, default=150.0, help="training budget")
+
+    vllm_env = command(
+        "vllm-env",
+        "make (or find) vLLM's own Python environment for --engine vllm and print its "
+        "interpreter (the CPU build unless --gpu; ~3.5 GB, a few minutes)",
+        make_vllm_env,
+    )
+    add_vllm_env_arguments(vllm_env)
 
     stats = command("stats", "feedback rows per kind", _cmd_stats)
     stats.add_argument("--json", action="store_true")

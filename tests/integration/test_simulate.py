@@ -1,7 +1,7 @@
-"""The whole loop in one test: `tuneloop simulate` on a demo model built here. Simulated users chat
-through the API, simulated raters compare answers, the server trains a reward model and DPO,
-gates the candidate, promotes it and hot-swaps; the new version must beat the baseline on
-held-out questions by the raters' own preference."""
+"""The whole loop in one test, on each engine: `tuneloop simulate` on a demo model built here.
+Simulated users chat through the API, simulated raters compare answers, the server trains a
+reward model and DPO, gates the candidate, promotes it and hot-swaps; the new version must beat
+the baseline on held-out questions by the raters' own preference."""
 
 from __future__ import annotations
 
@@ -13,11 +13,21 @@ from pathlib import Path
 import pytest
 
 
-@pytest.mark.slow
-def test_simulate_learns_the_raters_preference_end_to_end(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tuneloop.train.demo_model import build_demo_model
 
-    demo = build_demo_model(tmp_path / "demo", seconds=90, progress=False)
+    return build_demo_model(tmp_path_factory.mktemp("demo"), seconds=90, progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["embedded", pytest.param("vllm", marks=pytest.mark.vllm)])
+def test_simulate_learns_the_raters_preference_end_to_end(
+    tmp_path: Path, demo: Path, engine: str, request: pytest.FixtureRequest
+) -> None:
+    engine_args = ["--engine", engine]
+    if engine == "vllm":
+        engine_args += ["--vllm-python", request.getfixturevalue("vllm_python")]
     data_dir = tmp_path / "sim"
     proc = subprocess.run(
         [
@@ -37,6 +47,7 @@ def test_simulate_learns_the_raters_preference_end_to_end(tmp_path: Path) -> Non
             "32",
             "--samples",
             "4",
+            *engine_args,
         ],
         capture_output=True,
         text=True,

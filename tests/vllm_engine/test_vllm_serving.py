@@ -27,7 +27,9 @@ from loop_client import (
 )
 
 from tuneloop.config import DataDir, VllmSettings
+from tuneloop.feedback.registry import register_version
 from tuneloop.feedback.store import FeedbackStore
+from tuneloop.records import ModelVersion
 from tuneloop.serve.server import resolve_served_version
 from tuneloop.serve.vllm_server import VllmEndpoint
 
@@ -72,12 +74,18 @@ def server(
     vllm_python: str,
 ) -> Iterator[LiveServer]:
     """policy-v1: other full weights (a merged swap); policy-v2: a LoRA adapter over the base;
-    policy-v3: the base itself, served first."""
+    policy-v3: the base itself, served first; policy-v4: weights of another shape, which vLLM
+    cannot load over the base."""
+    from tuneloop.train.tiny_model import build_tiny_model
+
+    other_shape = build_tiny_model(tmp_path_factory.mktemp("other-shape"), hidden_size=128)
     dd = DataDir(tmp_path_factory.mktemp("vllm") / "data")
     store = FeedbackStore(dd.db)
     try:
         for model in (tiny_model_dir_b, lora_policy, tiny_model_dir):
             resolve_served_version(store, str(model), lambda: Path("unused"))
+        broken = ModelVersion("policy-v4", "policy", str(tiny_model_dir), str(other_shape))
+        register_version(store, broken)
     finally:
         store.close()
     settings = VllmSettings(
@@ -192,6 +200,19 @@ def test_lora_and_merged_swaps_and_rollback_under_streams(server: LiveServer) ->
         assert stored[a.id] == model
         assert a.text == reference[model][a.prompt], (model, a.prompt)  # no mixed answer
     assert {next(iter(a.models)) for a in log.answers} == {"policy-v1", "policy-v2", "policy-v3"}
+
+
+def test_a_version_vllm_cannot_load_leaves_serving_alone(server: LiveServer) -> None:
+    served, before = health(server), answers(server)
+    with admin(server) as api:
+        r = api.post("/v1/admin/promote", json={"version": "policy-v4"})
+        assert r.status_code == 500, r.text
+        assert r.json()["detail"].startswith("loading policy-v4 failed")
+        assert f"{served} is still served" in r.json()["detail"]
+        versions = {v["id"]: v["status"] for v in api.get("/v1/admin/versions").json()}
+    assert versions[served] == "promoted" and versions["policy-v4"] == "candidate"
+    assert health(server) == served
+    assert answers(server) == before
 
 
 def test_a_killed_vllm_comes_back_serving_the_same_version(server: LiveServer) -> None:

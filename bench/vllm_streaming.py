@@ -1,0 +1,135 @@
+"""Benchmark: streaming chat through tuneloop's `POST /v1/chat/completions` vs straight to the same
+vLLM server, in one run, at several concurrency levels.
+
+One vLLM server (the interpreter from `--vllm-python`, default `tuneloop vllm-env`'s) serves the
+model on a Unix socket, as `tuneloop up --engine vllm` would start it. `tuneloop up --engine vllm
+--vllm-url unix:SOCKET` attaches to it in a process of its own. Both paths are HTTP clients in
+this process, reading SSE as the `openai` client would:
+
+- vllm: `POST /v1/chat/completions` on vLLM's socket, with its API key.
+- tuneloop: the same request to tuneloop's port; tuneloop stores every answer in DuckDB too.
+
+Greedy decoding, fixed `max_tokens`, MT-bench first turns. A round sends every prompt through one
+path, `concurrency` at a time; the paths alternate round by round, and the ratio judged is the
+median of the pairs' ratios (tokens/s of tuneloop over tokens/s of vLLM). CPU ms per token is
+reported for this process, tuneloop's server, and vLLM's processes together.
+
+Goal: tuneloop tokens/s >= 0.95 x vLLM tokens/s at every concurrency level.
+
+    python bench/vllm_streaming.py [--vllm-python PY] [--model DIR] [--max-tokens 64]
+        [--rounds 6] [--concurrency 1 8 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from common import ServerProcess
+from sse_streams import MT_BENCH, Answer, load_prompts, report, run_round, stream_answer
+
+from tuneloop.cli_engine import default_vllm_env
+from tuneloop.records import SamplingParams
+from tuneloop.serve.vllm_server import VllmLaunch, VllmServer
+
+GOAL_RATIO = 0.95
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The processes of one process group (vLLM's API server, engine core and worker)."""
+    pids = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getpgid(int(entry)) == pgid:
+                pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def run(args: argparse.Namespace, model: Path, tmp: Path) -> int:
+    launch = VllmLaunch(VllmLaunch.python_command(args.vllm_python), str(model))
+    vllm = VllmServer(launch, tmp / "vllm")
+    vllm.start()
+    endpoint = vllm.endpoint
+    prompts = load_prompts(2 * max(args.concurrency))
+    params = SamplingParams(args.max_tokens, 0.0, 1.0)
+    attach = ["--engine", "vllm", "--vllm-url", f"unix:{endpoint.uds}"]
+    limits = httpx.Limits(max_connections=max(args.concurrency))
+    try:
+        with (
+            ServerProcess(
+                model,
+                tmp / "server",
+                max_concurrency=max(args.concurrency),
+                args=attach,
+                env={"VLLM_API_KEY": endpoint.api_key or ""},
+            ) as server,
+            endpoint.client(timeout=300.0) as direct,
+            httpx.Client(base_url=server.url, timeout=300.0, limits=limits) as api,
+        ):
+            paths: dict[str, Callable[[str], Answer]] = {
+                "vllm": lambda p: stream_answer(direct, p, params, model=launch.served_name),
+                "tuneloop": lambda p: stream_answer(api, p, params),
+            }
+            for answer in paths.values():  # warm-up, not measured
+                answer(prompts[0])
+            pids = [server.pid, *group_pids(vllm.pid or 0)]
+            print(
+                f"model: {model}  max_tokens: {args.max_tokens}  prompts per round: twice "
+                f"the concurrency ({'MT-bench' if MT_BENCH.exists() else 'built-in'})  "
+                f"rounds per path: {args.rounds}  cpus: {os.cpu_count()}"
+            )
+            results = []
+            for concurrency in args.concurrency:
+                level = prompts[: max(2 * concurrency, 4)]
+                rounds = [
+                    run_round(path, paths[path], level, concurrency, pids)
+                    for i in range(args.rounds)
+                    for path in (("vllm", "tuneloop") if i % 2 == 0 else ("tuneloop", "vllm"))
+                ]
+                results.append(report(rounds, concurrency, GOAL_RATIO, "vllm", "tuneloop"))
+    finally:
+        vllm.close()
+    met = all(ratio >= GOAL_RATIO for ratio, _ in results)
+    summary = ", ".join(
+        f"c={c}: {ratio:.3f}" for c, (ratio, _) in zip(args.concurrency, results, strict=True)
+    )
+    print(
+        f"goal: tuneloop tokens/s >= {GOAL_RATIO} x vLLM: {'met' if met else 'MISSED'} ({summary})"
+    )
+    return 0 if all(same for _, same in results) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--vllm-python",
+        default=str(default_vllm_env() / "bin" / "python"),
+        help="vLLM's interpreter (default: %(default)s, made by `tuneloop vllm-env`)",
+    )
+    parser.add_argument("--model", type=Path, help="model dir (default: a tiny random model)")
+    parser.add_argument("--hidden-size", type=int, default=256, help="of the default model")
+    parser.add_argument("--num-layers", type=int, default=4, help="of the default model")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=6, help="rounds per path and concurrency")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="tuneloop-bench-") as tmp:
+        model = args.model
+        if model is None:
+            from tuneloop.train.tiny_model import build_tiny_model
+
+            model = build_tiny_model(
+                Path(tmp) / "model", hidden_size=args.hidden_size, num_layers=args.num_layers
+            )
+        return run(args, model, Path(tmp))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
