@@ -263,6 +263,11 @@ def run(args: argparse.Namespace, old: Path, new: Path, data: Path) -> int:
         f"promote request took {marks['promote_done'] - marks['promote']:.2f} s; "
         f"rollback {marks['rollback_done'] - marks['rollback']:.2f} s"
     )
+    ttft = sorted(s.first_chunk - s.started for s in streams if not s.error and s.first_chunk)
+    print(
+        f"time to first token of any request under this load: p50 {ttft[len(ttft) // 2]:.2f} s"
+        " (part of both figures below: a request started after the swap waits that long too)"
+    )
     print(f"promote -> first token of {candidate}: {to_new:.2f} s   (goal < {GOAL_SWAP_S} s)")
     print(f"rollback -> first token of {served}: {to_old:.2f} s   (goal < {GOAL_SWAP_S} s)")
     for s in failed[:3]:

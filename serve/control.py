@@ -80,10 +80,13 @@ class LoopControl:
             raise EngineLoadError(
                 f"loading {version.id} failed ({exc}); {served} is still served"
             ) from exc
+        loaded = self.engine.last_swap_seconds
         # The new weights' objects would otherwise make every full GC pass slower (see server).
+        started = time.perf_counter()
         gc.collect()
         gc.freeze()
-        self.log(f"serving {version.id}")
+        collected = time.perf_counter() - started
+        self.log(f"serving {version.id} (swap {loaded:.3f} s, gc {collected:.3f} s)")
 
     def _pipeline(self, trigger: str) -> Pipeline:
         return Pipeline(

@@ -51,6 +51,8 @@ class Generation(Protocol):
 
 
 class Engine(Protocol):
+    last_swap_seconds: float  # how long the last `load` took
+
     @property
     def version(self) -> str: ...
 

@@ -39,6 +39,7 @@ from tuneloop.records import Message, SamplingParams
 from tuneloop.serve.engine import EngineUnavailableError, PromptTooLongError
 from tuneloop.serve.vllm_server import AttachedVllm, VllmError, VllmServer
 
+_NOT_SENT = (httpx.RemoteProtocolError, httpx.ConnectError)
 # How long a request waits for a swap's drain or a restarting server before it is refused.
 _WAIT_FOR_SERVER_S = 300.0
 
@@ -317,8 +318,8 @@ class VllmGeneration:
             return
         try:
             self._engine._wait_until_servable(self._route)
-            client = self._engine._client
-            with client.stream("POST", "/v1/chat/completions", json=self._body) as r:
+            r = self._send()
+            try:
                 if r.status_code != 200:
                     raise _refused(r.status_code, r.read())
                 for line in r.iter_lines():
@@ -327,6 +328,8 @@ class VllmGeneration:
                     text = self._event(line)
                     if text:
                         yield text
+            finally:
+                r.close()
         except httpx.HTTPError as exc:
             raise EngineUnavailableError(f"the vLLM server failed mid-answer: {exc}") from exc
         finally:
@@ -339,8 +342,8 @@ class VllmGeneration:
             route, server = self._route, self._engine._server
             if not route.ready.is_set() or route.failed or not server.wait_ready(0):
                 await asyncio.to_thread(self._engine._wait_until_servable, route)
-            client = self._engine._aclient()
-            async with client.stream("POST", "/v1/chat/completions", json=self._body) as r:
+            r = await self._asend()
+            try:
                 if r.status_code != 200:
                     raise _refused(r.status_code, await r.aread())
                 pending = b""
@@ -352,10 +355,30 @@ class VllmGeneration:
                         yield text
                     if self._cancelled:
                         return
+            finally:
+                await r.aclose()
         except httpx.HTTPError as exc:
             raise EngineUnavailableError(f"the vLLM server failed mid-answer: {exc}") from exc
         finally:
             self._end()
+
+    # A pooled connection that vLLM closed as idle just as it was reused fails before any answer
+    # came back; the request never reached vLLM, so it is sent again, once, on a new connection.
+    def _send(self) -> httpx.Response:
+        client = self._engine._client
+        request = client.build_request("POST", "/v1/chat/completions", json=self._body)
+        try:
+            return client.send(request, stream=True)
+        except _NOT_SENT:
+            return client.send(request, stream=True)
+
+    async def _asend(self) -> httpx.Response:
+        client = self._engine._aclient()
+        request = client.build_request("POST", "/v1/chat/completions", json=self._body)
+        try:
+            return await client.send(request, stream=True)
+        except _NOT_SENT:
+            return await client.send(request, stream=True)
 
     def _event(self, line: str) -> str:
         """The text of one SSE event (`data: {...}`); usage and finish reason are kept."""

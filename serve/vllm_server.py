@@ -38,6 +38,9 @@ _MAX_SOCKET_PATH = 100
 _HEALTH_EVERY_S = 5.0
 _HEALTH_FAILURES_BEFORE_RESTART = 3
 _MAX_RESTART_DELAY_S = 30.0
+# vLLM's uvicorn closes connections idle for 5 s; ours let them go sooner, so that a request is
+# rarely sent on a connection the server is closing (the engine retries once when it is).
+_LIMITS = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=2.0)
 
 
 class VllmError(RuntimeError):
@@ -56,14 +59,18 @@ class VllmEndpoint:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def client(self, timeout: float | None = 30.0) -> httpx.Client:
-        transport = httpx.HTTPTransport(uds=self.uds) if self.uds else None
+        transport = httpx.HTTPTransport(uds=self.uds, limits=_LIMITS) if self.uds else None
         return httpx.Client(
-            base_url=self.base_url, headers=self.headers(), timeout=timeout, transport=transport
+            base_url=self.base_url,
+            headers=self.headers(),
+            timeout=timeout,
+            transport=transport,
+            limits=_LIMITS,
         )
 
     def async_client(self, timeout: float | None = None) -> httpx.AsyncClient:
-        transport = httpx.AsyncHTTPTransport(uds=self.uds) if self.uds else None
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        transport = httpx.AsyncHTTPTransport(uds=self.uds, limits=_LIMITS) if self.uds else None
+        limits = _LIMITS
         return httpx.AsyncClient(
             base_url=self.base_url,
             headers=self.headers(),
