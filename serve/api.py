@@ -253,8 +253,10 @@ def create_api(service: ChatService) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest) -> Any:
         messages = [Message(m.role, m.text()) for m in req.messages]
         try:
-            turn = await run_in_threadpool(
-                service.chat,
+            # Inline, not in a worker thread: starting a turn is short CPU work that never
+            # blocks (the chat template, tokenizing, ids held in memory); generation and the
+            # store's writes run elsewhere.
+            turn = service.chat(
                 messages,
                 req.params(),
                 conversation_id=req.conversation_id,

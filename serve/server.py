@@ -90,6 +90,7 @@ def open_engine(config: ServeConfig, version: ModelVersion) -> Engine:
             max_loras=max(4, config.max_concurrency),
             dtype=vs.dtype,
             kv_cache_gib=vs.kv_cache_gib,
+            nice=vs.nice,
             extra_args=vs.extra_args,
         )
         server = VllmServer(launch, config.data_dir.root / "vllm")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
 from tuneloop.artifacts import base_model_path, is_adapter, load_tokenizer
 from tuneloop.records import Message, SamplingParams
@@ -262,6 +262,7 @@ class VllmEngine:
         return client
 
     def _count_prompt_tokens(self, messages: list[Message]) -> int:
+        """What vLLM will count: the chat template, then tokens without special ones added."""
         text = self._tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in messages],
             add_generation_prompt=True,
@@ -384,7 +385,7 @@ class VllmGeneration:
         """The text of one SSE event (`data: {...}`); usage and finish reason are kept."""
         if not line.startswith("data: ") or line.startswith("data: [DONE]"):
             return ""
-        payload = json.loads(line[6:])
+        payload = orjson.loads(line[6:])
         if "error" in payload:
             raise EngineUnavailableError(f"vLLM: {payload['error'].get('message')}")
         usage = payload.get("usage")

@@ -102,6 +102,8 @@ class VllmLaunch:
     max_loras: int = 4
     dtype: str = "auto"
     kv_cache_gib: int = 1
+    # A niceness for vLLM's processes (`nice -n`), for a machine where it shares the CPU.
+    nice: int = 0
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
 
@@ -111,6 +113,7 @@ class VllmLaunch:
 
     def argv(self, socket_path: str) -> list[str]:
         return [
+            *(("nice", "-n", str(self.nice)) if self.nice else ()),
             *self.command,
             "--model",
             self.model,

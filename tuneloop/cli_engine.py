@@ -59,6 +59,13 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--vllm-dtype", default="auto", help="default: %(default)s")
     g.add_argument(
+        "--vllm-nice",
+        type=int,
+        default=0,
+        help="run vLLM at this niceness (`nice -n`), below tuneloop's priority where both "
+        "share the CPU (default: %(default)s)",
+    )
+    g.add_argument(
         "--vllm-arg",
         action="append",
         default=[],
@@ -89,6 +96,7 @@ def vllm_settings(args: argparse.Namespace) -> VllmSettings:
         max_lora_rank=args.vllm_max_lora_rank,
         kv_cache_gib=args.vllm_kv_cache_gib,
         dtype=args.vllm_dtype,
+        nice=args.vllm_nice,
         extra_args=tuple(args.vllm_arg),
     )
 

@@ -75,6 +75,7 @@ class VllmSettings:
     max_lora_rank: int = 64
     kv_cache_gib: int = 1
     dtype: str = "auto"
+    nice: int = 0
     extra_args: tuple[str, ...] = ()
 
 

@@ -31,7 +31,7 @@ from tuneloop.feedback.registry import register_version
 from tuneloop.feedback.store import FeedbackStore
 from tuneloop.records import ModelVersion
 from tuneloop.serve.server import resolve_served_version
-from tuneloop.serve.vllm_server import VllmEndpoint
+from tuneloop.serve.vllm_server import VllmEndpoint, VllmError, VllmLaunch, VllmServer
 
 pytestmark = pytest.mark.vllm
 
@@ -258,3 +258,32 @@ def listening_tcp_ports(pgid: int) -> set[int]:
             if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
                 ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
+
+
+def test_attach_to_a_vllm_the_operator_runs(
+    tiny_model_dir: Path, vllm_python: str, tmp_path: Path
+) -> None:
+    """`--vllm-url` with its key: tuneloop serves from it and leaves it running on exit; a wrong
+    key stops tuneloop at start with vLLM's answer."""
+    launch = VllmLaunch(VllmLaunch.python_command(vllm_python), str(tiny_model_dir))
+    vllm = VllmServer(launch, tmp_path / "operators-vllm")
+    vllm.start()
+    try:
+        url = f"unix:{vllm.endpoint.uds}"
+        wrong = VllmSettings(url=url, api_key="not-the-key")
+        with pytest.raises(VllmError, match="401"):
+            next(
+                live_server(tmp_path / "wrong", tiny_model_dir, ui=False, engine="vllm", vllm=wrong)
+            )
+        right = VllmSettings(url=url, api_key=vllm.endpoint.api_key)
+        for server in live_server(
+            tmp_path / "data", tiny_model_dir, ui=False, engine="vllm", vllm=right
+        ):
+            answer = ask(openai_client(server), "What is a list?", max_tokens=8)
+            assert answer.model == health(server) == "policy-v1"
+            assert stored_versions(server.data_dir, [int(answer.id)]) == {
+                int(answer.id): "policy-v1"
+            }
+        assert vllm.endpoint.healthy()  # not tuneloop's to stop
+    finally:
+        vllm.close()
