@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -56,6 +57,33 @@ class _Route:
     inflight: int = 0
     retired: bool = False
     failed: bool = False  # its swap failed: requests waiting on it are refused
+
+
+# What must match for vLLM to load new weights into the model it runs.
+_SHAPE_KEYS = (
+    "architectures",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+
+
+def _check_same_shapes(new: str, served: str) -> None:
+    """Refuse weights of another shape than the served model's before vLLM sees them: a
+    mismatched `reload_weights` kills vLLM's worker (the CPU build 0.32 did)."""
+    configs = [Path(p) / "config.json" for p in (new, served)]
+    if not all(c.exists() for c in configs):
+        return  # hub ids: vLLM's own check is all there is
+    a, b = (json.loads(c.read_text()) for c in configs)
+    differ = [k for k in _SHAPE_KEYS if a.get(k) != b.get(k)]
+    if differ:
+        shown = ", ".join(f"{k} {a.get(k)} vs {b.get(k)}" for k in differ)
+        raise VllmError(f"{new} has another shape than the served model ({shown})")
 
 
 def _same_path(a: str | Path, b: str | Path) -> bool:
@@ -176,6 +204,7 @@ class VllmEngine:
         `route` is not ready yet: new requests take it and wait. If the reload fails, the old
         weights are loaded back, the old version serves again, and the requests that waited are
         refused (they were promised the new version)."""
+        _check_same_shapes(route.weights, self._weights)  # vLLM's worker dies on a mismatch
         with self._cond:
             old, self._current = self._current, route
             old.retired = True

@@ -19,6 +19,7 @@ from transformers import (
 from tuneloop.train import demo_model
 from tuneloop.train.demo_model import MARKER_FILE, RECIPE_VERSION, DemoRecipe, build_demo_model
 from tuneloop.train.tiny_model import (
+    HEAD_DIM,
     IM_END,
     IM_START,
     PAD,
@@ -118,7 +119,9 @@ def test_tiny_model_loads_and_generates(tiny_model_dir: Path) -> None:
     tok, model = load(tiny_model_dir)
     im_end = tok.convert_tokens_to_ids(IM_END)
     assert model.config.tie_word_embeddings
-    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (4, 2)
+    # Heads of 32, the smallest vLLM's CPU attention takes (hidden 64: 2 heads).
+    assert model.config.head_dim == HEAD_DIM == 32
+    assert model.config.num_attention_heads * HEAD_DIM == model.config.hidden_size
     assert model.config.eos_token_id == model.generation_config.eos_token_id == im_end
     assert model.config.pad_token_id == model.generation_config.pad_token_id == tok.pad_token_id
     assert (tiny_model_dir / "model.safetensors").is_file()
