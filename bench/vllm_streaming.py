@@ -14,23 +14,29 @@ path, `concurrency` at a time; the paths alternate round by round, and the ratio
 median of the pairs' ratios (tokens/s of tuneloop over tokens/s of vLLM). CPU ms per token is
 reported for this process, tuneloop's server, and vLLM's processes together.
 
+With `--proxy`, a third path streams through `bench/passthrough_proxy.py` (bytes forwarded, nothing
+parsed or stored): what any Python gateway in front of vLLM costs on this machine.
+
 Goal: tuneloop tokens/s >= 0.95 x vLLM tokens/s at every concurrency level.
 
     python bench/vllm_streaming.py [--vllm-python PY] [--model DIR] [--max-tokens 64]
-        [--rounds 6] [--concurrency 1 8 32]
+        [--rounds 6] [--concurrency 1 8 32] [--proxy]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-from common import ServerProcess, cpu_seconds
+from common import ServerProcess, cpu_seconds, free_port
 from sse_streams import MT_BENCH, Answer, load_prompts, report, run_round, stream_answer
 
 from tuneloop.cli_engine import default_vllm_env
@@ -50,6 +56,32 @@ def group_pids(pgid: int) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+@contextlib.contextmanager
+def passthrough_proxy(socket_path: str | None, api_key: str | None) -> Iterator[httpx.Client]:
+    """bench/passthrough_proxy.py in a process of its own; a client for it."""
+    port = free_port()
+    script = Path(__file__).with_name("passthrough_proxy.py")
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(socket_path), str(port)],
+        env=os.environ | {"VLLM_API_KEY": api_key or ""},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        limits = httpx.Limits(max_connections=None, keepalive_expiry=2.0)
+        with httpx.Client(base_url=url, timeout=300.0, limits=limits) as client:
+            yield client
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def fitting_prompts(model: Path, n: int, max_tokens: int) -> list[str]:
@@ -77,9 +109,11 @@ def run(args: argparse.Namespace, model: Path, tmp: Path) -> int:
     prompts = fitting_prompts(model, 2 * max(args.concurrency), args.max_tokens)
     params = SamplingParams(args.max_tokens, 0.0, 1.0)
     attach = ["--engine", "vllm", "--vllm-url", f"unix:{endpoint.uds}"]
-    limits = httpx.Limits(max_connections=max(args.concurrency))
+    # Idle connections go before the servers' 5 s keep-alive closes them under a reused request.
+    limits = httpx.Limits(max_connections=max(args.concurrency), keepalive_expiry=2.0)
     try:
         with (
+            contextlib.ExitStack() as stack,
             ServerProcess(
                 model,
                 tmp / "server",
@@ -94,6 +128,9 @@ def run(args: argparse.Namespace, model: Path, tmp: Path) -> int:
                 "vllm": lambda p: stream_answer(direct, p, params, model=launch.served_name),
                 "tuneloop": lambda p: stream_answer(api, p, params),
             }
+            if args.proxy:
+                proxy = stack.enter_context(passthrough_proxy(endpoint.uds, endpoint.api_key))
+                paths["proxy"] = lambda p: stream_answer(proxy, p, params, model="base")
             for answer in paths.values():  # warm-up, not measured
                 answer(prompts[0])
             pids = [server.pid, *group_pids(vllm.pid or 0)]
@@ -106,15 +143,26 @@ def run(args: argparse.Namespace, model: Path, tmp: Path) -> int:
             for concurrency in args.concurrency:
                 level = prompts[: max(2 * concurrency, 4)]
                 gateway_cpu = cpu_seconds(server.pid)
-                rounds = [
+                names = list(paths)
+                rounds = [  # each round a rotation of the paths' order
                     run_round(path, paths[path], level, concurrency, pids)
                     for i in range(args.rounds)
-                    for path in (("vllm", "tuneloop") if i % 2 == 0 else ("tuneloop", "vllm"))
+                    for path in names[i % len(names) :] + names[: i % len(names)]
                 ]
-                results.append(report(rounds, concurrency, GOAL_RATIO, "vllm", "tuneloop"))
+                tuneloop_rounds = [r for r in rounds if r.path != "proxy"]
+                results.append(report(tuneloop_rounds, concurrency, GOAL_RATIO, "vllm", "tuneloop"))
                 gateway_cpu = cpu_seconds(server.pid) - gateway_cpu  # idle in vLLM's rounds
                 tokens = sum(r.tokens for r in rounds if r.path == "tuneloop")
                 print(f"  tuneloop's own process: {gateway_cpu / tokens * 1e3:.2f} CPU ms/token")
+                if args.proxy:
+                    print("  for reference, a pass-through proxy (bench/passthrough_proxy.py):")
+                    report(
+                        [r for r in rounds if r.path != "tuneloop"],
+                        concurrency,
+                        GOAL_RATIO,
+                        "vllm",
+                        "proxy",
+                    )
     finally:
         vllm.close()
     met = all(ratio >= GOAL_RATIO for ratio, _ in results)
@@ -140,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=6, help="rounds per path and concurrency")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument(
+        "--proxy",
+        action="store_true",
+        help="also stream through a bare pass-through proxy, as a reference point",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tuneloop-bench-") as tmp:
         model = args.model

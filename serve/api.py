@@ -11,10 +11,10 @@ Contract relied on by other clients and by the benchmarks:
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -170,8 +170,8 @@ def _describe(errors: list[dict[str, Any]]) -> str:
     return "; ".join(parts)
 
 
-def _sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"  # UTF-8, as json.dumps(ensure_ascii=False)
 
 
 def _chunk(turn: ChatTurn, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
@@ -195,7 +195,7 @@ def _usage(turn: ChatTurn) -> dict[str, int]:
     }
 
 
-async def _stream_events(turn: ChatTurn, include_usage: bool) -> AsyncIterator[str]:
+async def _stream_events(turn: ChatTurn, include_usage: bool) -> AsyncIterator[bytes]:
     try:
         yield _sse(_chunk(turn, {"role": "assistant", "content": ""}, None))
         async for text in turn.astream(STREAM_MERGE_S):
@@ -204,7 +204,7 @@ async def _stream_events(turn: ChatTurn, include_usage: bool) -> AsyncIterator[s
         if include_usage:
             last = _chunk(turn, {}, None) | {"choices": [], "usage": _usage(turn)}
             yield _sse(last)
-        yield "data: [DONE]\n\n"
+        yield b"data: [DONE]\n\n"
     finally:
         turn.cancel()  # a client that went away stops the generation
 

@@ -380,7 +380,7 @@ class VllmGeneration:
                 async for data in r.aiter_raw():
                     pending += data
                     *events, pending = pending.split(b"\n\n")
-                    text = "".join(self._event(e.decode()) for e in events)
+                    text = "".join(self._event(e) for e in events)
                     if text:
                         yield text
                     if self._cancelled:
@@ -410,9 +410,9 @@ class VllmGeneration:
         except _NOT_SENT:
             return await client.send(request, stream=True)
 
-    def _event(self, line: str) -> str:
+    def _event(self, line: str | bytes) -> str:
         """The text of one SSE event (`data: {...}`); usage and finish reason are kept."""
-        if not line.startswith("data: ") or line.startswith("data: [DONE]"):
+        if line[:6] not in ("data: ", b"data: ") or line[6:12] in ("[DONE]", b"[DONE]"):
             return ""
         payload = orjson.loads(line[6:])
         if "error" in payload:
