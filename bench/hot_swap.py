@@ -95,18 +95,6 @@ def answers_alone(url: str, max_tokens: int) -> list[str]:
     return answers
 
 
-def random_lora(base: Path, out: Path) -> Path:
-    """A LoRA adapter over `base` with random (not zero) B matrices: other answers."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(base)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(base).save_pretrained(out)
-    return out
-
-
 def client_loop(url: str, max_tokens: int, out: list[Stream], stop: threading.Event, k: int):
     with httpx.Client(base_url=url, timeout=60) as http:
         i = k
@@ -154,12 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tuneloop-bench-") as tmp:
         old, new = args.model, args.candidate
         if old is None or new is None:
-            from tuneloop.train.tiny_model import build_tiny_model
+            from tuneloop.train.tiny_model import build_random_lora, build_tiny_model
 
             shape = {"hidden_size": 96, "num_layers": 4, "vocab_size": 4096}
             old = build_tiny_model(Path(tmp) / "old", seed=0, **shape)
             if args.candidate_kind == "lora":
-                new = random_lora(old, Path(tmp) / "new")
+                new = build_random_lora(old, Path(tmp) / "new")
             else:
                 new = build_tiny_model(Path(tmp) / "new", seed=1, **shape)
         return run(args, Path(old), Path(new), Path(tmp) / "data")

@@ -54,15 +54,9 @@ VLLM_ADMIN_ROUTES = (
 @pytest.fixture(scope="module")
 def lora_policy(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA adapter over the tiny model with random (not zero) B matrices: other answers."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tuneloop.train.tiny_model import build_random_lora
 
-    out = tmp_path_factory.mktemp("lora-policy")
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
-    get_peft_model(model, config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
+    return build_random_lora(tiny_model_dir, tmp_path_factory.mktemp("lora-policy"))
 
 
 @pytest.fixture(scope="module")
