@@ -21,10 +21,24 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[LiveServer]:
-    """One server (API and UI) per test module: starting one loads and warms the model."""
-    yield from live_server(tmp_path_factory.mktemp("ui") / "data", tiny_model_dir)
+@pytest.fixture(scope="module", params=["embedded", pytest.param("vllm", marks=pytest.mark.vllm)])
+def server(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_model_dir: Path,
+) -> Iterator[LiveServer]:
+    """One server (API and UI) per test module and engine: starting one loads the model."""
+    data = tmp_path_factory.mktemp("ui") / "data"
+    if request.param == "embedded":
+        yield from live_server(data, tiny_model_dir)
+        return
+    from tuneloop.config import VllmSettings
+
+    python = request.getfixturevalue("vllm_python")
+    settings = VllmSettings(
+        command=(python, "-m", "vllm.entrypoints.openai.api_server"), dtype="float32"
+    )
+    yield from live_server(data, tiny_model_dir, engine="vllm", vllm=settings)
 
 
 @pytest.fixture(scope="module")
