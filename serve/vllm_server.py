@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,6 +214,12 @@ class VllmServer:
         argv = self.launch.argv(self.endpoint.uds)  # type: ignore[arg-type]
         self._log.write(f"\n=== tuneloop: starting vLLM: {' '.join(argv)}\n".encode())
         self._log.flush()
+        executable = shutil.which(argv[0])
+        if executable is None:
+            raise VllmError(
+                f"cannot start vLLM: {argv[0]} is not an executable here "
+                "(make vLLM's environment with `tuneloop vllm-env`)"
+            )
         self._proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,

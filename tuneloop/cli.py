@@ -62,9 +62,11 @@ def _cmd_up(args: argparse.Namespace) -> int:
     def ready(url: str) -> None:
         print(f"tuneloop: serving {url}  (chat UI at /, API at /v1, docs at /docs)", flush=True)
 
+    from tuneloop.serve.vllm_server import VllmError
+
     try:
         run_server(config, build_demo, on_ready=ready)
-    except StoreLockedError as exc:
+    except (StoreLockedError, VllmError) as exc:
         print(f"tuneloop: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

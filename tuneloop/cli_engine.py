@@ -84,6 +84,10 @@ def vllm_settings(args: argparse.Namespace) -> VllmSettings:
         command = (args.vllm_python, "-m", VLLM_MODULE)
     else:
         command = ()
+    if args.vllm_url and not args.vllm_url.startswith(("http://", "https://", "unix:")):
+        raise SystemExit(
+            f"tuneloop: --vllm-url must start with http://, https:// or unix:, got {args.vllm_url!r}"
+        )
     if not command and not args.vllm_url:
         raise SystemExit(
             "tuneloop: --engine vllm needs --vllm-python, --vllm-command or --vllm-url"

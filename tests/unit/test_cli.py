@@ -93,3 +93,17 @@ def test_commands_go_through_the_server_that_holds_the_file(
 def test_bad_arguments_get_a_clear_error(args: tuple[str, ...], message: str) -> None:
     result = tuneloop(*args)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_vllm_engine_without_a_way_to_reach_vllm_is_refused(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    up = ("up", "--data-dir", str(tmp_path / "d"), "--model", str(tiny_model_dir))
+    nothing = tuneloop(*up, "--engine", "vllm")
+    assert nothing.returncode != 0
+    assert "--engine vllm needs --vllm-python, --vllm-command or --vllm-url" in nothing.stderr
+    missing = tuneloop(*up, "--engine", "vllm", "--vllm-python", str(tmp_path / "no-python"))
+    assert missing.returncode == 1, missing.stderr
+    assert "cannot start vLLM" in missing.stderr and "tuneloop vllm-env" in missing.stderr
+    bad_url = tuneloop(*up, "--engine", "vllm", "--vllm-url", "ftp://x")
+    assert bad_url.returncode != 0 and "--vllm-url must start with" in bad_url.stderr
