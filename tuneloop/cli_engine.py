@@ -85,8 +85,9 @@ def vllm_settings(args: argparse.Namespace) -> VllmSettings:
     else:
         command = ()
     if args.vllm_url and not args.vllm_url.startswith(("http://", "https://", "unix:")):
+        url = args.vllm_url
         raise SystemExit(
-            f"tuneloop: --vllm-url must start with http://, https:// or unix:, got {args.vllm_url!r}"
+            f"tuneloop: --vllm-url must start with http://, https:// or unix:, got {url!r}"
         )
     if not command and not args.vllm_url:
         raise SystemExit(
