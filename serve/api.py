@@ -1,7 +1,8 @@
 """The HTTP API: OpenAI-compatible chat completions, feedback, stats, health.
 
 Contract relied on by other clients and by the benchmarks:
-- `GET /health` -> 200 `{"status": "ok", "model_version": ...}`
+- `GET /health` -> 200 `{"status": "ok", "model_version": ...}`; 503 `"unavailable"` while the
+  engine cannot answer (a vLLM being restarted)
 - `POST /v1/chat/completions` (stream or not); the completion `id` is the stored response's id.
   Extensions: `conversation_id` (continue a stored conversation), `user` (the rater id).
 - `POST /v1/feedback` -> 201 `{"id", "kind"}` once committed; 404 unknown ids; 422 bad input.
@@ -153,7 +154,7 @@ class FeedbackAck(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "unavailable"]
     model_version: str
 
 
@@ -238,8 +239,15 @@ def create_api(service: ChatService) -> FastAPI:
 
     app.add_middleware(BodySizeLimit)
 
-    @app.get("/health", response_model=Health)
-    async def health() -> Health:
+    @app.get(
+        "/health",
+        response_model=Health,
+        responses={503: {"model": Health, "description": "the engine cannot answer now"}},
+    )
+    async def health() -> Any:
+        if not service.engine.ready:  # e.g. vLLM restarting after a crash
+            body = Health(status="unavailable", model_version=service.version)
+            return JSONResponse(body.model_dump(), status_code=503)
         return Health(status="ok", model_version=service.version)
 
     @app.get("/v1/models")

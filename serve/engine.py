@@ -56,6 +56,11 @@ class Engine(Protocol):
     @property
     def version(self) -> str: ...
 
+    @property
+    def ready(self) -> bool:
+        """Whether it can answer now."""
+        ...
+
     def stream(self, messages: list[Message], params: SamplingParams) -> Generation: ...
 
     def load(self, version_id: str, path: str | Path) -> None: ...
@@ -92,6 +97,10 @@ class EmbeddedEngine:
     @property
     def version(self) -> str:
         return self._loaded.version_id
+
+    @property
+    def ready(self) -> bool:
+        return True  # in this process: if this runs, so does the engine
 
     def _load(self, version_id: str, path: str | Path) -> _Loaded:
         import torch

@@ -126,6 +126,11 @@ class VllmEngine:
     def version(self) -> str:
         return self._current.version_id
 
+    @property
+    def ready(self) -> bool:
+        """False while the supervisor restarts vLLM (or an attached one stops answering)."""
+        return self._server.wait_ready(0)
+
     def stream(self, messages: list[Message], params: SamplingParams) -> VllmGeneration:
         prompt_tokens = self._count_prompt_tokens(messages)
         room = self.max_context - prompt_tokens

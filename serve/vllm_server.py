@@ -354,6 +354,7 @@ class AttachedVllm:
             raise VllmError(f"no vLLM server answers at {self.endpoint.base_url}")
 
     def wait_ready(self, timeout: float | None = None) -> bool:
+        """Requests go to it whatever its state: it is the operator's to restart."""
         return True
 
     def close(self) -> None:

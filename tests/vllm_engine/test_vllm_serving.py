@@ -215,6 +215,7 @@ def test_a_killed_vllm_comes_back_serving_the_same_version(server: LiveServer) -
     run_dir = server.data_dir.root / "vllm"
     pid = int((run_dir / "vllm.pid").read_text())
     os.killpg(pid, signal.SIGKILL)
+    assert health_status_becomes(server, 503, within_s=30)  # the supervisor noticed
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         restarted = (run_dir / "vllm.pid").read_text().strip() != str(pid)
@@ -228,8 +229,18 @@ def test_a_killed_vllm_comes_back_serving_the_same_version(server: LiveServer) -
     else:
         raise AssertionError("vLLM did not come back within 240 s")
     assert after == before
+    assert health_status_becomes(server, 200, within_s=5)
     assert health(server) == "policy-v2"
     assert "restarting" in (run_dir / "vllm.log").read_text()
+
+
+def health_status_becomes(server: LiveServer, status: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if httpx.get(f"{server.url}/health", timeout=10).status_code == status:
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def listening_tcp_ports(pgid: int) -> set[int]:
