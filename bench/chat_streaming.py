@@ -42,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-from common import ServerProcess
+from common import ServerProcess, tiny_model
 from sse_streams import MT_BENCH, Answer, load_prompts, report, run_round, stream_answer
 
 from tuneloop.records import Message, SamplingParams
@@ -125,13 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tuneloop-bench-") as tmp:
-        model = args.model
-        if model is None:
-            from tuneloop.train.tiny_model import build_tiny_model
-
-            model = build_tiny_model(
-                Path(tmp) / "model", hidden_size=args.hidden_size, num_layers=args.num_layers
-            )
+        model = args.model or tiny_model(Path(tmp), args.hidden_size, args.num_layers)
         return run(args, model, Path(tmp))
 
 

@@ -30,6 +30,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def tiny_model(tmp: Path, hidden_size: int, num_layers: int) -> Path:
+    """The streaming benchmarks' default model: a random tiny Llama in `tmp/model`."""
+    from tuneloop.train.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp / "model", hidden_size=hidden_size, num_layers=num_layers)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds a process (all its threads) has used so far, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -36,10 +36,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-from common import ServerProcess, cpu_seconds, free_port
+from common import ServerProcess, cpu_seconds, free_port, tiny_model
 from sse_streams import MT_BENCH, Answer, load_prompts, report, run_round, stream_answer
 
 from tuneloop.cli_engine import default_vllm_env
+from tuneloop.config import vllm_python_command
 from tuneloop.records import SamplingParams
 from tuneloop.serve.vllm_server import VllmLaunch, VllmServer
 
@@ -102,7 +103,7 @@ def fitting_prompts(model: Path, n: int, max_tokens: int) -> list[str]:
 
 
 def run(args: argparse.Namespace, model: Path, tmp: Path) -> int:
-    launch = VllmLaunch(VllmLaunch.python_command(args.vllm_python), str(model))
+    launch = VllmLaunch(vllm_python_command(args.vllm_python), str(model))
     vllm = VllmServer(launch, tmp / "vllm")
     vllm.start()
     endpoint = vllm.endpoint
@@ -195,13 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tuneloop-bench-") as tmp:
-        model = args.model
-        if model is None:
-            from tuneloop.train.tiny_model import build_tiny_model
-
-            model = build_tiny_model(
-                Path(tmp) / "model", hidden_size=args.hidden_size, num_layers=args.num_layers
-            )
+        model = args.model or tiny_model(Path(tmp), args.hidden_size, args.num_layers)
         return run(args, model, Path(tmp))
 
 

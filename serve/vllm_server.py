@@ -33,7 +33,6 @@ from typing import IO, Any
 
 import httpx
 
-VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 # Linux's limit for a Unix socket path is 108 bytes, the terminating NUL included.
 _MAX_SOCKET_PATH = 100
 _HEALTH_EVERY_S = 5.0
@@ -108,10 +107,6 @@ class VllmLaunch:
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
 
-    @staticmethod
-    def python_command(python: str) -> tuple[str, ...]:
-        return (python, "-m", VLLM_MODULE)
-
     def argv(self, socket_path: str) -> list[str]:
         return [
             *(("nice", "-n", str(self.nice)) if self.nice else ()),
@@ -158,7 +153,6 @@ class VllmServer:
         self.pid_path = self.run_dir / "vllm.pid"
         self.ready_timeout_s = ready_timeout_s
         self.on_restart = on_restart
-        self.restarts = 0
         self._ready = threading.Event()
         self._closing = threading.Event()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -282,7 +276,6 @@ class VllmServer:
                 self._note(f"restart failed: {exc}")
                 delay = min(delay * 2, _MAX_RESTART_DELAY_S)
                 continue
-            self.restarts += 1
             failures, delay = 0, 1.0
             self._ready.set()
 
@@ -343,7 +336,6 @@ class AttachedVllm:
     and, for merged weights, run in dev mode (`VLLM_SERVER_DEV_MODE=1`); keep it on loopback or a
     Unix socket, since those routes ignore its API key."""
 
-    restarts = 0
     on_restart: Callable[[], None] | None = None
 
     def __init__(self, endpoint: VllmEndpoint) -> None:

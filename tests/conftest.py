@@ -35,12 +35,12 @@ def vllm_python() -> str:
     failure in CI, which builds it (.ci/run)."""
     import os
 
-    python = os.environ.get("TUNELOOP_VLLM_PYTHON") or str(
-        Path.home() / ".cache/tuneloop/vllm-venv/bin/python"
-    )
+    from tuneloop.cli_engine import default_vllm_env
+
+    python = os.environ.get("TUNELOOP_VLLM_PYTHON") or str(default_vllm_env() / "bin" / "python")
     if not Path(python).exists():
         message = f"no vLLM environment at {python} (set TUNELOOP_VLLM_PYTHON)"
         if os.environ.get("CI"):
             pytest.fail(message)
-        pytest.skip(message)
+        pytest.skip(reason=message)
     return python

@@ -9,9 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tuneloop.config import ENGINES, VllmSettings
-
-VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+from tuneloop.config import ENGINES, VLLM_SERVER_MODULE, VllmSettings, vllm_python_command
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,7 +25,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "--vllm-python",
         metavar="PYTHON",
         help="the interpreter of vLLM's own environment; tuneloop starts and supervises "
-        f"`PYTHON -m {VLLM_MODULE}` (see README)",
+        f"`PYTHON -m {VLLM_SERVER_MODULE}` (see README)",
     )
     g.add_argument(
         "--vllm-command",
@@ -81,7 +79,7 @@ def vllm_settings(args: argparse.Namespace) -> VllmSettings:
     if args.vllm_command:
         command = tuple(shlex.split(args.vllm_command))
     elif args.vllm_python:
-        command = (args.vllm_python, "-m", VLLM_MODULE)
+        command = vllm_python_command(args.vllm_python)
     else:
         command = ()
     if args.vllm_url and not args.vllm_url.startswith(("http://", "https://", "unix:")):
@@ -152,7 +150,7 @@ def make_vllm_env(args: argparse.Namespace) -> int:
 
 def _imports_vllm(python: Path) -> bool:
     probe = subprocess.run(
-        [str(python), "-c", "import vllm.entrypoints.openai.api_server"],
+        [str(python), "-c", f"import {VLLM_SERVER_MODULE}"],
         capture_output=True,
     )
     return probe.returncode == 0

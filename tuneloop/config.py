@@ -62,6 +62,16 @@ class LoopConfig:
     gate_max_tokens: int = 48
 
 
+# vLLM's OpenAI server as a module: the CPU build's `vllm serve` script cannot find its own
+# distribution, `python -m` of this module works on every build.
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def vllm_python_command(python: str) -> tuple[str, ...]:
+    """The command that starts vLLM's OpenAI server from the interpreter `python`."""
+    return (python, "-m", VLLM_SERVER_MODULE)
+
+
 @dataclass(frozen=True)
 class VllmSettings:
     """How `--engine vllm` reaches vLLM: a server it starts (`command`, e.g. `python -m

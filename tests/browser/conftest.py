@@ -10,6 +10,7 @@ import pytest
 from live_server import LiveServer, live_server
 
 CHROMIUM = Path("/usr/bin/chromium")
+NO_CHROMIUM = f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)"
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -32,21 +33,17 @@ def server(
     if request.param == "embedded":
         yield from live_server(data, tiny_model_dir)
         return
-    from tuneloop.config import VllmSettings
+    from tuneloop.config import VllmSettings, vllm_python_command
 
     python = request.getfixturevalue("vllm_python")
-    settings = VllmSettings(
-        command=(python, "-m", "vllm.entrypoints.openai.api_server"), dtype="float32"
-    )
+    settings = VllmSettings(command=vllm_python_command(python), dtype="float32")
     yield from live_server(data, tiny_model_dir, engine="vllm", vllm=settings)
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not CHROMIUM.exists():
-        pytest.skip(
-            reason=f"Debian's chromium is not installed at {CHROMIUM} (apt-get install chromium)"
-        )
+        pytest.skip(reason=NO_CHROMIUM)
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)

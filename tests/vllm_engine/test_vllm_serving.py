@@ -26,7 +26,7 @@ from loop_client import (
     wait_for_answers,
 )
 
-from tuneloop.config import DataDir, VllmSettings
+from tuneloop.config import DataDir, VllmSettings, vllm_python_command
 from tuneloop.feedback.registry import register_version
 from tuneloop.feedback.store import FeedbackStore
 from tuneloop.records import ModelVersion
@@ -83,7 +83,7 @@ def server(
     finally:
         store.close()
     settings = VllmSettings(
-        command=(vllm_python, "-m", "vllm.entrypoints.openai.api_server"),
+        command=vllm_python_command(vllm_python),
         max_lora_rank=16,
         dtype="float32",
     )
@@ -270,7 +270,7 @@ def test_attach_to_a_vllm_the_operator_runs(
 ) -> None:
     """`--vllm-url` with its key: tuneloop serves from it and leaves it running on exit; a wrong
     key stops tuneloop at start with vLLM's answer."""
-    launch = VllmLaunch(VllmLaunch.python_command(vllm_python), str(tiny_model_dir))
+    launch = VllmLaunch(vllm_python_command(vllm_python), str(tiny_model_dir))
     vllm = VllmServer(launch, tmp_path / "operators-vllm")
     vllm.start()
     try:
