@@ -22,8 +22,11 @@ rounds is the client's share). The ratio judged against the goal is the median o
 which a burst of load from elsewhere on the machine moves less than the totals (printed too).
 Greedy decoding makes both paths produce the same text and token counts, which is checked.
 
-`--torch-threads N` sets the intra-op threads of both processes (default: torch's choice, as
-`tuneloop up` runs).
+Both processes run under the OpenMP settings the `tuneloop` command gives itself
+(`tuneloop.config.OPENMP_DEFAULTS`: sleeping idle threads; a value already in the environment
+wins and reaches the server too), so the ratio measures the API and not a difference in OpenMP's
+waiting. `--torch-threads N` sets the intra-op threads of both processes (default: torch's choice,
+as `tuneloop up` runs).
 
 Goal: api tokens/s >= 0.9 x direct tokens/s.
 
@@ -40,13 +43,17 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 from common import ServerProcess, tiny_model
 from sse_streams import MT_BENCH, Answer, load_prompts, report, run_round, stream_answer
 
+from tuneloop.config import apply_openmp_defaults
 from tuneloop.records import Message, SamplingParams
-from tuneloop.serve.engine import EmbeddedEngine
+
+if TYPE_CHECKING:
+    from tuneloop.serve.engine import EmbeddedEngine
 
 GOAL_RATIO = 0.9
 
@@ -66,6 +73,8 @@ def direct_answer(engine: EmbeddedEngine, prompt: str, params: SamplingParams) -
 
 def run(args: argparse.Namespace, model: Path, tmp: Path) -> int:
     import torch
+
+    from tuneloop.serve.engine import EmbeddedEngine
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -90,7 +99,8 @@ def run(args: argparse.Namespace, model: Path, tmp: Path) -> int:
         print(
             f"model: {model}  max_tokens: {args.max_tokens}  prompts: {len(prompts)} "
             f"({'MT-bench' if MT_BENCH.exists() else 'built-in'})  rounds per path: "
-            f"{args.rounds}  cpus: {os.cpu_count()}  torch threads: {torch.get_num_threads()}"
+            f"{args.rounds}  cpus: {os.cpu_count()}  torch threads: {torch.get_num_threads()}  "
+            + "  ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if "OMP_" in k)
         )
         results = []
         for concurrency in args.concurrency:
@@ -124,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "for the server; default: torch's choice)",
     )
     args = parser.parse_args(argv)
+    apply_openmp_defaults(os.environ)  # before torch loads, here and in the server
     with tempfile.TemporaryDirectory(prefix="tuneloop-bench-") as tmp:
         model = args.model or tiny_model(Path(tmp), args.hidden_size, args.num_layers)
         return run(args, model, Path(tmp))

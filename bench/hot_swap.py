@@ -20,18 +20,27 @@ weights (`lora`: on vLLM a new adapter name). `--model` and `--candidate` name c
 version dirs instead. `--engine vllm` serves from vLLM (`--vllm-python`, default `tuneloop
 vllm-env`'s interpreter).
 
+`--training-beside` runs a training job's load in another process during the load phases
+(`training_load.py`: the server and it compete for the cores, as when a job runs on the serving
+machine) and prints its steps/s; `--training-env NAME=VALUE` sets a variable for that process only
+(an OpenMP setting other than the server's, say).
+
     python bench/hot_swap.py [--engine embedded|vllm] [--candidate-kind full|lora] [--streams 8]
-        [--phase-seconds 4] [--max-tokens 32]
+        [--phase-seconds 4] [--max-tokens 32] [--training-beside [--training-env NAME=VALUE]]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +137,47 @@ def client_loop(url: str, max_tokens: int, out: list[Stream], stop: threading.Ev
             i += 1
 
 
+def run_phases(
+    args: argparse.Namespace,
+    url: str,
+    admin: dict[str, str],
+    candidate: str,
+    marks: dict[str, float],
+    promote: Callable[[str], None],
+) -> None:
+    """Serve, promote the candidate, serve, roll back, serve: `--phase-seconds` each."""
+    time.sleep(args.phase_seconds)
+    marks["promote"] = time.perf_counter()
+    promote(candidate)
+    marks["promote_done"] = time.perf_counter()
+    time.sleep(args.phase_seconds)
+    marks["rollback"] = time.perf_counter()
+    httpx.post(f"{url}/v1/admin/rollback", headers=admin, timeout=120).raise_for_status()
+    marks["rollback_done"] = time.perf_counter()
+    time.sleep(args.phase_seconds)
+
+
+@contextmanager
+def training_beside(env: list[str]) -> Iterator[None]:
+    """Run `training_load.py` while the block runs; print its steps/s after."""
+    extra = dict(item.split("=", 1) for item in env)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("training_load.py"))],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ | extra,
+    )
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "training":
+            raise RuntimeError("the training load did not start")
+        yield
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+        print(f"beside: {out.strip()} {' '.join(env)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path)
@@ -138,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=("embedded", "vllm"), default="embedded")
     parser.add_argument("--candidate-kind", choices=("full", "lora"), default="full")
     parser.add_argument("--vllm-python", default=str(default_vllm_env() / "bin" / "python"))
+    parser.add_argument("--training-beside", action="store_true")
+    parser.add_argument("--training-env", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tuneloop-bench-") as tmp:
         old, new = args.model, args.candidate
@@ -198,20 +250,14 @@ def run(args: argparse.Namespace, old: Path, new: Path, data: Path) -> int:
             )
             for k in range(args.streams)
         ]
-        for t in threads:
-            t.start()
-        time.sleep(args.phase_seconds)
-        marks["promote"] = time.perf_counter()
-        promote(candidate)
-        marks["promote_done"] = time.perf_counter()
-        time.sleep(args.phase_seconds)
-        marks["rollback"] = time.perf_counter()
-        httpx.post(f"{server.url}/v1/admin/rollback", headers=admin, timeout=120).raise_for_status()
-        marks["rollback_done"] = time.perf_counter()
-        time.sleep(args.phase_seconds)
-        stop.set()
-        for t in threads:
-            t.join()
+        load = training_beside(args.training_env) if args.training_beside else nullcontext()
+        with load:
+            for t in threads:
+                t.start()
+            run_phases(args, server.url, admin, candidate, marks, promote)
+            stop.set()
+            for t in threads:
+                t.join()
     stored = dict(
         duckdb.connect(str(dd.db), read_only=True)
         .execute("SELECT id, model_version_id FROM responses")

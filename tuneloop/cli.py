@@ -20,7 +20,13 @@ from tuneloop.cli_engine import (
     make_vllm_env,
     vllm_settings,
 )
-from tuneloop.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT, DataDir
+from tuneloop.config import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    DataDir,
+    apply_openmp_defaults,
+)
 from tuneloop.remote import local_or_server
 
 
@@ -282,11 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Serving and training jobs share the CPU. OpenMP's default of spinning idle threads made a
-    # server ~50x slower beside a running job on 2 cores (bench/hot_swap.py: 16 vs 568 requests
-    # in 12 s); sleeping threads cost little when alone. Read by torch when it loads, inherited by
-    # job processes.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    apply_openmp_defaults(os.environ)
     return args.fn(args)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,6 +10,20 @@ DEFAULT_DATA_DIR = Path("tuneloop-data")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 ENGINES = ("embedded", "vllm")
+
+# Serving and training jobs share the CPU. OpenMP's default of spinning idle threads made a server
+# ~12x slower beside a running job on 2 cores (bench/hot_swap.py --training-beside: 49 vs 589
+# requests in 12 s; a bounded GOMP_SPINCOUNT=10000 still gave only 80), while sleeping threads cost
+# a tiny model 30-45% of its tokens/s when it runs alone (bench/RESULTS.md). Applied by the
+# `tuneloop` command before torch loads, inherited by job processes; a value already in the
+# environment wins.
+OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def apply_openmp_defaults(environ: MutableMapping[str, str]) -> None:
+    """Put `OPENMP_DEFAULTS` into `environ` where it has no value of its own."""
+    for name, value in OPENMP_DEFAULTS.items():
+        environ.setdefault(name, value)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ import httpx
 import pytest
 from live_server import live_server
 
+from tuneloop.config import apply_openmp_defaults
+
 
 def tuneloop(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -107,3 +109,12 @@ def test_vllm_engine_without_a_way_to_reach_vllm_is_refused(
     assert "cannot start vLLM" in missing.stderr and "tuneloop vllm-env" in missing.stderr
     bad_url = tuneloop(*up, "--engine", "vllm", "--vllm-url", "ftp://x")
     assert bad_url.returncode != 0 and "--vllm-url must start with" in bad_url.stderr
+
+
+def test_openmp_defaults_fill_only_what_the_environment_leaves_unset() -> None:
+    environ = {"OMP_NUM_THREADS": "1"}
+    apply_openmp_defaults(environ)
+    assert environ == {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    environ = {"OMP_WAIT_POLICY": ""}  # an operator's choice of OpenMP's own default
+    apply_openmp_defaults(environ)
+    assert environ == {"OMP_WAIT_POLICY": ""}
