@@ -258,6 +258,7 @@ def run(args: argparse.Namespace, old: Path, new: Path, data: Path) -> int:
             stop.set()
             for t in threads:
                 t.join()
+        swaps = [line for line in server.log_tail().splitlines() if "] serving " in line]
     stored = dict(
         duckdb.connect(str(dd.db), read_only=True)
         .execute("SELECT id, model_version_id FROM responses")
@@ -304,6 +305,9 @@ def run(args: argparse.Namespace, old: Path, new: Path, data: Path) -> int:
     )
     print(f"promote -> first token of {candidate}: {to_new:.2f} s   (goal < {GOAL_SWAP_S} s)")
     print(f"rollback -> first token of {served}: {to_old:.2f} s   (goal < {GOAL_SWAP_S} s)")
+    print("the server's own account of the promote and the rollback:")
+    for line in swaps[-2:]:
+        print(f"  {line}")
     for s in failed[:3]:
         print(f"  failed: {s.error}")
     ok = not failed and not mixed and to_new < GOAL_SWAP_S and to_old < GOAL_SWAP_S

@@ -58,7 +58,9 @@ class ImportIn(BaseModel):
 def create_admin_router(
     service: ChatService, control: LoopControl, data_dir: DataDir, token: str
 ) -> APIRouter:
-    def authorize(authorization: str = Header("")) -> None:
+    async def authorize(authorization: str = Header("")) -> None:
+        # async: a plain `def` dependency costs every admin request a hop to a worker thread,
+        # which took ~0.1 s under 8 streams on 2 cores beside vLLM (bench/hot_swap.py).
         given = authorization.removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(
