@@ -267,6 +267,17 @@ def train_metrics(trainer: Any, result: Any) -> dict[str, Any]:
     }
 
 
+def data_counts(
+    offered: datasets.Dataset, trainer: Any, heldout: datasets.Dataset
+) -> dict[str, int]:
+    """The manifest's account of one dataset: rows the trainer trained on, rows it left out as
+    too long, held-out rows. TRL filters silently when it prepares the data: the reward trainer
+    drops a pair with either side over `max_length`, DPO and KTO an example whose prompt alone
+    fills it."""
+    trained = len(trainer.train_dataset)
+    return {"train": trained, "too_long": len(offered) - trained, "heldout": len(heldout)}
+
+
 def heldout_metrics(trainer: Any, heldout: datasets.Dataset) -> dict[str, Any]:
     """The trainer's own evaluation on the held-out split, keys `eval_*` renamed `heldout_*`."""
     if len(heldout) == 0:

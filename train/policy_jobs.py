@@ -20,6 +20,7 @@ from tuneloop.train.job_common import (
     JobOutput,
     JobSpec,
     StatusFile,
+    data_counts,
     heldout_metrics,
     job_settings,
     load_dataset_splits,
@@ -86,6 +87,6 @@ def _train(
         base=policy.base,
         config=config_dict(config),
         metrics={**train_metrics(trainer, result), **heldout_metrics(trainer, heldout)},
-        data={dataset: {"train": len(train), "heldout": len(heldout)}},
+        data={dataset: data_counts(train, trainer, heldout)},
         lora=saved_lora,
     )

@@ -21,6 +21,7 @@ from tuneloop.train.job_common import (
     JobSpec,
     StatusFile,
     check_finite,
+    data_counts,
     job_settings,
     load_dataset_splits,
     load_training_tokenizer,
@@ -37,7 +38,7 @@ def train_reward(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
     train, heldout = load_dataset_splits(spec, work, "preference")
     config, lora, _ = job_settings(spec, RewardConfig, DEFAULTS, work)
     resolve_max_steps(config, len(train), step_cap=STEP_CAP)
-    metrics, used_lora = _train_and_save(spec, config, lora, train, work, status)
+    metrics, used_lora, counts = _train_and_save(spec, config, lora, train, heldout, work, status)
     # Scored the way the gate scores, from the saved version (the trainer's copy is freed).
     metrics.update(heldout_accuracy(work, heldout))
     return JobOutput(
@@ -46,7 +47,7 @@ def train_reward(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
         base=spec.base,
         config=config_dict(config),
         metrics=metrics,
-        data={"preference": {"train": len(train), "heldout": len(heldout)}},
+        data={"preference": counts},
         lora=used_lora,
     )
 
@@ -56,10 +57,12 @@ def _train_and_save(
     config: RewardConfig,
     lora: dict[str, Any],
     train: Any,
+    heldout: Any,
     work: Path,
     status: StatusFile,
-) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Train, save merged full weights and the tokenizer; returns train metrics and LoRA config."""
+) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, int]]:
+    """Train, save merged full weights and the tokenizer; returns train metrics, the LoRA config
+    and the data counts."""
     tokenizer = load_training_tokenizer(spec)
     model = load_backbone(spec.parent or spec.base, pad_token_id=tokenizer.pad_token_id)
     peft_config = None if spec.full else lora_config(lora, "SEQ_CLS", modules_to_save=["score"])
@@ -78,7 +81,7 @@ def _train_and_save(
     merged = trained if spec.full else trained.merge_and_unload()
     merged.save_pretrained(work)
     tokenizer.save_pretrained(work)
-    return train_metrics(trainer, result), used_lora
+    return train_metrics(trainer, result), used_lora, data_counts(train, trainer, heldout)
 
 
 def load_backbone(source: Path, *, pad_token_id: int) -> PreTrainedModel:

@@ -27,6 +27,7 @@ from tuneloop.train.job_common import (
     JobOutput,
     JobSpec,
     StatusFile,
+    data_counts,
     heldout_metrics,
     job_settings,
     load_policy,
@@ -91,7 +92,7 @@ def train_rl(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
         base=policy.base,
         config=config_dict(config),
         metrics=metrics,
-        data={"prompts": {"train": len(train), "heldout": len(heldout)}},
+        data={"prompts": data_counts(train, trainer, heldout)},
         lora=saved_lora,
     )
 

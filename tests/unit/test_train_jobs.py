@@ -168,7 +168,7 @@ def test_reward_model_learns_an_easy_preference(reward_version, tiny_model_dir: 
     assert manifest["adapter"] is False and not is_adapter(version)
     assert manifest["base"] == str(tiny_model_dir.resolve())
     assert manifest["parent"] is None and manifest["snapshot_id"] == "snap-1"
-    assert manifest["data"] == {"preference": {"train": 64, "heldout": 16}}
+    assert manifest["data"] == {"preference": {"train": 64, "too_long": 0, "heldout": 16}}
     assert manifest["config"]["learning_rate"] > 0 and "output_dir" not in manifest["config"]
     metrics = manifest["metrics"]
     assert metrics["heldout_pairs"] == 16
@@ -197,6 +197,27 @@ def test_reward_model_without_heldout_pairs_reports_null_accuracy(
     version = run_job("rm", spec_for(tmp_path, data, tiny_model_dir, overrides=FAST))
     metrics = read_manifest(version)["metrics"]
     assert metrics["heldout_pairs"] == 0 and metrics["heldout_accuracy"] is None
+
+
+@pytest.mark.parametrize("job", ["rm", "dpo"])
+def test_pairs_too_long_for_the_trainer_are_counted_apart(
+    job: str, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """TRL leaves out, without a word, pairs over `max_length` (reward) or whose prompt fills it
+    (DPO); the manifest says how many trained and how many were left out."""
+    rng = random.Random(0)
+    long = pairs(3, 100, rng)
+    for row in long:  # ~380 tokens of prompt; the others are ~45 tokens in all
+        row["prompt"] = msg("user", "Tell me more about it. " * 40)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_split(data, "preference", "train", pairs(8, 0, rng) + long)
+    write_split(data, "preference", "heldout", pairs(4, 1000, rng))
+    overrides = {**FAST, "max_length": 128}
+    version = run_job(job, spec_for(tmp_path, data, tiny_model_dir, overrides=overrides))
+    assert read_manifest(version)["data"] == {
+        "preference": {"train": 8, "too_long": 3, "heldout": 4}
+    }
 
 
 # --- Policy jobs ----------------------------------------------------------------------------------
@@ -281,7 +302,7 @@ def test_rl_job_trains_against_the_reward_model(
     assert manifest["config"]["num_generations"] == 4
     assert manifest["config"]["max_completion_length"] == 16
     # 64 + 16 prompts, each in all three datasets: the unique ones count once.
-    assert manifest["data"] == {"prompts": {"train": 64, "heldout": 16}}
+    assert manifest["data"] == {"prompts": {"train": 64, "too_long": 0, "heldout": 16}}
     assert manifest["metrics"]["train_reward_first"] is not None
     assert manifest["metrics"]["heldout_reward"] is not None
     assert changes_outputs(version, tiny_model_dir)
