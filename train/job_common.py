@@ -273,8 +273,9 @@ def data_counts(
     """The manifest's account of one dataset: rows the trainer trained on, rows it left out as
     too long, held-out rows. TRL filters silently when it prepares the data: the reward trainer
     drops a pair with either side over `max_length`, DPO and KTO an example whose prompt alone
-    fills it."""
-    trained = len(trainer.train_dataset)
+    fills it. Packing (SFT's `packing=True`) joins rows, and drops none."""
+    packed = getattr(trainer.args, "packing", False)
+    trained = len(offered) if packed else len(trainer.train_dataset)
     return {"train": trained, "too_long": len(offered) - trained, "heldout": len(heldout)}
 
 

@@ -220,6 +220,14 @@ def test_pairs_too_long_for_the_trainer_are_counted_apart(
     }
 
 
+def test_packed_sft_counts_the_rows_it_joined(
+    tmp_path: Path, data_dir: Path, tiny_model_dir: Path
+) -> None:
+    overrides = {**FAST, "packing": True, "max_length": 128}
+    version = run_job("sft", spec_for(tmp_path, data_dir, tiny_model_dir, overrides=overrides))
+    assert read_manifest(version)["data"] == {"sft": {"train": 64, "too_long": 0, "heldout": 16}}
+
+
 # --- Policy jobs ----------------------------------------------------------------------------------
 
 
