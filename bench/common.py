@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -35,6 +35,24 @@ def tiny_model(tmp: Path, hidden_size: int, num_layers: int) -> Path:
     from tuneloop.train.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp / "model", hidden_size=hidden_size, num_layers=num_layers)
+
+
+def wait_healthy(
+    url: str, proc: subprocess.Popen, timeout_s: float, log_tail: Callable[[], str] = str
+) -> None:
+    """Until `url/health` answers 200; an error with the end of the log if `proc` exits or
+    `timeout_s` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{log_tail()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"no healthy server at {url} after {timeout_s:.0f} s:\n{log_tail()}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -129,21 +147,7 @@ class ServerProcess:
 
     def _wait_healthy(self) -> None:
         assert self._proc is not None
-        deadline = time.monotonic() + self._start_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(
-                    f"the server exited with {self._proc.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(
-            f"no healthy server at {self.url} after {self._start_timeout:.0f} s:\n{self.log_tail()}"
-        )
+        wait_healthy(self.url, self._proc, self._start_timeout, self.log_tail)
 
     def stop(self) -> None:
         """SIGINT, then SIGKILL after `stop_timeout` seconds; idempotent."""

@@ -31,12 +31,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
-from common import ServerProcess, cpu_seconds, free_port, tiny_model
+from common import ServerProcess, cpu_seconds, free_port, tiny_model, wait_healthy
 from sse_streams import MT_BENCH, Answer, load_prompts, report, run_round, stream_answer
 
 from tuneloop.cli_engine import default_vllm_env
@@ -70,13 +69,7 @@ def passthrough_proxy(socket_path: str | None, api_key: str | None) -> Iterator[
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_healthy(url, proc, 60)
         limits = httpx.Limits(max_connections=None, keepalive_expiry=2.0)
         with httpx.Client(base_url=url, timeout=300.0, limits=limits) as client:
             yield client

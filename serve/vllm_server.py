@@ -70,13 +70,12 @@ class VllmEndpoint:
 
     def async_client(self, timeout: float | None = None) -> httpx.AsyncClient:
         transport = httpx.AsyncHTTPTransport(uds=self.uds, limits=_LIMITS) if self.uds else None
-        limits = _LIMITS
         return httpx.AsyncClient(
             base_url=self.base_url,
             headers=self.headers(),
             timeout=timeout,
             transport=transport,
-            limits=limits,
+            limits=_LIMITS,
         )
 
     def healthy(self, timeout: float = 5.0) -> bool:
