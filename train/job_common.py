@@ -26,6 +26,7 @@ from tuneloop.train.job_config import (
     build_config,
     json_safe,
     read_config_file,
+    resolve_max_steps,
     user_lora_keys,
 )
 
@@ -265,6 +266,22 @@ def train_metrics(trainer: Any, result: Any) -> dict[str, Any]:
         "steps": trainer.state.global_step,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
     }
+
+
+def size_training(
+    trainer: Any, offered: int, *, step_cap: int, rows_per_step: int | None = None
+) -> None:
+    """Set the trainer's `max_steps`, unless given, from the rows it kept: TRL drops over-long
+    rows as it builds the trainer (see `data_counts`), after the config was made, and packing
+    joins rows. A dataset it dropped entirely is refused here, not deep in the training loop."""
+    kept = len(trainer.train_dataset)
+    if kept == 0:
+        limit = getattr(trainer.args, "max_length", None)
+        raise JobError(
+            f"all {offered} train rows are over max_length={limit}: nothing left to train on; "
+            "raise it with --set max_length=N"
+        )
+    resolve_max_steps(trainer.args, kept, step_cap=step_cap, rows_per_step=rows_per_step)
 
 
 def data_counts(

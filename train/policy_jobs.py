@@ -27,10 +27,11 @@ from tuneloop.train.job_common import (
     load_policy,
     load_training_tokenizer,
     save_policy,
+    size_training,
     train_metrics,
     use_base_as_reference,
 )
-from tuneloop.train.job_config import config_dict, resolve_max_steps
+from tuneloop.train.job_config import config_dict
 
 STEP_CAP = 200
 DPO_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-4, "beta": 0.1, "max_length": 512}
@@ -68,7 +69,6 @@ def _train(
 ) -> JobOutput:
     train, heldout = load_dataset_splits(spec, work, dataset)
     config, lora, lora_keys = job_settings(spec, config_cls, defaults, work)
-    resolve_max_steps(config, len(train), step_cap=STEP_CAP)
     policy = load_policy(spec, lora, lora_keys)
     trainer = trainer_cls(
         model=policy.model,
@@ -78,6 +78,7 @@ def _train(
         peft_config=policy.peft_config,
         callbacks=job_callbacks(status),
     )
+    size_training(trainer, len(train), step_cap=STEP_CAP)
     use_base_as_reference(trainer)
     result = trainer.train()
     saved_lora = save_policy(trainer, tokenizer, work)
@@ -85,7 +86,7 @@ def _train(
         kind="policy",
         adapter=saved_lora is not None,
         base=policy.base,
-        config=config_dict(config),
+        config=config_dict(trainer.args),
         metrics={**train_metrics(trainer, result), **heldout_metrics(trainer, heldout)},
         data={dataset: data_counts(train, trainer, heldout)},
         lora=saved_lora,

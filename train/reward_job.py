@@ -26,9 +26,10 @@ from tuneloop.train.job_common import (
     load_dataset_splits,
     load_training_tokenizer,
     lora_config,
+    size_training,
     train_metrics,
 )
-from tuneloop.train.job_config import config_dict, json_safe, resolve_max_steps
+from tuneloop.train.job_config import config_dict, json_safe
 
 DEFAULTS: dict[str, Any] = {"learning_rate": 1e-3, "max_length": 512}
 STEP_CAP = 300
@@ -37,7 +38,6 @@ STEP_CAP = 300
 def train_reward(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
     train, heldout = load_dataset_splits(spec, work, "preference")
     config, lora, _ = job_settings(spec, RewardConfig, DEFAULTS, work)
-    resolve_max_steps(config, len(train), step_cap=STEP_CAP)
     metrics, used_lora, counts = _train_and_save(spec, config, lora, train, heldout, work, status)
     # Scored the way the gate scores, from the saved version (the trainer's copy is freed).
     metrics.update(heldout_accuracy(work, heldout))
@@ -74,6 +74,7 @@ def _train_and_save(
         peft_config=peft_config,
         callbacks=job_callbacks(status),
     )
+    size_training(trainer, len(train), step_cap=STEP_CAP)
     result = trainer.train()
     trained = trainer.accelerator.unwrap_model(trainer.model)
     check_finite(trained)

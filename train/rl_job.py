@@ -34,10 +34,11 @@ from tuneloop.train.job_common import (
     load_split_file,
     load_training_tokenizer,
     save_policy,
+    size_training,
     train_metrics,
     use_base_as_reference,
 )
-from tuneloop.train.job_config import JobError, config_dict, resolve_max_steps
+from tuneloop.train.job_config import JobError, config_dict
 
 STEP_CAP = 40
 DEFAULTS: dict[str, Any] = {
@@ -63,7 +64,6 @@ def train_rl(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
     prompts_per_step = (
         config.per_device_train_batch_size * config.gradient_accumulation_steps
     ) // config.num_generations
-    resolve_max_steps(config, len(train), step_cap=STEP_CAP, rows_per_step=prompts_per_step)
     tokenizer = load_training_tokenizer(spec, padding_side="left")
     policy = load_policy(spec, lora, lora_keys)
     trainer = GRPOTrainer(
@@ -76,6 +76,7 @@ def train_rl(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
         peft_config=policy.peft_config,
         callbacks=job_callbacks(status),
     )
+    size_training(trainer, len(train), step_cap=STEP_CAP, rows_per_step=prompts_per_step)
     use_base_as_reference(trainer)
     result = trainer.train()
     saved_lora = save_policy(trainer, tokenizer, work)
@@ -90,7 +91,7 @@ def train_rl(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
         kind="policy",
         adapter=saved_lora is not None,
         base=policy.base,
-        config=config_dict(config),
+        config=config_dict(trainer.args),
         metrics=metrics,
         data={"prompts": data_counts(train, trainer, heldout)},
         lora=saved_lora,

@@ -204,7 +204,8 @@ def test_pairs_too_long_for_the_trainer_are_counted_apart(
     job: str, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     """TRL leaves out, without a word, pairs over `max_length` (reward) or whose prompt fills it
-    (DPO); the manifest says how many trained and how many were left out."""
+    (DPO); the manifest says how many trained and how many were left out, and an epoch is a pass
+    over the pairs kept: 8 at 4 a step is 2 steps (the 11 offered would make 3)."""
     rng = random.Random(0)
     long = pairs(3, 100, rng)
     for row in long:  # ~380 tokens of prompt; the others are ~45 tokens in all
@@ -213,11 +214,28 @@ def test_pairs_too_long_for_the_trainer_are_counted_apart(
     data.mkdir()
     write_split(data, "preference", "train", pairs(8, 0, rng) + long)
     write_split(data, "preference", "heldout", pairs(4, 1000, rng))
-    overrides = {**FAST, "max_length": 128}
+    overrides = {"per_device_train_batch_size": 4, "num_train_epochs": 1, "max_length": 128}
     version = run_job(job, spec_for(tmp_path, data, tiny_model_dir, overrides=overrides))
-    assert read_manifest(version)["data"] == {
-        "preference": {"train": 8, "too_long": 3, "heldout": 4}
-    }
+    manifest = read_manifest(version)
+    assert manifest["data"] == {"preference": {"train": 8, "too_long": 3, "heldout": 4}}
+    assert manifest["config"]["max_steps"] == 2 and manifest["metrics"]["steps"] == 2
+
+
+def test_a_dataset_left_empty_by_max_length_is_refused(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    rng = random.Random(0)
+    long = pairs(3, 0, rng)
+    for row in long:
+        row["prompt"] = msg("user", "Tell me more about it. " * 40)
+    data = tmp_path / "data"
+    data.mkdir()
+    write_split(data, "preference", "train", long)
+    write_split(data, "preference", "heldout", pairs(2, 1000, rng))
+    spec = spec_for(tmp_path, data, tiny_model_dir, overrides={"max_length": 128})
+    with pytest.raises(JobError, match=r"all 3 train rows are over max_length=128"):
+        run_job("rm", spec)
+    assert not spec.out.exists()
 
 
 def test_packed_sft_counts_the_rows_it_joined(
