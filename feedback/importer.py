@@ -265,7 +265,7 @@ def _rows_for(
         t: [] for t in ("conversations", "messages", "responses", "comparisons")
     }
     for pair in pairs:
-        cid = store.new_conversation_id()
+        cid = store.reserve_conversation_id()
         tables["conversations"].append({"id": cid, "rater_id": rater_id, "created_at": now})
         turns = [(m.role, m.content, None) for m in pair.prompt]
         rids = (store.new_response_id(), store.new_response_id())

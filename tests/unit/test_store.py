@@ -219,6 +219,39 @@ def test_known_raters_and_conversations_can_write_again_after_a_restart(tmp_path
         assert s.read("SELECT count(*) AS n FROM conversations")[0]["n"] == 1
 
 
+def test_a_chat_continues_a_conversation_written_by_another_writer(store: FeedbackStore) -> None:
+    """A new chat's first answer is stored without a lookup; a conversation the importer wrote
+    (its own messages, through `write`) is looked up, so its turns are not stored twice."""
+    cid = store.reserve_conversation_id()
+    store.write(
+        lambda con: con.execute(
+            "INSERT INTO conversations (id, rater_id, created_at) VALUES (?, 'import', now())",
+            [cid],
+        )
+    )
+    store.write(
+        lambda con: con.execute(
+            "INSERT INTO messages (conversation_id, idx, role, content, created_at) "
+            "VALUES (?, 0, 'user', 'hi', now()), (?, 1, 'assistant', 'hello', now())",
+            [cid, cid],
+        )
+    )
+    history = (Message("user", "hi"), Message("assistant", "hello"))
+    make_response(store, prompt="and then?", text="more", conversation_id=cid, history=history)
+    fresh = make_response(store, prompt="new", text="chat")
+    rows = store.read(
+        "SELECT conversation_id, idx, role FROM messages ORDER BY conversation_id, idx"
+    )
+    assert [(r["conversation_id"], r["idx"], r["role"]) for r in rows] == [
+        (cid, 0, "user"),
+        (cid, 1, "assistant"),
+        (cid, 2, "user"),
+        (cid, 3, "assistant"),
+        (fresh.conversation_id, 0, "user"),
+        (fresh.conversation_id, 1, "assistant"),
+    ]
+
+
 def test_a_second_process_gets_a_clear_lock_error(tmp_path: Path) -> None:
     import subprocess
     import sys
