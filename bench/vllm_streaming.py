@@ -14,6 +14,10 @@ path, `concurrency` at a time; the paths alternate round by round, and the ratio
 median of the pairs' ratios (tokens/s of tuneloop over tokens/s of vLLM). CPU ms per token is
 reported for this process, tuneloop's server, and vLLM's processes together.
 
+Each round also prints vLLM's engine steps and the tokens each computed (its Prometheus histogram
+`vllm:iteration_tokens_total`): on a CPU it keeps busy, vLLM sometimes runs a round in many small
+steps instead of few large ones, on any path, and that, more than the path, sets the round's rate.
+
 With `--proxy`, a third path streams through `bench/passthrough_proxy.py` (bytes forwarded, nothing
 parsed or stored): what any Python gateway in front of vLLM costs on this machine.
 
@@ -28,15 +32,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 from common import ServerProcess, cpu_seconds, free_port, tiny_model, wait_healthy
-from sse_streams import MT_BENCH, Answer, load_prompts, report, run_round, stream_answer
+from sse_streams import MT_BENCH, Answer, Round, load_prompts, report, run_round, stream_answer
 
 from tuneloop.cli_engine import default_vllm_env
 from tuneloop.config import vllm_python_command
@@ -76,6 +82,31 @@ def passthrough_proxy(socket_path: str | None, api_key: str | None) -> Iterator[
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def engine_steps(client: httpx.Client) -> tuple[float, float]:
+    """vLLM's engine steps so far and the tokens they computed, from its `/metrics`."""
+    text = client.get("/metrics").text
+    found = [
+        re.search(rf"^vllm:iteration_tokens_total_{part}(?:{{[^}}]*}})? (\S+)$", text, re.M)
+        for part in ("count", "sum")
+    ]
+    if not all(found):
+        raise RuntimeError("vLLM's /metrics has no vllm:iteration_tokens_total")
+    steps, tokens = (float(m.group(1)) for m in found if m)
+    return steps, tokens
+
+
+def stepped_round(direct: httpx.Client, path: str, *round_args: Any) -> Round:
+    """`run_round`, printing how many engine steps vLLM took for it."""
+    before = engine_steps(direct)
+    result = run_round(path, *round_args)
+    steps, tokens = (b - a for a, b in zip(before, engine_steps(direct), strict=True))
+    print(
+        f"    {path:<9}{result.tokens / result.wall_s:7.0f} tok/s   vLLM: {steps:5.0f} engine "
+        f"steps, {tokens / max(steps, 1):5.1f} tokens per step"
+    )
+    return result
 
 
 def fitting_prompts(model: Path, n: int, max_tokens: int) -> list[str]:
@@ -138,8 +169,9 @@ def run(args: argparse.Namespace, model: Path, tmp: Path) -> int:
                 level = prompts[: max(2 * concurrency, 4)]
                 gateway_cpu = cpu_seconds(server.pid)
                 names = list(paths)
+                print(f"concurrency {concurrency}: rounds")
                 rounds = [  # each round a rotation of the paths' order
-                    run_round(path, paths[path], level, concurrency, pids)
+                    stepped_round(direct, path, paths[path], level, concurrency, pids)
                     for i in range(args.rounds)
                     for path in names[i % len(names) :] + names[: i % len(names)]
                 ]
