@@ -137,13 +137,17 @@ def client_loop(url: str, max_tokens: int, out: list[Stream], stop: threading.Ev
             i += 1
 
 
+def promote(admin: httpx.Client, version: str) -> None:
+    admin.post("/v1/admin/promote", json={"version": version}).raise_for_status()
+
+
 def run_phases(
     args: argparse.Namespace, admin: httpx.Client, candidate: str, marks: dict[str, float]
 ) -> None:
     """Serve, promote the candidate, serve, roll back, serve: `--phase-seconds` each."""
     time.sleep(args.phase_seconds)
     marks["promote"] = time.perf_counter()
-    admin.post("/v1/admin/promote", json={"version": candidate}).raise_for_status()
+    promote(admin, candidate)
     marks["promote_done"] = time.perf_counter()
     time.sleep(args.phase_seconds)
     marks["rollback"] = time.perf_counter()
@@ -230,13 +234,10 @@ def run(args: argparse.Namespace, old: Path, new: Path, data: Path) -> int:
             base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=120
         )
 
-        def promote(version: str) -> None:
-            admin.post("/v1/admin/promote", json={"version": version}).raise_for_status()
-
         refs = {served: answers_alone(server.url, args.max_tokens)}
-        promote(candidate)
+        promote(admin, candidate)
         refs[candidate] = answers_alone(server.url, args.max_tokens)
-        promote(served)
+        promote(admin, served)
         threads = [
             threading.Thread(
                 target=client_loop, args=(server.url, args.max_tokens, streams, stop, k)
@@ -252,7 +253,8 @@ def run(args: argparse.Namespace, old: Path, new: Path, data: Path) -> int:
             for t in threads:
                 t.join()
         admin.close()
-        swaps = [line for line in server.log_tail(10**7).splitlines() if "] serving " in line]
+        log = server.log_path.read_text(errors="replace")
+        swaps = [line for line in log.splitlines() if "] serving " in line]
     stored = dict(
         duckdb.connect(str(dd.db), read_only=True)
         .execute("SELECT id, model_version_id FROM responses")

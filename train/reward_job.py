@@ -38,18 +38,10 @@ STEP_CAP = 300
 def train_reward(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
     train, heldout = load_dataset_splits(spec, work, "preference")
     config, lora, _ = job_settings(spec, RewardConfig, DEFAULTS, work)
-    metrics, used_lora, counts = _train_and_save(spec, config, lora, train, heldout, work, status)
+    output = _train_and_save(spec, config, lora, train, heldout, work, status)
     # Scored the way the gate scores, from the saved version (the trainer's copy is freed).
-    metrics.update(heldout_accuracy(work, heldout))
-    return JobOutput(
-        kind="reward",
-        adapter=False,
-        base=spec.base,
-        config=config_dict(config),
-        metrics=metrics,
-        data={"preference": counts},
-        lora=used_lora,
-    )
+    output.metrics.update(heldout_accuracy(work, heldout))
+    return output
 
 
 def _train_and_save(
@@ -60,9 +52,9 @@ def _train_and_save(
     heldout: Any,
     work: Path,
     status: StatusFile,
-) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, int]]:
-    """Train, save merged full weights and the tokenizer; returns train metrics, the LoRA config
-    and the data counts."""
+) -> JobOutput:
+    """Train, save merged full weights and the tokenizer; what the job reports, less the
+    held-out accuracy of the saved version."""
     tokenizer = load_training_tokenizer(spec)
     model = load_backbone(spec.parent or spec.base, pad_token_id=tokenizer.pad_token_id)
     peft_config = None if spec.full else lora_config(lora, "SEQ_CLS", modules_to_save=["score"])
@@ -82,7 +74,15 @@ def _train_and_save(
     merged = trained if spec.full else trained.merge_and_unload()
     merged.save_pretrained(work)
     tokenizer.save_pretrained(work)
-    return train_metrics(trainer, result), used_lora, data_counts(train, trainer, heldout)
+    return JobOutput(
+        kind="reward",
+        adapter=False,
+        base=spec.base,
+        config=config_dict(trainer.args),
+        metrics=train_metrics(trainer, result),
+        data={"preference": data_counts(train, trainer, heldout)},
+        lora=used_lora,
+    )
 
 
 def load_backbone(source: Path, *, pad_token_id: int) -> PreTrainedModel:
