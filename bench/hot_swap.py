@@ -26,7 +26,8 @@ machine) and prints its steps/s; `--training-env NAME=VALUE` sets a variable for
 (an OpenMP setting other than the server's, say).
 
     python bench/hot_swap.py [--engine embedded|vllm] [--candidate-kind full|lora] [--streams 8]
-        [--phase-seconds 4] [--max-tokens 32] [--training-beside [--training-env NAME=VALUE]]
+        [--phase-seconds 4] [--max-tokens 32] [--vllm-cpus LIST]
+        [--training-beside [--training-env NAME=VALUE]]
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from common import ServerProcess
 from tuneloop.artifacts import is_adapter
 from tuneloop.cli_engine import default_vllm_env
 from tuneloop.config import DataDir
+from tuneloop.cpu_affinity import keep_off, parse_cpu_list
 from tuneloop.feedback import registry
 from tuneloop.feedback.store import FeedbackStore
 from tuneloop.records import ModelVersion
@@ -187,6 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=("embedded", "vllm"), default="embedded")
     parser.add_argument("--candidate-kind", choices=("full", "lora"), default="full")
     parser.add_argument("--vllm-python", default=str(default_vllm_env() / "bin" / "python"))
+    parser.add_argument(
+        "--vllm-cpus",
+        metavar="LIST",
+        help="tuneloop's --vllm-cpus: vLLM's processes on these CPUs, tuneloop's and this "
+        "benchmark's on the others",
+    )
     parser.add_argument("--training-beside", action="store_true")
     parser.add_argument("--training-env", action="append", default=[], metavar="NAME=VALUE")
     args = parser.parse_args(argv)
@@ -220,6 +228,9 @@ def run(args: argparse.Namespace, old: Path, new: Path, data: Path) -> int:
     engine_args = ["--engine", args.engine]
     if args.engine == "vllm":
         engine_args += ["--vllm-python", args.vllm_python]
+        if args.vllm_cpus:
+            engine_args += ["--vllm-cpus", args.vllm_cpus]
+            keep_off(parse_cpu_list(args.vllm_cpus))  # the clients, as tuneloop itself
     streams: list[Stream] = []
     stop = threading.Event()
     marks: dict[str, float] = {}

@@ -24,7 +24,7 @@ parsed or stored): what any Python gateway in front of vLLM costs on this machin
 Goal: tuneloop tokens/s >= 0.95 x vLLM tokens/s at every concurrency level.
 
     python bench/vllm_streaming.py [--vllm-python PY] [--model DIR] [--max-tokens 64]
-        [--rounds 6] [--concurrency 1 8 32] [--proxy]
+        [--rounds 6] [--concurrency 1 8 32] [--proxy] [--vllm-cpus LIST]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from sse_streams import MT_BENCH, Answer, Round, load_prompts, report, run_round
 
 from tuneloop.cli_engine import default_vllm_env
 from tuneloop.config import vllm_python_command
+from tuneloop.cpu_affinity import keep_off, parse_cpu_list
 from tuneloop.records import SamplingParams
 from tuneloop.serve.vllm_server import VllmLaunch, VllmServer
 
@@ -127,7 +128,9 @@ def fitting_prompts(model: Path, n: int, max_tokens: int) -> list[str]:
 
 
 def run(args: argparse.Namespace, model: Path, tmp: Path) -> int:
-    launch = VllmLaunch(vllm_python_command(args.vllm_python), str(model))
+    cpus = parse_cpu_list(args.vllm_cpus) if args.vllm_cpus else frozenset()
+    launch = VllmLaunch(vllm_python_command(args.vllm_python), str(model), cpus=cpus)
+    keep_off(cpus)  # this process and those it starts: tuneloop, the proxy
     vllm = VllmServer(launch, tmp / "vllm")
     vllm.start()
     endpoint = vllm.endpoint
@@ -214,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=6, help="rounds per path and concurrency")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument(
+        "--vllm-cpus",
+        metavar="LIST",
+        help="run vLLM's processes on these CPUs (as tuneloop's --vllm-cpus), tuneloop, the "
+        "proxy and this benchmark's clients on the others",
+    )
     parser.add_argument(
         "--proxy",
         action="store_true",

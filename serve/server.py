@@ -13,6 +13,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from tuneloop.config import DataDir, ServeConfig
+from tuneloop.cpu_affinity import keep_off
 from tuneloop.feedback.registry import (
     find_by_artifact,
     get_version,
@@ -91,9 +92,12 @@ def open_engine(config: ServeConfig, version: ModelVersion) -> Engine:
             dtype=vs.dtype,
             kv_cache_gib=vs.kv_cache_gib,
             nice=vs.nice,
+            cpus=vs.cpus,
             extra_args=vs.extra_args,
         )
         server = VllmServer(launch, config.data_dir.root / "vllm")
+        if vs.cpus:
+            keep_off(vs.cpus)  # tuneloop's threads, and those it starts, leave vLLM's CPUs
     else:
         raise ValueError("--engine vllm needs --vllm-python, --vllm-command or --vllm-url")
     server.start()

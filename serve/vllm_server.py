@@ -33,6 +33,8 @@ from typing import IO, Any
 
 import httpx
 
+from tuneloop.cpu_affinity import format_cpu_list
+
 # Linux's limit for a Unix socket path is 108 bytes, the terminating NUL included.
 _MAX_SOCKET_PATH = 100
 _HEALTH_EVERY_S = 5.0
@@ -103,11 +105,14 @@ class VllmLaunch:
     kv_cache_gib: int = 1
     # A niceness for vLLM's processes (`nice -n`), for a machine where it shares the CPU.
     nice: int = 0
+    # The CPUs vLLM's processes run on (`taskset -c`); empty: wherever the OS puts them.
+    cpus: frozenset[int] = frozenset()
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
 
     def argv(self, socket_path: str) -> list[str]:
         return [
+            *(("taskset", "-c", format_cpu_list(self.cpus)) if self.cpus else ()),
             *(("nice", "-n", str(self.nice)) if self.nice else ()),
             *self.command,
             "--model",

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from tuneloop.config import ENGINES, VLLM_SERVER_MODULE, VllmSettings, vllm_python_command
+from tuneloop.cpu_affinity import format_cpu_list, parse_cpu_list
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,6 +65,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "share the CPU (default: %(default)s)",
     )
     g.add_argument(
+        "--vllm-cpus",
+        metavar="LIST",
+        help="run vLLM's processes on these CPUs only (`taskset -c`, e.g. 0-5) and tuneloop's "
+        "on the others, so that neither takes CPU time the other needs (default: no pinning)",
+    )
+    g.add_argument(
         "--vllm-arg",
         action="append",
         default=[],
@@ -91,6 +98,9 @@ def vllm_settings(args: argparse.Namespace) -> VllmSettings:
         raise SystemExit(
             "tuneloop: --engine vllm needs --vllm-python, --vllm-command or --vllm-url"
         )
+    cpus = _vllm_cpus(args.vllm_cpus) if args.vllm_cpus else frozenset()
+    if cpus and args.vllm_url:
+        raise SystemExit("tuneloop: --vllm-cpus pins a vLLM server tuneloop starts, not --vllm-url")
     return VllmSettings(
         command=command,
         url=args.vllm_url,
@@ -100,8 +110,22 @@ def vllm_settings(args: argparse.Namespace) -> VllmSettings:
         kv_cache_gib=args.vllm_kv_cache_gib,
         dtype=args.vllm_dtype,
         nice=args.vllm_nice,
+        cpus=cpus,
         extra_args=tuple(args.vllm_arg),
     )
+
+
+def _vllm_cpus(text: str) -> frozenset[int]:
+    try:
+        cpus = parse_cpu_list(text)
+    except ValueError as exc:
+        raise SystemExit(f"tuneloop: --vllm-cpus: {exc}") from None
+    machine = frozenset(range(os.cpu_count() or 1))
+    if not cpus <= machine:
+        raise SystemExit(
+            f"tuneloop: --vllm-cpus {text}: this machine has CPUs {format_cpu_list(machine)}"
+        )
+    return cpus
 
 
 # The CPU build tested here; it pins torch 2.13.0+cpu and transformers < 5.20.

@@ -101,6 +101,7 @@ class VllmSettings:
     kv_cache_gib: int = 1
     dtype: str = "auto"
     nice: int = 0
+    cpus: frozenset[int] = frozenset()
     extra_args: tuple[str, ...] = ()
 
 

@@ -109,6 +109,13 @@ def test_vllm_engine_without_a_way_to_reach_vllm_is_refused(
     assert "cannot start vLLM" in missing.stderr and "tuneloop vllm-env" in missing.stderr
     bad_url = tuneloop(*up, "--engine", "vllm", "--vllm-url", "ftp://x")
     assert bad_url.returncode != 0 and "--vllm-url must start with" in bad_url.stderr
+    python = ("--engine", "vllm", "--vllm-python", sys.executable)
+    not_a_list = tuneloop(*up, *python, "--vllm-cpus", "3-1")
+    assert not_a_list.returncode != 0 and "3-1 runs backwards" in not_a_list.stderr
+    not_ours = tuneloop(*up, *python, "--vllm-cpus", "100000")
+    assert not_ours.returncode != 0 and "this machine has CPUs" in not_ours.stderr
+    attached = tuneloop(*up, "--engine", "vllm", "--vllm-url", "unix:/x", "--vllm-cpus", "0")
+    assert attached.returncode != 0 and "not --vllm-url" in attached.stderr
 
 
 def test_openmp_defaults_fill_only_what_the_environment_leaves_unset() -> None:

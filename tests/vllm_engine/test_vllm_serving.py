@@ -6,6 +6,7 @@ One vLLM server for the module (it takes ~30 s to start); the tests run in file 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -265,15 +266,31 @@ def listening_tcp_ports(pgid: int) -> set[int]:
     return ports
 
 
+def _process_group(pgid: int | None) -> list[int]:
+    pids = []
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if os.getpgid(pid) == pgid:
+                pids.append(pid)
+    return pids
+
+
 def test_attach_to_a_vllm_the_operator_runs(
     tiny_model_dir: Path, vllm_python: str, tmp_path: Path
 ) -> None:
     """`--vllm-url` with its key: tuneloop serves from it and leaves it running on exit; a wrong
-    key stops tuneloop at start with vLLM's answer."""
-    launch = VllmLaunch(vllm_python_command(vllm_python), str(tiny_model_dir))
+    key stops tuneloop at start with vLLM's answer. This vLLM runs pinned to one CPU
+    (`--vllm-cpus`), as do the engine and worker processes it starts."""
+    cpu = max(os.sched_getaffinity(0))
+    launch = VllmLaunch(
+        vllm_python_command(vllm_python), str(tiny_model_dir), cpus=frozenset({cpu})
+    )
     vllm = VllmServer(launch, tmp_path / "operators-vllm")
     vllm.start()
     try:
+        group = _process_group(vllm.pid)
+        assert len(group) >= 3  # the API server, its engine core and a worker
+        assert all(os.sched_getaffinity(p) == {cpu} for p in group)
         url = f"unix:{vllm.endpoint.uds}"
         wrong = VllmSettings(url=url, api_key="not-the-key")
         with pytest.raises(VllmError, match="401"):
