@@ -21,6 +21,10 @@ steps instead of few large ones, on any path, and that, more than the path, sets
 With `--proxy`, a third path streams through `bench/passthrough_proxy.py` (bytes forwarded, nothing
 parsed or stored): what any Python gateway in front of vLLM costs on this machine.
 
+With `--vllm-cpus LIST`, vLLM's processes run on those CPUs (as `tuneloop up --vllm-cpus` runs
+them), and this process, tuneloop and the proxy on the others: vLLM and the gateway no longer take
+CPU time from each other. It prints each gateway's own CPU ms per token.
+
 Goal: tuneloop tokens/s >= 0.95 x vLLM tokens/s at every concurrency level.
 
     python bench/vllm_streaming.py [--vllm-python PY] [--model DIR] [--max-tokens 64]
@@ -66,8 +70,10 @@ def group_pids(pgid: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def passthrough_proxy(socket_path: str | None, api_key: str | None) -> Iterator[httpx.Client]:
-    """bench/passthrough_proxy.py in a process of its own; a client for it."""
+def passthrough_proxy(
+    socket_path: str | None, api_key: str | None
+) -> Iterator[tuple[httpx.Client, int]]:
+    """bench/passthrough_proxy.py in a process of its own; a client for it, and its pid."""
     port = free_port()
     script = Path(__file__).with_name("passthrough_proxy.py")
     proc = subprocess.Popen(
@@ -79,7 +85,7 @@ def passthrough_proxy(socket_path: str | None, api_key: str | None) -> Iterator[
         wait_healthy(url, proc, 60)
         limits = httpx.Limits(max_connections=None, keepalive_expiry=2.0)
         with httpx.Client(base_url=url, timeout=300.0, limits=limits) as client:
-            yield client
+            yield client, proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -157,7 +163,9 @@ def run(args: argparse.Namespace, model: Path, tmp: Path) -> int:
                 "tuneloop": lambda p: stream_answer(api, p, params),
             }
             if args.proxy:
-                proxy = stack.enter_context(passthrough_proxy(endpoint.uds, endpoint.api_key))
+                proxy, proxy_pid = stack.enter_context(
+                    passthrough_proxy(endpoint.uds, endpoint.api_key)
+                )
                 paths["proxy"] = lambda p: stream_answer(proxy, p, params, model="base")
             for answer in paths.values():  # warm-up, not measured
                 answer(prompts[0])
@@ -170,7 +178,8 @@ def run(args: argparse.Namespace, model: Path, tmp: Path) -> int:
             results = []
             for concurrency in args.concurrency:
                 level = prompts[: max(2 * concurrency, 4)]
-                gateway_cpu = cpu_seconds(server.pid)
+                gateways = {"tuneloop": server.pid} | ({"proxy": proxy_pid} if args.proxy else {})
+                cpu_before = {path: cpu_seconds(pid) for path, pid in gateways.items()}
                 names = list(paths)
                 print(f"concurrency {concurrency}: rounds")
                 rounds = [  # each round a rotation of the paths' order
@@ -180,9 +189,10 @@ def run(args: argparse.Namespace, model: Path, tmp: Path) -> int:
                 ]
                 tuneloop_rounds = [r for r in rounds if r.path != "proxy"]
                 results.append(report(tuneloop_rounds, concurrency, GOAL_RATIO, "vllm", "tuneloop"))
-                gateway_cpu = cpu_seconds(server.pid) - gateway_cpu  # idle in vLLM's rounds
-                tokens = sum(r.tokens for r in rounds if r.path == "tuneloop")
-                print(f"  tuneloop's own process: {gateway_cpu / tokens * 1e3:.2f} CPU ms/token")
+                for path, pid in gateways.items():  # each idle in the other paths' rounds
+                    used = cpu_seconds(pid) - cpu_before[path]
+                    tokens = sum(r.tokens for r in rounds if r.path == path)
+                    print(f"  {path}'s own process: {used / tokens * 1e3:.2f} CPU ms/token")
                 if args.proxy:
                     print("  for reference, a pass-through proxy (bench/passthrough_proxy.py):")
                     report(
