@@ -65,6 +65,10 @@ class Engine(Protocol):
 
     def load(self, version_id: str, path: str | Path) -> None: ...
 
+    async def aclose(self) -> None:
+        """Release what it holds on the running event loop (the server's shutdown awaits it)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -148,6 +152,9 @@ class EmbeddedEngine:
             started = time.perf_counter()
             self._loaded = self._load(version_id, path)
             self.last_swap_seconds = time.perf_counter() - started
+
+    async def aclose(self) -> None:
+        """Nothing held on an event loop: streams wait on the decode thread's events."""
 
     def close(self) -> None:
         """Nothing to release beyond the weights, which go with the last reference."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import aiohttp
 import httpx
 
 from tuneloop.cpu_affinity import format_cpu_list
@@ -70,14 +71,20 @@ class VllmEndpoint:
             limits=_LIMITS,
         )
 
-    def async_client(self, timeout: float | None = None) -> httpx.AsyncClient:
-        transport = httpx.AsyncHTTPTransport(uds=self.uds, limits=_LIMITS) if self.uds else None
-        return httpx.AsyncClient(
-            base_url=self.base_url,
+    def aiohttp_session(self) -> aiohttp.ClientSession:
+        """For the streams: no timeout (an answer takes as long as it takes), idle connections
+        let go after 2 s like the httpx clients'. Make it on the loop that will use it; it takes
+        whole URLs (`base_url` + path)."""
+        if self.uds:
+            connector: aiohttp.BaseConnector = aiohttp.UnixConnector(
+                path=self.uds, limit=0, keepalive_timeout=_LIMITS.keepalive_expiry
+            )
+        else:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=_LIMITS.keepalive_expiry)
+        return aiohttp.ClientSession(
+            connector=connector,
             headers=self.headers(),
-            timeout=timeout,
-            transport=transport,
-            limits=_LIMITS,
+            timeout=aiohttp.ClientTimeout(total=None),
         )
 
     def healthy(self, timeout: float = 5.0) -> bool:

@@ -143,6 +143,49 @@ def test_chat_and_feedback_through_tuneloop(server: LiveServer) -> None:
     assert too_long.status_code == 400 and "at most 512" in too_long.text
 
 
+def _vllm_metric(server: LiveServer, name: str) -> float:
+    """A series from vLLM's own /metrics (no key needed), summed over its labels."""
+    keyless = VllmEndpoint("http://vllm", None, str(server.data_dir.root / "vllm/sock/vllm.sock"))
+    with keyless.client() as c:
+        lines = c.get("/metrics").text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{"))
+
+
+def _settled_generation_tokens(server: LiveServer) -> float:
+    """vLLM's count of generated tokens once nothing runs and it stopped moving: its metrics
+    trail the answers by up to a second."""
+    deadline, last = time.monotonic() + 30, -1.0
+    while True:
+        count = _vllm_metric(server, "vllm:generation_tokens_total")
+        running = _vllm_metric(server, "vllm:num_requests_running")
+        if count == last and not running:
+            return count
+        assert time.monotonic() < deadline, "vLLM's generated-token count does not settle"
+        last = count
+        time.sleep(1.0)
+
+
+def test_a_client_that_leaves_mid_answer_stops_its_generation(server: LiveServer) -> None:
+    body = {
+        "messages": [{"role": "user", "content": "Tell me about loops."}],
+        "max_tokens": 400,
+        "temperature": 0.0,
+    }
+    started = time.monotonic()
+    whole = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).json()
+    took = time.monotonic() - started
+    assert whole["choices"][0]["finish_reason"] == "length"  # it runs all 400 tokens
+    generated = _settled_generation_tokens(server)
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=body | {"stream": True}, timeout=60
+    ) as r:
+        events = r.iter_lines()
+        while "content" not in next(events):  # the first text came; then the client goes
+            pass
+    time.sleep(2 * took)  # an answer left running would be done by then
+    assert _settled_generation_tokens(server) - generated < 200
+
+
 def test_vllm_admin_routes_are_out_of_reach(server: LiveServer) -> None:
     for route in VLLM_ADMIN_ROUTES:
         for method in ("GET", "POST"):
