@@ -1,6 +1,7 @@
-"""A reference point for bench/vllm_streaming.py: the least a gateway can do. It forwards
+"""A reference point for bench/vllm_streaming.py: the least a gateway does. It forwards
 `POST /v1/chat/completions` to vLLM's Unix socket and streams the bytes back as they come: no
-parsing, no storage, no ids of its own.
+parsing, no storage, no ids of its own. It reads vLLM with httpx, as tuneloop did before it moved
+to aiohttp (`bench/stream_client.py`), so it is no longer the cheapest path per token.
 
     VLLM_API_KEY=KEY python bench/passthrough_proxy.py SOCKET PORT
 """
