@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Annotated, Any, Literal
 
+import anyio
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -203,15 +204,29 @@ async def _stream_events(turn: ChatTurn, include_usage: bool) -> AsyncIterator[b
         # to a client's socket costs the server ~90 us, and the request to the engine (vLLM)
         # leaves before any of them.
         head = _sse(_chunk(turn, {"role": "assistant", "content": ""}, None))
-        async for text in turn.astream(STREAM_MERGE_S):
-            yield head + _sse(_chunk(turn, {"content": text}, None))
-            head = b""
+        async with aclosing(turn.astream(STREAM_MERGE_S)) as chunks:
+            async for text in chunks:
+                yield head + _sse(_chunk(turn, {"content": text}, None))
+                head = b""
         tail = _sse(_chunk(turn, {}, turn.response.finish_reason))  # type: ignore[union-attr]
         if include_usage:
             tail += _sse(_chunk(turn, {}, None) | {"choices": [], "usage": _usage(turn)})
         yield head + tail + b"data: [DONE]\n\n"
     finally:
         turn.cancel()  # a client that went away stops the generation
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its body however the response ends. When a client's disconnect cancels a response
+    between two chunks, Starlette leaves the body generator suspended, and its cleanup (which
+    stops the generation) would wait for the garbage collector."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[union-attr]
 
 
 class BodySizeLimit:
@@ -290,7 +305,7 @@ def create_api(service: ChatService) -> FastAPI:
             return _error(exc.status, str(exc))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(
+            return ClosingStreamingResponse(
                 _stream_events(turn, include_usage), media_type="text/event-stream"
             )
         try:

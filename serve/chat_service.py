@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
+from contextlib import aclosing
 
 from tuneloop.feedback.store import FeedbackStore
 from tuneloop.feedback.validation import UnknownResponseError, check_rater_id
@@ -58,9 +59,10 @@ class ChatTurn:
     async def astream(self, merge_s: float = 0.0) -> AsyncIterator[str]:
         """Like iterating, on an event loop; see `Generation.achunks` for `merge_s`."""
         parts: list[str] = []
-        async for chunk in self._generation.achunks(merge_s):
-            parts.append(chunk)
-            yield chunk
+        async with aclosing(self._generation.achunks(merge_s)) as chunks:
+            async for chunk in chunks:
+                parts.append(chunk)
+                yield chunk
         self._save(parts)
 
     def _save(self, parts: list[str]) -> None:
