@@ -287,28 +287,6 @@ def health_status_becomes(server: LiveServer, status: int, within_s: float) -> b
     return False
 
 
-def listening_tcp_ports(pgid: int) -> set[int]:
-    """TCP ports the processes of group `pgid` listen on (from /proc)."""
-    inodes: set[str] = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.getpgid(int(pid)) != pgid:
-                continue
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("socket:["):
-                    inodes.add(target[8:-1])
-        except OSError:
-            continue
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
 def _process_group(pgid: int | None) -> list[int]:
     pids = []
     for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
@@ -316,6 +294,24 @@ def _process_group(pgid: int | None) -> list[int]:
             if os.getpgid(pid) == pgid:
                 pids.append(pid)
     return pids
+
+
+def listening_tcp_ports(pgid: int) -> set[int]:
+    """TCP ports the processes of group `pgid` listen on (from /proc)."""
+    inodes: set[str] = set()
+    for pid in _process_group(pgid):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
 
 
 def test_attach_to_a_vllm_the_operator_runs(
