@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuneloop.train.thread_count import ThreadCountChooser
 from tuneloop.train.tiny_model import (
     IM_END,
     IM_START,
@@ -146,7 +147,8 @@ def _build(
         max_position_embeddings=2 * recipe.seq_len,
     )
     tokenizer.model_max_length = model.config.max_position_embeddings
-    picker = _ThreadPicker(len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0))
+    picker = ThreadCountChooser(cores, start=cores)  # a build usually has the machine to itself
     threads = torch.get_num_threads()
     try:
         steps, loss = _train(
@@ -256,7 +258,7 @@ def _train(
     labels: torch.Tensor,
     recipe: DemoRecipe,
     deadline: float,
-    picker: _ThreadPicker,
+    picker: ThreadCountChooser,
     *,
     seed: int,
     progress: bool,
@@ -300,41 +302,6 @@ def _train(
     model.eval()
     tail = losses[-10:]
     return len(losses), (sum(tail) / len(tail) if tail else math.nan)
-
-
-class _ThreadPicker:
-    """Chooses, step by step, between one thread and one per core, whichever is faster now.
-
-    On an idle 2-core machine two threads train about 1.8x faster than one; but while another
-    process keeps one core busy, two threads wait on each other and a step took 1.6 s against
-    0.5 s on one thread. So every `probe_every` steps the other setting runs `probe_steps` steps,
-    and the faster one (median of its latest steps) is kept.
-    """
-
-    def __init__(self, cores: int, probe_every: int = 25, probe_steps: int = 3) -> None:
-        self.best, self.other = cores, (1 if cores > 1 else None)
-        self.probe_every, self.probe_steps = probe_every, probe_steps
-        self.recent: dict[int, list[float]] = {}
-        self.steps_by_threads: dict[int, int] = {}
-        self._step = 0
-
-    def next_threads(self) -> int:
-        probing = (
-            self._step >= self.probe_every and self._step % self.probe_every < self.probe_steps
-        )
-        return self.other if probing and self.other is not None else self.best
-
-    def record(self, threads: int, seconds: float) -> None:
-        self._step += 1
-        self.steps_by_threads[threads] = self.steps_by_threads.get(threads, 0) + 1
-        self.recent[threads] = [*self.recent.get(threads, [])[-(self.probe_steps - 1) :], seconds]
-        probe_done = self._step % self.probe_every == self.probe_steps and threads == self.other
-        if probe_done and _median(self.recent[threads]) < _median(self.recent[self.best]):
-            self.best, self.other = self.other, self.best
-
-
-def _median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
 
 
 def _batches(n_rows: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

@@ -202,21 +202,3 @@ def test_demo_build_refuses_to_replace_foreign_dir(tmp_path: Path) -> None:
         build_demo_model(tmp_path / "model", seconds=1, progress=False, recipe=SMALL_RECIPE)
     assert (tmp_path / "model" / "notes.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
-
-
-def test_thread_picker_follows_the_faster_setting() -> None:
-    picker = demo_model._ThreadPicker(2, probe_every=5, probe_steps=2)
-
-    def run(steps: int, seconds: dict[int, float]) -> list[int]:
-        used = []
-        for _ in range(steps):
-            threads = picker.next_threads()
-            picker.record(threads, seconds[threads])
-            used.append(threads)
-        return used
-
-    assert run(7, {1: 0.5, 2: 0.3}) == [2, 2, 2, 2, 2, 1, 1]  # probed one thread, kept two
-    assert run(3, {1: 0.5, 2: 1.6}) == [2, 2, 2]  # a busy core: two threads slow down
-    assert run(5, {1: 0.5, 2: 1.6}) == [1, 1, 1, 1, 1]  # the probe at step 10 switched
-    assert run(5, {1: 0.5, 2: 0.3}) == [2, 2, 2, 2, 2]  # idle again: probed two, switched back
-    assert picker.steps_by_threads == {1: 7, 2: 13}

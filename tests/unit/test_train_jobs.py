@@ -431,30 +431,24 @@ def test_existing_output_dir_is_never_overwritten(
     assert (spec.out / "keep.txt").read_text() == "mine"
 
 
-def test_thread_picker_follows_the_faster_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_thread_picker_sets_the_chosen_threads_for_each_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from types import SimpleNamespace
 
     from tuneloop.train import job_callbacks
 
-    picker = job_callbacks.ThreadPicker(2, interval=4, max_interval=8)
-    clock = [0.0]
+    picker = job_callbacks.ThreadPicker(2)
+    clock, set_to = [0.0], []
     monkeypatch.setattr(job_callbacks.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(job_callbacks.torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(job_callbacks.torch, "set_num_threads", set_to.append)
     seconds = {1: 1.0, 2: 0.6}  # an idle machine: 2 threads are faster
-
-    def run(steps: range) -> list[int]:
-        used = []
-        for step in steps:
-            picker.on_step_begin(None, SimpleNamespace(global_step=step), None)
-            used.append(picker._threads)
-            clock[0] += seconds[picker._threads]
-            picker.on_step_end(None, SimpleNamespace(global_step=step + 1), None)
-        return used
-
-    # Warm-up and two timed steps on one thread, a probe on two, which wins.
-    assert run(range(8)) == [1, 1, 1, 2, 2, 2, 2, 1]  # step 7: probe of one thread, which loses
-    seconds[2] = 20.0  # another process takes a core: the next step is far slower
-    assert run(range(8, 12)) == [2, 1, 1, 1]  # probe at once; one thread wins and stays
+    for step in range(6):
+        picker.on_step_begin(None, SimpleNamespace(global_step=step), None)
+        clock[0] += seconds[set_to[-1]]
+        picker.on_step_end(None, SimpleNamespace(global_step=step + 1), None)
+    assert set_to == [1, 1, 1, 2, 2, 2]  # the probe at step 3 won
+    assert picker.chooser.steps_by_threads == {1: 3, 2: 3}
 
 
 # --- Settings and data ----------------------------------------------------------------------------
