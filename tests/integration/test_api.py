@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
@@ -175,6 +176,35 @@ def test_oversized_body_is_refused(server: LiveServer) -> None:
     )
     assert resp.status_code == 413
     assert "limit" in resp.json()["error"]["message"]
+
+
+def test_oversized_body_without_a_length_is_refused_and_a_small_one_passes(
+    server: LiveServer,
+) -> None:
+    """A chunked body names no Content-Length: it is counted as it arrives."""
+
+    def chunked(body: bytes) -> Iterator[bytes]:
+        for i in range(0, len(body), 64_000):
+            yield body[i : i + 64_000]
+
+    before = httpx.get(f"{server.url}/v1/feedback/stats").json()
+    big = b'{"kind": "thumbs", "response_id": 1, "value": 1, "rater": "' + b"x" * 2_000_000 + b'"}'
+    resp = httpx.post(
+        f"{server.url}/v1/feedback",
+        content=chunked(big),
+        headers={"content-type": "application/json"},
+    )
+    assert resp.status_code == 413
+    assert "limit" in resp.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/v1/feedback/stats").json() == before
+
+    answer = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=chunked(b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}'),
+        headers={"content-type": "application/json"},
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["choices"][0]["message"]["content"] is not None
 
 
 def test_openapi_schema_describes_the_contract(server: LiveServer) -> None:
