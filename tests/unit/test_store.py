@@ -284,3 +284,21 @@ def test_readers_see_only_committed_rows_while_writing(store: FeedbackStore) -> 
     stop.set()
     reader.join()
     assert seen == sorted(seen) and seen[-1] <= 300
+
+
+def test_after_a_burst_the_writer_waits_for_more_writes_but_no_longer_than_its_cap(
+    tmp_path: Path,
+) -> None:
+    """A gap wait of 30 s would hang the lone write below; `max_linger_s` bounds it."""
+    with FeedbackStore(tmp_path / "f.duckdb", linger_s=30.0, max_linger_s=0.1) as store:
+        a = make_response(store)
+        release = threading.Event()
+        blocked = threading.Thread(target=store.write, args=(lambda con: release.wait(10),))
+        blocked.start()
+        burst = [store.submit_feedback(Thumbs(a.id, 1)) for _ in range(50)]  # queued behind it
+        release.set()
+        blocked.join()
+        assert len({f.result(timeout=5) for f in burst}) == 50  # one batch: the writer lingers
+        lone = store.submit_feedback(Rating(a.id, 4))
+        assert lone.result(timeout=5) == 1
+        assert store.feedback_counts()["thumbs"] == 50
