@@ -258,13 +258,17 @@ def save_policy(trainer: Any, tokenizer: Any, work: Path) -> dict[str, Any] | No
 
 
 def train_metrics(trainer: Any, result: Any) -> dict[str, Any]:
-    """Last logged train loss, mean loss over the run, steps and runtime."""
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    """Last logged train loss, mean loss over the run, steps, runtime, and the tokens trained on
+    (TRL's `num_tokens`: without padding; None where the trainer does not count them)."""
+    history = trainer.state.log_history
+    losses = [log["loss"] for log in history if "loss" in log]
+    tokens = [log["num_tokens"] for log in history if "num_tokens" in log]
     return {
         "train_loss": losses[-1] if losses else None,
         "train_loss_mean": result.training_loss,
         "steps": trainer.state.global_step,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
+        "train_tokens": int(tokens[-1]) if tokens else None,
     }
 
 

@@ -11,28 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from job_datasets import msg, pairs, write_datasets, write_split
 
 from tuneloop.artifacts import is_adapter, load_causal_lm, read_manifest
 from tuneloop.train.job_common import JobSpec, load_dataset_splits
 from tuneloop.train.job_config import JobError, build_config, parse_set, read_config_file
 from tuneloop.train.run import run_job
 
-MESSAGES = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-SCHEMAS = {
-    "preference": pa.schema(
-        [
-            ("prompt", MESSAGES),
-            ("chosen", MESSAGES),
-            ("rejected", MESSAGES),
-            ("source", pa.string()),
-        ]
-    ),
-    "kto": pa.schema([("prompt", MESSAGES), ("completion", MESSAGES), ("label", pa.bool_())]),
-    "sft": pa.schema([("messages", MESSAGES)]),
-}
 MANIFEST_KEYS = {
     "id",
     "kind",
@@ -51,47 +38,7 @@ MANIFEST_KEYS = {
     "created_at",
     "data",
 }
-TOPICS = ("lists", "tuples", "dicts", "sets", "strings", "files", "loops", "classes", "modules")
-# The preference is easy to learn: every chosen answer says "Certainly", no rejected one does.
 FAST = {"max_steps": 3, "per_device_train_batch_size": 4}
-
-
-def msg(role: str, text: str) -> list[dict[str, str]]:
-    return [{"role": role, "content": text}]
-
-
-def pairs(n: int, offset: int, rng: random.Random) -> list[dict[str, Any]]:
-    rows = []
-    for i in range(offset, offset + n):
-        topic = rng.choice(TOPICS)
-        rows.append(
-            {
-                "prompt": msg("user", f"Question {i}: what about {topic}?"),
-                "chosen": msg("assistant", f"Certainly, {topic} are useful here."),
-                "rejected": msg("assistant", f"No idea about {topic} at all."),
-                "source": "comparison",
-            }
-        )
-    return rows
-
-
-def write_split(out: Path, name: str, split: str, rows: list[dict[str, Any]]) -> None:
-    table = pa.Table.from_pylist(rows, schema=SCHEMAS[name])
-    pq.write_table(table, out / f"{name}.{split}.parquet")
-
-
-def write_datasets(out: Path, *, train_pairs: int = 64, heldout_pairs: int = 16) -> Path:
-    """Files as `tuneloop.feedback.datasets.build_datasets` writes them."""
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(0)
-    splits = {"train": pairs(train_pairs, 0, rng), "heldout": pairs(heldout_pairs, 1000, rng)}
-    for split, rows in splits.items():
-        write_split(out, "preference", split, rows)
-        kto = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in rows]
-        kto += [{"prompt": r["prompt"], "completion": r["rejected"], "label": False} for r in rows]
-        write_split(out, "kto", split, kto)
-        write_split(out, "sft", split, [{"messages": r["prompt"] + r["chosen"]} for r in rows])
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +213,7 @@ def test_policy_job_writes_a_loadable_adapter(
     assert manifest["data"][dataset]["train"] > 0
     assert manifest["metrics"]["steps"] == 3 and manifest["metrics"]["train_loss"] is not None
     assert manifest["metrics"]["heldout_loss"] is not None
+    assert manifest["metrics"]["train_tokens"] > 0  # TRL's count, without padding
     assert (version / "tokenizer_config.json").exists()
     assert not (version / "ref").exists() and not version.with_name("v.tmp").exists()
     assert changes_outputs(version, tiny_model_dir)
