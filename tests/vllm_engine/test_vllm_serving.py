@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import duckdb
 import httpx
 import pytest
 from live_server import LiveServer, live_server
@@ -165,6 +166,11 @@ def _settled_generation_tokens(server: LiveServer) -> float:
         time.sleep(1.0)
 
 
+def _stored_responses(server: LiveServer) -> int:
+    with duckdb.connect(str(server.data_dir.db)) as con:
+        return con.execute("SELECT count(*) FROM responses").fetchone()[0]  # type: ignore[index]
+
+
 def test_a_client_that_leaves_mid_answer_stops_its_generation(server: LiveServer) -> None:
     body = {
         "messages": [{"role": "user", "content": "Tell me about loops."}],
@@ -175,7 +181,7 @@ def test_a_client_that_leaves_mid_answer_stops_its_generation(server: LiveServer
     whole = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).json()
     took = time.monotonic() - started
     assert whole["choices"][0]["finish_reason"] == "length"  # it runs all 400 tokens
-    generated = _settled_generation_tokens(server)
+    generated, before = _settled_generation_tokens(server), _stored_responses(server)
     with httpx.stream(
         "POST", f"{server.url}/v1/chat/completions", json=body | {"stream": True}, timeout=60
     ) as r:
@@ -183,7 +189,10 @@ def test_a_client_that_leaves_mid_answer_stops_its_generation(server: LiveServer
         while "content" not in next(events):  # the first text came; then the client goes
             pass
     time.sleep(2 * took)  # an answer left running would be done by then
-    assert _settled_generation_tokens(server) - generated < 200
+    extra = _settled_generation_tokens(server) - generated
+    # Which side kept going, if one did: tuneloop stores an answer only once it read it whole.
+    stored = _stored_responses(server) > before
+    assert extra < 200, f"vLLM generated {extra:.0f} more tokens; tuneloop read them all: {stored}"
 
 
 def test_vllm_admin_routes_are_out_of_reach(server: LiveServer) -> None:
