@@ -1,5 +1,5 @@
-"""Helpers shared by the HTTP benchmarks: a `tuneloop up` server in a process of its own, CPU
-time of a process, percentiles.
+"""Helpers shared by the benchmarks: a `tuneloop up` server in a process of its own, CPU time of
+a process, percentiles, and DPO datasets built from real preference pairs.
 
 The server runs as a separate process (`python -m tuneloop.cli up --no-ui ...`) on a free port of
 127.0.0.1 with a fresh data dir, so that the load generator never shares the server's GIL.
@@ -17,10 +17,14 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 
 HOST = "127.0.0.1"
+PAIRS_FILE = (
+    Path(__file__).resolve().parents[1].parent / "shared/data/hh-rlhf-harmless/pairs.jsonl.gz"
+)
 
 
 def free_port() -> int:
@@ -35,6 +39,22 @@ def tiny_model(tmp: Path, hidden_size: int, num_layers: int) -> Path:
     from tuneloop.train.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp / "model", hidden_size=hidden_size, num_layers=num_layers)
+
+
+def preference_datasets(root: Path, pairs: int) -> Any:
+    """Import `pairs` pairs of `PAIRS_FILE` into a fresh store under `root`, snapshot it and
+    build the datasets, as a training job's snapshot would; the preference datasets (`train`,
+    `heldout` and their row counts)."""
+    from tuneloop.feedback.datasets import build_datasets
+    from tuneloop.feedback.importer import import_preferences
+    from tuneloop.feedback.snapshot import create_snapshot
+    from tuneloop.feedback.store import FeedbackStore
+
+    with FeedbackStore(root / "feedback.duckdb") as store:
+        imported = import_preferences(store, PAIRS_FILE, limit=pairs)
+        snapshot = create_snapshot(store, root / "snapshots")
+    print(f"imported {imported.pairs} pairs ({imported.skipped} skipped) from {PAIRS_FILE}")
+    return build_datasets(snapshot.path)["preference"]
 
 
 def wait_healthy(

@@ -36,9 +36,6 @@ import threading
 import time
 from pathlib import Path
 
-PAIRS_FILE = (
-    Path(__file__).resolve().parents[1].parent / "shared/data/hh-rlhf-harmless/pairs.jsonl.gz"
-)
 SIZES = {  # hidden, layers, MLP width
     "0.5b": (1024, 28, 4096),
     "tiny": (128, 4, 512),
@@ -56,24 +53,21 @@ PROMPTS = [
 
 
 def prepare(out: Path, pairs: int, vocab: int) -> None:
-    from tuneloop.feedback.datasets import build_datasets
-    from tuneloop.feedback.importer import import_preferences
-    from tuneloop.feedback.snapshot import create_snapshot
-    from tuneloop.feedback.store import FeedbackStore
+    # Here only: the GPU machine, which runs `run`, may lack common.py's HTTP client.
+    from common import PAIRS_FILE, preference_datasets
+
     from tuneloop.train.tiny_model import local_corpus, train_tokenizer
 
     if not PAIRS_FILE.exists():
         sys.exit(f"{PAIRS_FILE} is missing: it comes with ../shared/data")
     out.mkdir(parents=True, exist_ok=True)
     train_tokenizer(local_corpus(4_000_000), vocab).save_pretrained(out / "tokenizer")
-    with tempfile.TemporaryDirectory() as tmp, FeedbackStore(Path(tmp) / "f.duckdb") as store:
-        imported = import_preferences(store, PAIRS_FILE, limit=pairs)
-        snapshot = create_snapshot(store, Path(tmp) / "snapshots")
-        built = build_datasets(snapshot.path)["preference"]
+    with tempfile.TemporaryDirectory() as tmp:
+        built = preference_datasets(Path(tmp), pairs)
         (out / "datasets").mkdir(exist_ok=True)
         for split in (built.train, built.heldout):
             (out / "datasets" / split.name).write_bytes(split.read_bytes())
-    print(f"{imported.pairs} pairs, {built.train_rows} train / {built.heldout_rows} held out")
+    print(f"{built.train_rows} train / {built.heldout_rows} held out")
     print(f"wrote {out}; carry it to the GPU machine and run: {Path(__file__).name} run {out}")
 
 

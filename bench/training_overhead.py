@@ -62,12 +62,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import cpu_seconds
+from common import PAIRS_FILE, cpu_seconds, preference_datasets
 
 GOAL_RATIO = 0.9
-PAIRS_FILE = (
-    Path(__file__).resolve().parents[1].parent / "shared/data/hh-rlhf-harmless/pairs.jsonl.gz"
-)
 CONFIG_CLASSES = {"dpo": "DPOConfig", "rm": "RewardConfig"}
 # Deprecated aliases in the config's dict (their new names are passed instead), and fields that
 # are scratch paths or masked secrets.
@@ -132,22 +129,6 @@ class Run:
 
 
 # --- Data and model -------------------------------------------------------------------------------
-
-
-def prepare_datasets(root: Path, pairs: int) -> tuple[Path, int, int]:
-    """Import `pairs` pairs into a fresh store, snapshot it, build the datasets; returns the
-    datasets dir and the preference train / held-out row counts."""
-    from tuneloop.feedback.datasets import build_datasets
-    from tuneloop.feedback.importer import import_preferences
-    from tuneloop.feedback.snapshot import create_snapshot
-    from tuneloop.feedback.store import FeedbackStore
-
-    with FeedbackStore(root / "feedback.duckdb") as store:
-        imported = import_preferences(store, PAIRS_FILE, limit=pairs)
-        snapshot = create_snapshot(store, root / "snapshots")
-    built = build_datasets(snapshot.path)["preference"]
-    print(f"imported {imported.pairs} pairs ({imported.skipped} skipped) from {PAIRS_FILE}")
-    return built.train.parent, built.train_rows, built.heldout_rows
 
 
 def length_profile(model: Path, train_file: Path, max_length: int) -> str:
@@ -427,7 +408,8 @@ def summary(rows: list[dict[str, Any]], args: argparse.Namespace) -> bool:
 
 
 def run(args: argparse.Namespace, tmp: Path) -> int:
-    datasets, train_rows, heldout_rows = prepare_datasets(tmp, args.pairs)
+    built = preference_datasets(tmp, args.pairs)
+    datasets, train_rows, heldout_rows = built.train.parent, built.train_rows, built.heldout_rows
     model = args.model
     if model is None:
         from tuneloop.train.tiny_model import build_tiny_model

@@ -41,9 +41,14 @@ def keep_off(cpus: frozenset[int]) -> frozenset[int]:
     rest = allowed - cpus
     if not rest or rest == allowed:
         return allowed
+    run_on(rest)
+    return rest
+
+
+def run_on(cpus: frozenset[int]) -> None:
+    """Put every thread of this process on `cpus`; threads it starts later inherit that."""
     for tid in os.listdir("/proc/self/task"):
         try:
-            os.sched_setaffinity(int(tid), rest)
+            os.sched_setaffinity(int(tid), cpus)
         except ProcessLookupError:  # a thread that just ended
             continue
-    return rest

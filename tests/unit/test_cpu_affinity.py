@@ -28,12 +28,12 @@ def test_vllm_starts_under_taskset_when_given_cpus() -> None:
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to split")
-def test_keep_off_moves_every_thread_including_ones_started_before() -> None:
+def test_keep_off_and_run_on_move_every_thread_including_ones_started_before() -> None:
     """In a process of its own: the test process keeps its CPUs."""
     cpus = sorted(os.sched_getaffinity(0))
     code = f"""
 import os, threading
-from tuneloop.cpu_affinity import keep_off
+from tuneloop.cpu_affinity import keep_off, run_on
 started = threading.Event(); done = threading.Event()
 def before():
     started.set(); done.wait()
@@ -43,11 +43,14 @@ after = []
 t2 = threading.Thread(target=lambda: after.append(sorted(os.sched_getaffinity(0)))); t2.start()
 t2.join()
 print(sorted(os.sched_getaffinity(t.native_id)), after[0], sorted(os.sched_getaffinity(0)))
-done.set(); t.join()
 print(sorted(keep_off(frozenset(os.sched_getaffinity(0)))))
+run_on(frozenset({cpus!r}))
+print(sorted(os.sched_getaffinity(t.native_id)), sorted(os.sched_getaffinity(0)))
+done.set(); t.join()
 """
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.splitlines()
     rest = str(cpus[1:])
-    assert out == [rest, f"{rest} {rest} {rest}", rest]  # all of them: nothing would be left
+    # Keeping off all of them would leave nothing: unchanged. `run_on` gives every thread all back.
+    assert out == [rest, f"{rest} {rest} {rest}", rest, f"{cpus} {cpus}"]
