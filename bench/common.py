@@ -17,9 +17,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING
 
 import httpx
+
+if TYPE_CHECKING:
+    from tuneloop.feedback.datasets import DatasetFiles
 
 HOST = "127.0.0.1"
 PAIRS_FILE = (
@@ -41,7 +44,7 @@ def tiny_model(tmp: Path, hidden_size: int, num_layers: int) -> Path:
     return build_tiny_model(tmp / "model", hidden_size=hidden_size, num_layers=num_layers)
 
 
-def preference_datasets(root: Path, pairs: int) -> Any:
+def preference_datasets(root: Path, pairs: int) -> DatasetFiles:
     """Import `pairs` pairs of `PAIRS_FILE` into a fresh store under `root`, snapshot it and
     build the datasets, as a training job's snapshot would; the preference datasets (`train`,
     `heldout` and their row counts)."""
