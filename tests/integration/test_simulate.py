@@ -62,8 +62,8 @@ def test_simulate_learns_the_raters_preference_end_to_end(
     low, high = summary["win_rate_ci"]
     assert low <= summary["win_rate"] <= high
     # Half of the held-out questions won would be no learning at all: the win rate's 95 % interval
-    # lies above it. (A fixed 0.75 on 32 questions failed one CI run in ~10 at 0.72, interval
-    # low ~0.55; the benchmark holds the 0.8 goal, on 600 comparisons.)
+    # lies above it. (A fixed 0.75 on 32 questions failed a CI run at 0.72, whose interval starts
+    # near 0.55; the benchmark holds the 0.8 goal, on 600 comparisons.)
     assert low > 0.5, summary
     assert summary["gate"]["win_rate"] >= 0.55 and summary["gate"]["kl_to_parent"] > 0
     # The version directory is what the registry says, with its provenance.
