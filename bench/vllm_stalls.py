@@ -33,9 +33,8 @@ from pathlib import Path
 
 import httpx
 from common import percentile, tiny_model
-from vllm_streaming import fitting_prompts
+from vllm_streaming import add_vllm_and_model_args, fitting_prompts
 
-from tuneloop.cli_engine import default_vllm_env
 from tuneloop.config import vllm_python_command
 from tuneloop.cpu_affinity import format_cpu_list, keep_off, parse_cpu_list, run_on
 from tuneloop.serve.vllm_server import VllmLaunch, VllmServer
@@ -104,11 +103,12 @@ def stream(client: httpx.Client, model: str, prompt: str, max_tokens: int) -> St
     return Stream(first, gap, time.monotonic() - started, tokens)
 
 
-def measure(args: argparse.Namespace, model: Path, tmp: Path, cpus: frozenset[int]) -> Layout:
+def measure(
+    args: argparse.Namespace, model: Path, prompts: list[str], tmp: Path, cpus: frozenset[int]
+) -> Layout:
     name = f"vLLM on CPU {format_cpu_list(cpus)}" if cpus else "unpinned"
     launch = VllmLaunch(vllm_python_command(args.vllm_python), str(model), cpus=cpus)
     vllm = VllmServer(launch, tmp / ("vllm-pinned" if cpus else "vllm-unpinned"))
-    prompts = fitting_prompts(model, args.answers, args.max_tokens)
     vllm.start()
     try:
         with vllm.endpoint.client(timeout=300.0) as client:
@@ -161,14 +161,7 @@ def report(layouts: list[Layout]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--vllm-python",
-        default=str(default_vllm_env() / "bin" / "python"),
-        help="vLLM's interpreter (default: %(default)s, made by `tuneloop vllm-env`)",
-    )
-    parser.add_argument("--model", type=Path, help="model dir (default: a tiny random model)")
-    parser.add_argument("--hidden-size", type=int, default=64, help="of the default model")
-    parser.add_argument("--num-layers", type=int, default=2, help="of the default model")
+    add_vllm_and_model_args(parser, hidden_size=64, num_layers=2)  # the vLLM tests' model
     parser.add_argument("--answers", type=int, default=12, help="per layout")
     parser.add_argument("--max-tokens", type=int, default=400)
     parser.add_argument(
@@ -184,10 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tuneloop-bench-") as tmp:
         model = args.model or tiny_model(Path(tmp), args.hidden_size, args.num_layers)
         print(f"model: {model}  max_tokens: {args.max_tokens}  cpus: {format_cpu_list(allowed)}")
-        unpinned = measure(args, model, Path(tmp), frozenset())
+        prompts = fitting_prompts(model, args.answers, args.max_tokens)
+        unpinned = measure(args, model, prompts, Path(tmp), frozenset())
         keep_off(cpus)  # this process and the sleeper, as tuneloop would be
         try:
-            pinned = measure(args, model, Path(tmp), cpus)
+            pinned = measure(args, model, prompts, Path(tmp), cpus)
         finally:
             run_on(allowed)
         report([unpinned, pinned])

@@ -214,16 +214,23 @@ def run(args: argparse.Namespace, model: Path, tmp: Path) -> int:
     return 0 if all(same for _, same in results) else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_vllm_and_model_args(
+    parser: argparse.ArgumentParser, hidden_size: int, num_layers: int
+) -> None:
+    """The vLLM benchmarks' `--vllm-python`, `--model` and the default model's size."""
     parser.add_argument(
         "--vllm-python",
         default=str(default_vllm_env() / "bin" / "python"),
         help="vLLM's interpreter (default: %(default)s, made by `tuneloop vllm-env`)",
     )
     parser.add_argument("--model", type=Path, help="model dir (default: a tiny random model)")
-    parser.add_argument("--hidden-size", type=int, default=256, help="of the default model")
-    parser.add_argument("--num-layers", type=int, default=4, help="of the default model")
+    parser.add_argument("--hidden-size", type=int, default=hidden_size, help="of the default model")
+    parser.add_argument("--num-layers", type=int, default=num_layers, help="of the default model")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_vllm_and_model_args(parser, hidden_size=256, num_layers=4)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=6, help="rounds per path and concurrency")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])

@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import duckdb
 import httpx
 import pytest
 from live_server import LiveServer, live_server
@@ -177,8 +176,8 @@ def _settled_generation_tokens(server: LiveServer) -> float:
 
 
 def _stored_responses(server: LiveServer) -> int:
-    with duckdb.connect(str(server.data_dir.db)) as con:
-        return con.execute("SELECT count(*) FROM responses").fetchone()[0]  # type: ignore[index]
+    [(count,)] = db_rows(server.data_dir, "SELECT count(*) FROM responses")
+    return count
 
 
 def test_a_client_that_leaves_mid_answer_stops_its_generation(server: LiveServer) -> None:
