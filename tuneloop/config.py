@@ -41,10 +41,6 @@ class DataDir:
         return self.root / "models"
 
     @property
-    def demo_model(self) -> Path:
-        return self.models / "demo"
-
-    @property
     def snapshots(self) -> Path:
         return self.root / "snapshots"
 

@@ -404,7 +404,7 @@ class Pipeline:
     def _served_policy(self) -> ModelVersion:
         served = registry.promoted_version(self.store, "policy")
         if served is None:
-            raise NothingToTrainError("no policy is served yet: run `tuneloop up` once first")
+            raise NothingToTrainError("no policy is served yet: pass --model")
         return served
 
 

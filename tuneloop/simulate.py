@@ -31,6 +31,7 @@ import httpx
 
 from tuneloop.config import DataDir, LoopConfig, ServeConfig, VllmSettings
 from tuneloop.feedback.store import FEEDBACK_TABLES
+from tuneloop.models import DEFAULT_MODEL, resolve_model
 from tuneloop.preferences import Preference, resolve
 from tuneloop.remote import follow_cycle
 
@@ -49,7 +50,7 @@ class SimulationConfig:
     max_tokens: int = 48
     temperature: float = 1.0
     kind: str = "dpo"
-    model: Path | None = None
+    model: str = DEFAULT_MODEL
     seed: int = 0
     concurrency: int = 8
     train_overrides: tuple[str, ...] = ()
@@ -99,7 +100,7 @@ def run_simulation(config: SimulationConfig) -> dict[str, Any]:
     dd = DataDir(config.data_dir)
     if dd.db.exists():
         raise ValueError(f"{dd.root} already holds a database: simulate wants a fresh data dir")
-    model = config.model or _demo_model(dd, config.log)
+    model = resolve_model(config.model, log=config.log)
     heldout, train = _prompts(config, model)
     rng = random.Random(config.seed)
     with _server(dd, model, config) as client:
@@ -146,14 +147,7 @@ def run_simulation(config: SimulationConfig) -> dict[str, Any]:
     }
 
 
-def _demo_model(dd: DataDir, log: Callable[[str], None]) -> Path:
-    from tuneloop.train.demo_model import build_demo_model
-
-    log(f"building the demo model in {dd.demo_model} (pass --model to reuse one)")
-    return build_demo_model(dd.demo_model)
-
-
-def _prompts(config: SimulationConfig, model: Path) -> tuple[list[str], list[str]]:
+def _prompts(config: SimulationConfig, model: str) -> tuple[list[str], list[str]]:
     """Held-out questions (never rated) and the questions users ask for feedback: MT-bench's
     first turns that leave room for an answer in the model's context, and questions like the
     demo model's training dialogues."""
@@ -182,12 +176,12 @@ def _prompts(config: SimulationConfig, model: Path) -> tuple[list[str], list[str
 
 
 @contextmanager
-def _server(dd: DataDir, model: Path, config: SimulationConfig) -> Iterator[_Client]:
+def _server(dd: DataDir, model: str, config: SimulationConfig) -> Iterator[_Client]:
     from tuneloop.serve.server import run_server
 
     serve = ServeConfig(
         dd,
-        model=str(model),
+        model=model,
         engine=config.engine,
         vllm=config.vllm,
         port=0,
@@ -201,7 +195,7 @@ def _server(dd: DataDir, model: Path, config: SimulationConfig) -> Iterator[_Cli
 
     def run() -> None:
         try:
-            run_server(serve, lambda: model, lambda url: (ready.append(url), up.set()), stop)
+            run_server(serve, lambda _: model, lambda url: (ready.append(url), up.set()), stop)
         except BaseException as exc:  # noqa: BLE001 - raised in the caller below
             errors.append(exc)
             up.set()

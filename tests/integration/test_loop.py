@@ -24,8 +24,8 @@ from loop_client import (
 )
 
 from tuneloop.config import DataDir, LoopConfig
+from tuneloop.feedback.registry import ensure_served_policy
 from tuneloop.feedback.store import FeedbackStore
-from tuneloop.serve.server import resolve_served_version
 
 TOPICS = ("lists", "tuples", "dicts", "sets", "strings", "files", "loops", "classes")
 CYCLE_TIMEOUT_S = 300
@@ -154,7 +154,7 @@ def two_policies(tmp_path: Path, tiny_model_dir: Path, tiny_model_dir_b: Path) -
     store = FeedbackStore(dd.db)
     try:
         for model in (tiny_model_dir_b, tiny_model_dir):
-            resolve_served_version(store, str(model), lambda: Path("unused"))
+            ensure_served_policy(store, str(model), str, reason="served by the test")
     finally:
         store.close()
     return dd.root

@@ -37,13 +37,13 @@ def test_help_lists_every_subcommand_without_heavy_imports() -> None:
     ).stdout
     assert out.strip() == "[]"
     help_text = tuneloop("--help").stdout
-    for cmd in ("up", "demo-model", "stats", "snapshot", "datasets", "versions"):
+    for cmd in ("up", "model", "stats", "snapshot", "datasets", "versions"):
         assert cmd in help_text
     assert time.perf_counter() - started < 30
 
 
 def test_every_subcommand_takes_data_dir() -> None:
-    for cmd in ("up", "demo-model", "stats", "snapshot", "datasets", "versions"):
+    for cmd in ("up", "model", "stats", "snapshot", "datasets", "versions"):
         assert "--data-dir" in tuneloop(cmd, "--help").stdout
 
 

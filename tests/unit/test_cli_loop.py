@@ -17,8 +17,8 @@ from live_server import live_server
 
 from tuneloop import cli
 from tuneloop.config import DataDir
+from tuneloop.feedback.registry import ensure_served_policy
 from tuneloop.feedback.store import FeedbackStore
-from tuneloop.serve.server import resolve_served_version
 
 TOPICS = ("lists", "tuples", "dicts", "sets", "strings", "files", "loops", "classes")
 # TRL's conversational preference format; every chosen answer says "Certainly".
@@ -101,7 +101,7 @@ def prepare(root: Path, *models: Path) -> Path:
     store = FeedbackStore(dd.db)
     try:
         for model in models:
-            resolve_served_version(store, str(model), lambda: Path("unused"))
+            ensure_served_policy(store, str(model), str, reason="served by the test")
     finally:
         store.close()
     return root
@@ -240,18 +240,45 @@ def test_registry_errors_are_one_clear_line(two_policies: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("case", ["malformed import", "missing import", "train without a policy"])
-def test_user_errors_of_data_and_train_are_one_clear_line(case: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "case", ["malformed import", "missing import", "train without feedback", "missing model"]
+)
+def test_user_errors_of_data_and_train_are_one_clear_line(
+    case: str, tmp_path: Path, tiny_model_dir: Path
+) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"chosen": "only one side"}\n')
     dd = ["--data-dir", str(tmp_path / "data")]
     args, needle = {
         "malformed import": (("data", "import", str(bad)), "bad.jsonl line 1: missing key"),
         "missing import": (("data", "import", str(tmp_path / "missing.jsonl")), "missing.jsonl"),
-        "train without a policy": (("train", "dpo"), "no policy is served yet"),
+        "train without feedback": (
+            ("train", "dpo", "--model", str(tiny_model_dir)),
+            "no preference pairs in the train split: collect comparisons or thumbs first",
+        ),
+        "missing model": (
+            ("train", "dpo", "--model", str(tmp_path / "nowhere")),
+            "no model directory at",
+        ),
     }[case]
     # `train` logs its steps on stderr before the error.
-    clear_error(tuneloop(*args, *dd), needle, only_line=case != "train without a policy")
+    clear_error(tuneloop(*args, *dd), needle, only_line=case != "train without feedback")
+
+
+def test_train_on_a_fresh_data_dir_registers_its_model(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    dd = ["--data-dir", str(tmp_path / "data")]
+    pairs = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
+    imported = tuneloop("data", "import", str(pairs), "--model", str(tiny_model_dir), *dd)
+    assert imported.returncode == 0, imported.stderr
+    versions = json.loads(tuneloop("versions", "--json", *dd).stdout)
+    assert [(v["id"], v["status"], v["artifact_path"]) for v in versions] == [
+        ("policy-v1", "promoted", str(tiny_model_dir.resolve()))
+    ]
+    trained = tuneloop("train", "rm", "--set", "max_steps=2", *dd)
+    assert trained.returncode == 0, trained.stderr
+    assert json.loads(trained.stdout.splitlines()[-1])["reward_version"] == "reward-v1"
 
 
 # --- through a running server ---------------------------------------------------------------------

@@ -29,10 +29,9 @@ from loop_client import (
 
 from tuneloop.config import DataDir, VllmSettings, vllm_python_command
 from tuneloop.cpu_affinity import run_on
-from tuneloop.feedback.registry import register_version
+from tuneloop.feedback.registry import ensure_served_policy, register_version
 from tuneloop.feedback.store import FeedbackStore
 from tuneloop.records import ModelVersion
-from tuneloop.serve.server import resolve_served_version
 from tuneloop.serve.vllm_server import VllmEndpoint, VllmError, VllmLaunch, VllmServer
 
 pytestmark = pytest.mark.vllm
@@ -79,7 +78,7 @@ def server(
     store = FeedbackStore(dd.db)
     try:
         for model in (tiny_model_dir_b, lora_policy, tiny_model_dir):
-            resolve_served_version(store, str(model), lambda: Path("unused"))
+            ensure_served_policy(store, str(model), str, reason="served by the test")
         broken = ModelVersion("policy-v4", "policy", str(tiny_model_dir), str(other_shape))
         register_version(store, broken)
     finally:
