@@ -205,6 +205,30 @@ def _cmd_data_import(args: argparse.Namespace) -> int:
 def _cmd_eval_rm(args: argparse.Namespace) -> int:
     from tuneloop.train.scoring import evaluate_file
 
+    if args.model is not None:
+        if not args.model.is_dir():
+            raise SystemExit(f"tuneloop: no reward model directory at {args.model}")
+        version = {"id": str(args.model.resolve()), "artifact_path": str(args.model.resolve())}
+    else:
+        version = _registered_reward_model(args)
+    try:
+        result = evaluate_file(Path(version["artifact_path"]), args.data)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"tuneloop: {exc}") from exc
+    result = {"version": version["id"], **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"{version['id']}: accuracy {result['accuracy']:.3f} on {result['pairs']} pairs "
+            f"(mean margin {result['margin']:.3f})"
+        )
+    return 0
+
+
+def _registered_reward_model(args: argparse.Namespace) -> dict[str, Any]:
+    """`--version`, else the promoted reward model, else the newest one."""
+
     def local(store: Any) -> list[dict[str, Any]]:
         from tuneloop.feedback.registry import list_versions
 
@@ -223,20 +247,7 @@ def _cmd_eval_rm(args: argparse.Namespace) -> int:
         chosen = [v for v in versions if v["status"] == "promoted"] or versions
         if not chosen:
             raise SystemExit("tuneloop: no reward model yet; run `tuneloop train rm` first")
-    version = chosen[0]
-    try:
-        result = evaluate_file(Path(version["artifact_path"]), args.data)
-    except (ValueError, OSError) as exc:
-        raise SystemExit(f"tuneloop: {exc}") from exc
-    result = {"version": version["id"], **result}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(
-            f"{version['id']}: accuracy {result['accuracy']:.3f} on {result['pairs']} pairs "
-            f"(mean margin {result['margin']:.3f})"
-        )
-    return 0
+    return chosen[0]
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -380,6 +391,12 @@ def register(command: Callable[..., Any]) -> None:
         _cmd_eval_rm,
         parent=ev_sub,
     )
-    rm.add_argument("--version", help="reward version id (default: the latest)")
+    which = rm.add_mutually_exclusive_group()
+    which.add_argument("--version", help="reward version id (default: the latest)")
+    which.add_argument(
+        "--model",
+        type=Path,
+        help="a reward-model checkpoint dir to evaluate instead of a registered version",
+    )
     rm.add_argument("--data", type=Path, required=True, help="preference pairs file")
     rm.add_argument("--json", action="store_true")

@@ -4,6 +4,7 @@ architecture's modules. Sizes are small (CI time); the long runs are in bench/."
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
@@ -65,11 +66,20 @@ def test_reward_model_and_a_gated_dpo_cycle_from_real_pairs(
     reward = read_manifest(versions["reward-v1"]["artifact_path"])
     assert reward["kind"] == "reward" and reward["base"] == str(smollm2_dir)
 
-    evaluated = tuneloop("eval", "rm", "--data", str(HH_PAIRS), "--json", *dd)
+    unseen = tmp_path / "unseen.jsonl"  # pairs 49-72 of the file, which the import left out
+    with gzip.open(HH_PAIRS, "rt") as f:
+        unseen.write_text("".join(line for i, line in enumerate(f) if 48 <= i < 72))
+    evaluated = tuneloop("eval", "rm", "--data", str(unseen), "--json", *dd)
     assert evaluated.returncode == 0, evaluated.stderr
     scores = json.loads(evaluated.stdout)
-    assert scores["version"] == "reward-v1" and scores["pairs"] == 1800
+    assert scores["version"] == "reward-v1" and scores["pairs"] == 24
     assert 0.0 <= scores["accuracy"] <= 1.0
+    # The same reward model by its directory, from a data dir that has none.
+    fresh = ("--data-dir", str(tmp_path / "fresh"))
+    reward_dir = versions["reward-v1"]["artifact_path"]
+    direct = tuneloop("eval", "rm", "--data", str(unseen), "--model", reward_dir, "--json", *fresh)
+    assert direct.returncode == 0, direct.stderr
+    assert json.loads(direct.stdout)["accuracy"] == scores["accuracy"]
 
 
 @pytest.mark.parametrize("kind", ["kto", "sft", "rl"])
