@@ -31,10 +31,13 @@ from the first token to the last); "per stream" = decode / streams. Each row rep
 round (highest decode tokens/s) and the bound uses the best bandwidth: noise from other work on
 the machine only ever slows a round down. Every round is printed as well.
 
-The process runs under tuneloop's OpenMP defaults (`OMP_WAIT_POLICY=PASSIVE` unless the
-environment says otherwise), which vLLM inherits, as under `tuneloop up`. `--profile` ends with
-a torch.profiler table of decode steps called the way the embedded engine calls the model at 1
-stream, beside the time of its linear layers alone and of reading its weights alone.
+The table's "x bound" divides by the bound on all cores, "x 1-core bound" by the bound from the
+one-thread bandwidth (vLLM's default binding computes on one core of two). The process runs under
+tuneloop's OpenMP defaults (`OMP_WAIT_POLICY=PASSIVE` unless the environment says otherwise),
+which vLLM inherits, as under `tuneloop up`; `GOMP_SPINCOUNT=10000 python bench/decode_speed.py`
+measures with spinning threads instead. `--profile` ends with a torch.profiler table of decode
+steps called the way the embedded engine calls the model at 1 stream (in this process's main
+thread), beside the time of its linear layers alone and of reading its weights alone.
 
     python bench/decode_speed.py [--model smollm2] [--new-tokens 128] [--streams 1 8]
         [--rounds 2] [--vllm-python PY | --no-vllm] [--vllm-cpus LIST]
@@ -141,6 +144,8 @@ def timed_stream(
         parts.append(chunk)
         timing.marks.append((now, tokens_so_far(i)))
     timing.ended = time.perf_counter()
+    if not parts:  # an answer that ended at once
+        timing.first = timing.ended
     timing.text = "".join(parts)
     return timing
 
