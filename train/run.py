@@ -41,6 +41,9 @@ def run_job(kind: str, spec: JobSpec) -> Path:
     The status file (if any) ends "done" with progress 1.0, or "failed" with the error."""
     import torch
 
+    from tuneloop.train.trl_cpu_head import score_labelled_positions_on_cpu
+
+    score_labelled_positions_on_cpu()
     threads = torch.get_num_threads()  # jobs pick their own (`job_callbacks.ThreadPicker`)
     try:
         return _run_job(kind, spec)
