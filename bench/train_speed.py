@@ -105,7 +105,7 @@ TARGET_SETS = {
     "qv": ["q_proj", "v_proj"],
 }
 ENV_KEYS = {"omp", "threads"}
-MODEL_KEYS = {"attn", "head"}
+MODEL_KEYS = {"attn", "head", "group"}
 PEAK_SIZE = 2048
 RESULT_PREFIX = "RESULT "
 
@@ -256,6 +256,12 @@ def preference_rows(pairs: int) -> list[dict[str, Any]]:
     ]
 
 
+def pair_length(row: dict[str, Any]) -> int:
+    """A pair's length for `group_by_length`: characters of the prompt and the longer answer."""
+    prompt = sum(len(m["content"]) for m in row["prompt"])
+    return prompt + max(len(row[side][0]["content"]) for side in ("chosen", "rejected"))
+
+
 def apply_head_patch(mode: str) -> None:
     """Patch TRL's fused LM head (see the module docstring, key `head`)."""
     import trl.kernels.chunked_logprob as kernels
@@ -305,6 +311,11 @@ def trainer_config(
         "seed": 0,
         "data_seed": 0,
     }
+    if args["settings"].get("group"):
+        # Batches of similar lengths: the sampler reads the "length" column, which must survive
+        # the trainer's removal of the columns its model does not take.
+        merged["train_sampling_strategy"] = "group_by_length"
+        merged["remove_unused_columns"] = False
     ignored = []
     for key, value in args["settings"].items():
         if key in ENV_KEYS | MODEL_KEYS or key.startswith("lora."):
@@ -372,6 +383,8 @@ def run_trainer_job(args: dict[str, Any], out: Path) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(args["model"])
     tokenizer.padding_side = "right"
     rows = datasets.Dataset.from_list(preference_rows(args["pairs"]))
+    if settings.get("group"):
+        rows = rows.add_column("length", [pair_length(row) for row in rows])
     lora = lora_settings(settings)
     is_rm = job == "rm"
     model = load_model(job, args["model"], settings, tokenizer.pad_token_id)
@@ -395,7 +408,8 @@ def run_trainer_job(args: dict[str, Any], out: Path) -> dict[str, Any]:
     init_s = time.perf_counter() - start
     policy = trainer.accelerator.unwrap_model(trainer.model)
     shape.p_lora = sum(p.numel() for n, p in policy.named_parameters() if ".lora_" in n)
-    precomputed = bool(getattr(config, "precompute_ref_log_probs", False))
+    # The lean step runs its own reference pass whatever the config says.
+    precomputed = job == "dpo" and bool(getattr(config, "precompute_ref_log_probs", False))
     stats = rm_stats(shape) if is_rm else dpo_stats(shape, precomputed)
     recorder = StepRecorder(trainer.data_collator, stats)
     trainer.data_collator = recorder
@@ -415,6 +429,8 @@ def run_trainer_job(args: dict[str, Any], out: Path) -> dict[str, Any]:
         profile_train(trainer, recorder, args)
     else:
         trainer.train()
+    history = trainer.state.log_history
+    result["loss"] = [log["loss"] for log in history if "loss" in log]
     return {**result, **step_result(recorder, args)}
 
 
@@ -628,6 +644,10 @@ def _profile_part(stderr: str) -> str:
     return stderr[start:] if start >= 0 else ""
 
 
+def _losses(data: dict[str, Any]) -> str:
+    return " ".join(f"{x:.4f}" for x in data.get("loss", [])) or "-"
+
+
 def report(runs: list[Run], variants: list[Variant], jobs: list[str]) -> None:
     print("\nPer run (seconds of each timed step; peak = fp32 matmul GFLOP/s before/after):")
     for run in runs:
@@ -637,7 +657,7 @@ def report(runs: list[Run], variants: list[Variant], jobs: list[str]) -> None:
         print(
             f"  r{run.round} {run.job:5} {run.variant:16} steps [{steps}] s  warm-up "
             f"{' '.join(f'{s:.1f}' for s in d['warmup_s'])} s  init {d['init_s']:.1f} s  "
-            f"peak {peaks}  threads {d['threads']}"
+            f"peak {peaks}  threads {d['threads']}  loss {_losses(d)}"
         )
     header = (
         f"{'job':5} {'variant':16} {'step s':>7} {'min s':>6} {'padded':>6} {'real':>5} "

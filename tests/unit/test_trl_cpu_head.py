@@ -10,13 +10,15 @@ import pytest
 
 def per_token_logps_and_grad(model_dir: Path, compact: bool, monkeypatch: pytest.MonkeyPatch):
     import torch
+    import trl.kernels.chunked_logprob as trl_kernels
     import trl.trainer.utils as trl_utils
     from transformers import AutoModelForCausalLM
 
     from tuneloop.train.trl_cpu_head import score_labelled_positions_on_cpu
 
     with monkeypatch.context() as patch:
-        patch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)  # restored afterwards
+        # TRL's own switch (a job run earlier in this process may have replaced it), restored after.
+        patch.setattr(trl_utils, "_use_triton", trl_kernels._use_triton)
         if compact:
             score_labelled_positions_on_cpu()
             score_labelled_positions_on_cpu()  # a second call changes nothing
