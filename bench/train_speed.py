@@ -60,6 +60,11 @@ Keys:
   `trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE` patched); `compact`: only the completion
   positions scored (`trl.trainer.utils._use_triton` made to answer True, which on a GPU selects
   that path; the tile math stays in torch);
+- `group=true`: batches of similar lengths: a "length" column (characters of the prompt and the
+  longer answer) added to the dataset, `train_sampling_strategy="group_by_length"` and
+  `remove_unused_columns=False` (else the trainer drops the column before the sampler reads it).
+  The sampler puts the longest batch first and then goes down in length, so with few steps the
+  timed steps are not the same batches as other variants': compare GFLOP/s, or use `--epoch`;
 - `lora.FIELD=VALUE`: the LoRA config; `lora.target_modules=q_proj+v_proj` (or `all`, `attn`);
 - any other key: a field of the job's TRL config (`DPOConfig` / `RewardConfig`), the value read
   as JSON where it parses, e.g. `bf16=true`, `precompute_ref_log_probs=true`,
@@ -68,11 +73,15 @@ Keys:
 
 Rounds (`--repeats`) run every variant once per round, in order, so that each variant's runs are
 spread over the run and the machine's noise hits all of them; printed: per-step seconds of every
-run, then per variant the median step, tokens, GFLOP/step, GFLOP/s, % of peak and the median of
-the per-round ratios of step time to the baseline's.
+run, then per variant the median step, tokens, GFLOP/step, GFLOP/s, % of peak, the median of
+the per-round ratios of step time to the baseline's, and `total`: the trainer's set-up
+(tokenizing, and precomputing the reference log-probs where asked) plus every step, warm-up
+included. With `--epoch` each run is one pass over the rows the trainer kept (`--steps` is then
+ignored), so `total` is the time one epoch of training costs, the fair comparison between
+variants that change batch order (`group`) or move work before training (`precompute`).
 
     python bench/train_speed.py [--model /tmp/smol] [--jobs dpo rm lean plain] [--batch 4]
-        [--max-length 256] [--steps 2] [--warmup 1] [--repeats 2] [--pairs 64]
+        [--max-length 256] [--steps 2 | --epoch] [--warmup 1] [--repeats 2] [--pairs 64]
         [--variant NAME [KEY=VALUE ...]] ... [--profile DIR] [--json FILE]
 
 `--profile DIR` runs one extra DPO step of the first variant under `torch.profiler` and writes
@@ -413,6 +422,10 @@ def run_trainer_job(args: dict[str, Any], out: Path) -> dict[str, Any]:
     stats = rm_stats(shape) if is_rm else dpo_stats(shape, precomputed)
     recorder = StepRecorder(trainer.data_collator, stats)
     trainer.data_collator = recorder
+    if args.get("epoch"):  # one pass over the rows the trainer kept, whatever --steps says
+        steps = -(-len(trainer.train_dataset) // args["batch"])
+        trainer.args.max_steps = steps
+        args["steps"] = steps - args["warmup"]
     trainer.add_callback(timing_callback(recorder))
     result = {
         "init_s": init_s,
@@ -591,6 +604,11 @@ class Run:
         return max(self.data["peak_fp32"])
 
     @property
+    def total(self) -> float:
+        """Trainer set-up (tokenizing; precomputing reference log-probs) and every step."""
+        return self.data["init_s"] + sum(self.data["warmup_s"]) + sum(self.data["step_s"])
+
+    @property
     def gflops(self) -> float:
         return self.mean("flop") / self.step_median / 1e9
 
@@ -622,6 +640,7 @@ def run_child(
         "warmup": opts.warmup,
         "pairs": opts.pairs,
         "profile": str(opts.profile) if profile else None,
+        "epoch": opts.epoch,
     }
     proc = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(args)],
@@ -657,12 +676,12 @@ def report(runs: list[Run], variants: list[Variant], jobs: list[str]) -> None:
         print(
             f"  r{run.round} {run.job:5} {run.variant:16} steps [{steps}] s  warm-up "
             f"{' '.join(f'{s:.1f}' for s in d['warmup_s'])} s  init {d['init_s']:.1f} s  "
-            f"peak {peaks}  threads {d['threads']}  loss {_losses(d)}"
+            f"total {run.total:.1f} s  peak {peaks}  threads {d['threads']}  loss {_losses(d)}"
         )
     header = (
         f"{'job':5} {'variant':16} {'step s':>7} {'min s':>6} {'padded':>6} {'real':>5} "
         f"{'scored':>6} {'GFLOP':>6} {'GFLOP/s':>7} {'peak32':>6} {'%peak':>5} {'peak16':>6} "
-        f"{'x base':>6}"
+        f"{'x base':>6} {'total':>6}"
     )
     print("\nMedians over runs (tokens per step; GFLOP = useful FLOP per step, see the docstring):")
     print(header)
@@ -690,7 +709,7 @@ def report(runs: list[Run], variants: list[Variant], jobs: list[str]) -> None:
                 f"{statistics.mean(p for r in mine for p in r.data['real']):5.0f} "
                 f"{statistics.mean(p for r in mine for p in r.data['scored']):6.0f} "
                 f"{flop / 1e9:6.0f} {gflops:7.1f} {peak32:6.0f} {100 * gflops / peak32:5.1f} "
-                f"{peak16:6.0f} {ratio}"
+                f"{peak16:6.0f} {ratio} {statistics.median(r.total for r in mine):6.1f}"
             )
     ignored = {
         (v.name, k)
@@ -711,6 +730,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per run")
+    parser.add_argument(
+        "--epoch", action="store_true", help="run one epoch over the kept rows (not --steps)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     parser.add_argument("--repeats", type=int, default=2, help="rounds over all variants")
     parser.add_argument("--pairs", type=int, default=64, help="preference pairs to load")
