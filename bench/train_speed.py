@@ -54,12 +54,13 @@ Keys:
   `tuneloop` command sets for job processes);
 - `threads=N`: `torch.set_num_threads` (default: one per core);
 - `attn=sdpa|eager`: the model's attention implementation;
-- `head=trl|tiled|compact|compact-tiled` (DPO): TRL's fused LM head as shipped (on a CPU it scores
+- `head=compact|trl|tiled|compact-tiled` (DPO; default `compact`, what the jobs run since
+  `tuneloop.train.trl_cpu_head`): `trl`: TRL's fused LM head as shipped (on a CPU it scores
   every position, prompt and padding included, in 4096 x 32768 fp32 tiles); `tiled`: the same
   code with 256 x 4096 tiles (`trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE` and
   `trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE` patched); `compact`: only the completion
-  positions scored (`trl.trainer.utils._use_triton` made to answer True, which on a GPU selects
-  that path; the tile math stays in torch);
+  positions scored (`tuneloop.train.trl_cpu_head`: TRL's own switch, `_use_triton` as
+  `trl.trainer.utils` reads it, answers True for CPU tensors; the tile math stays in torch);
 - `group=true`: batches of similar lengths: a "length" column (characters of the prompt and the
   longer answer) added to the dataset, `train_sampling_strategy="group_by_length"` and
   `remove_unused_columns=False` (else the trainer drops the column before the sampler reads it).
@@ -80,7 +81,7 @@ included. With `--epoch` each run is one pass over the rows the trainer kept (`-
 ignored), so `total` is the time one epoch of training costs, the fair comparison between
 variants that change batch order (`group`) or move work before training (`precompute`).
 
-    python bench/train_speed.py [--model /tmp/smol] [--jobs dpo rm lean plain] [--batch 4]
+    python bench/train_speed.py [--model smollm2] [--jobs dpo rm lean plain] [--batch 4]
         [--max-length 256] [--steps 2 | --epoch] [--warmup 1] [--repeats 2] [--pairs 64]
         [--variant NAME [KEY=VALUE ...]] ... [--profile DIR] [--json FILE]
 
@@ -106,7 +107,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS_FILE = ROOT.parent / "shared/data/hh-rlhf-harmless/pairs.jsonl.gz"
-DEFAULT_MODEL = Path("/tmp/smol")
+DEFAULT_MODEL = "smollm2"  # any `--model` tuneloop takes: resolved through its model cache
 JOBS = ("dpo", "rm", "lean", "plain")
 TARGET_SETS = {
     "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -282,7 +283,9 @@ def apply_head_patch(mode: str) -> None:
         kernels.TOKEN_CHUNK_SIZE = 256
         trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = 4096
     if mode.startswith("compact"):
-        trl_utils._use_triton = lambda device: True
+        from tuneloop.train.trl_cpu_head import score_labelled_positions_on_cpu
+
+        score_labelled_positions_on_cpu()
 
 
 def lora_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -388,7 +391,7 @@ def run_trainer_job(args: dict[str, Any], out: Path) -> dict[str, Any]:
     import datasets
 
     datasets.disable_progress_bars()
-    apply_head_patch(settings.get("head", "trl"))
+    apply_head_patch(settings.get("head", "compact"))
     tokenizer = AutoTokenizer.from_pretrained(args["model"])
     tokenizer.padding_side = "right"
     rows = datasets.Dataset.from_list(preference_rows(args["pairs"]))
@@ -725,7 +728,7 @@ def report(runs: list[Run], variants: list[Variant], jobs: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--jobs", nargs="+", choices=JOBS, default=["dpo", "rm"])
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
     parser.add_argument("--max-length", type=int, default=256)
@@ -751,6 +754,9 @@ def main(argv: list[str] | None = None) -> int:
     if opts.child:
         child_main(json.loads(opts.child))
         return 0
+    from tuneloop.models import resolve_model
+
+    opts.model = resolve_model(opts.model)
     variants = [parse_variant(v) for v in (opts.variant or [["project"]])]
     if len({v.name for v in variants}) != len(variants):
         parser.error("variant names must differ")
