@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from tuneloop.feedback.store import FeedbackStore
-from tuneloop.models import DEFAULT_MODEL
 from tuneloop.records import ModelVersion
 
 
@@ -197,15 +196,18 @@ def ensure_served_policy(
     resolve: Callable[[str], str],
     *,
     reason: str,
+    default: str | None = None,
 ) -> ModelVersion:
     """The policy to serve or train from: `model` if given (a spec that `resolve` turns into a
     checkpoint path; registered on first use and promoted), else the promoted policy, else
-    `DEFAULT_MODEL`. So every command works on a fresh data dir."""
+    `default` (the caller's default model). So every command works on a fresh data dir."""
     if model is None:
         current = promoted_version(store, "policy")
         if current is not None:
             return current
-        model = DEFAULT_MODEL
+        if default is None:
+            raise RegistryError("no policy is served yet: pass a model")
+        model = default
     path = resolve(model)
     version = find_by_artifact(store, path)
     if version is None:

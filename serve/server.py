@@ -15,6 +15,7 @@ from tuneloop.config import DataDir, ServeConfig
 from tuneloop.cpu_affinity import keep_off
 from tuneloop.feedback.registry import ensure_served_policy
 from tuneloop.feedback.store import FeedbackStore
+from tuneloop.models import DEFAULT_MODEL
 from tuneloop.pipeline import GateSettings
 from tuneloop.records import ModelVersion
 from tuneloop.serve.admin import create_admin_router
@@ -140,7 +141,11 @@ def run_server(
     engine: Engine | None = None
     try:
         version = ensure_served_policy(
-            store, config.model, resolve_model, reason="served by `tuneloop up --model {model}`"
+            store,
+            config.model,
+            resolve_model,
+            reason="served by `tuneloop up --model {model}`",
+            default=DEFAULT_MODEL,
         )
         engine = open_engine(config, version)
         service = ChatService(engine, store)

@@ -92,6 +92,7 @@ def _ensure_base(store: Any, args: argparse.Namespace, reason: str) -> None:
         args.model,
         lambda spec: resolve_model(spec, demo_seconds=args.demo_seconds),
         reason=reason,
+        default=DEFAULT_MODEL,
     )
 
 
