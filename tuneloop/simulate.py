@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -103,31 +104,37 @@ def run_simulation(config: SimulationConfig) -> dict[str, Any]:
     model = resolve_model(config.model, log=config.log)
     heldout, train = _prompts(config, model)
     rng = random.Random(config.seed)
+    stages = _Stopwatch()
     with _server(dd, model, config) as client:
         baseline = client.admin("GET", "loop")["served_version"]
         config.log(f"baseline {baseline}; sampling held-out answers")
-        before = _answers(client, heldout, config)
+        with stages("baseline_answers"):
+            before = _answers(client, heldout, config)
         cycle: dict[str, Any] = {}
         per_round = -(-config.comparisons // config.rounds)
         for round_no in range(config.rounds):
             batch = [train[(round_no * per_round + i) % len(train)] for i in range(per_round)]
             config.log(f"round {round_no + 1}: {len(batch)} comparisons")
-            _collect(client, batch, preference, config, rng)
-            cycle = _train(client, config)
+            with stages("collect"):
+                _collect(client, batch, preference, config, rng)
+            with stages("cycle"):
+                cycle = _train(client, config)
             config.log(f"round {round_no + 1}: {cycle.get('reason') or cycle.get('error')}")
         if cycle.get("status") != "done":
             raise RuntimeError(f"the training cycle failed: {cycle.get('error')}")
         new_version = cycle["candidate_version"]
-        if cycle["promoted"]:
-            after = _answers(client, heldout, config)
-        else:
-            artifact = next(
-                v["artifact_path"]
-                for v in client.admin("GET", "versions")
-                if v["id"] == new_version
-            )
-            after = _answers_in_process(new_version, artifact, heldout, config)
+        with stages("new_answers"):
+            if cycle["promoted"]:
+                after = _answers(client, heldout, config)
+            else:
+                artifact = next(
+                    v["artifact_path"]
+                    for v in client.admin("GET", "versions")
+                    if v["id"] == new_version
+                )
+                after = _answers_in_process(new_version, artifact, heldout, config)
         counts = client.http.get("/v1/feedback/stats").json()
+        job_seconds = _job_seconds(client.admin("GET", "runs?limit=1000"))
     wins = _win_rate(before, after, heldout, preference)
     return {
         "preference": config.preference,
@@ -144,7 +151,38 @@ def run_simulation(config: SimulationConfig) -> dict[str, Any]:
         "gate": cycle.get("gate", {}),
         "feedback_rows": sum(counts[kind] for kind in FEEDBACK_TABLES),
         "seconds": round(time.perf_counter() - started, 1),
+        "seconds_by_stage": stages.seconds | job_seconds,
     }
+
+
+class _Stopwatch:
+    """Seconds spent per named stage, summed over the times a stage is entered."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - start
+            self.seconds[stage] = round(self.seconds.get(stage, 0.0) + spent, 1)
+
+
+def _job_seconds(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Wall seconds of the cycles' jobs by kind (`job_rm`, `job_dpo`, `job_gate`, ...): where a
+    cycle's time went. The rest of a cycle is the snapshot and promotion with its hot-swap."""
+    totals: dict[str, float] = {}
+    for run in runs:
+        if run["finished_at"] is None:
+            continue
+        ended, began = (datetime.fromisoformat(run[k]) for k in ("finished_at", "started_at"))
+        spent = (ended - began).total_seconds()
+        key = f"job_{run['kind']}"
+        totals[key] = round(totals.get(key, 0.0) + spent, 1)
+    return totals
 
 
 def _prompts(config: SimulationConfig, model: str) -> tuple[list[str], list[str]]:
