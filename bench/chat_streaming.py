@@ -23,7 +23,7 @@ which a burst of load from elsewhere on the machine moves less than the totals (
 Greedy decoding makes both paths produce the same text and token counts, which is checked.
 
 Both processes run under the OpenMP settings the `tuneloop` command gives itself
-(`tuneloop.config.OPENMP_DEFAULTS`: sleeping idle threads; a value already in the environment
+(`tuneloop.core.config.OPENMP_DEFAULTS`: sleeping idle threads; a value already in the environment
 wins and reaches the server too), so the ratio measures the API and not a difference in OpenMP's
 waiting. `--torch-threads N` sets the intra-op threads of both processes (default: torch's choice,
 as `tuneloop up` runs).
@@ -49,8 +49,8 @@ import httpx
 from common import ServerProcess, tiny_model
 from sse_streams import MT_BENCH, Answer, load_prompts, report, run_round, stream_answer
 
-from tuneloop.config import apply_openmp_defaults
-from tuneloop.records import Message, SamplingParams
+from tuneloop.core.config import apply_openmp_defaults
+from tuneloop.core.records import Message, SamplingParams
 
 if TYPE_CHECKING:
     from tuneloop.serve.engine import EmbeddedEngine

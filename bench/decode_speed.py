@@ -68,9 +68,9 @@ from sse_streams import MT_BENCH, load_prompts
 from vllm_streaming import group_pids
 
 from tuneloop.cli_engine import default_vllm_env
-from tuneloop.config import apply_openmp_defaults, vllm_python_command
-from tuneloop.cpu_affinity import keep_off, parse_cpu_list, run_on
-from tuneloop.records import Message, SamplingParams
+from tuneloop.core.config import apply_openmp_defaults, vllm_python_command
+from tuneloop.core.cpu_affinity import keep_off, parse_cpu_list, run_on
+from tuneloop.core.records import Message, SamplingParams
 
 COPY_MB = 512
 EMBEDDED, GENERATE, VLLM, LLAMA_CPP = "embedded", "hf generate", "vllm", "llama.cpp"
@@ -189,7 +189,7 @@ class Reference:
     def __init__(self, model_dir: Path) -> None:
         import torch
 
-        from tuneloop.artifacts import load_causal_lm, load_tokenizer
+        from tuneloop.core.artifacts import load_causal_lm, load_tokenizer
 
         self.model = load_causal_lm(model_dir, dtype=torch.float32)
         self.tokenizer = load_tokenizer(model_dir)

@@ -120,7 +120,7 @@ def _sync(device: str) -> None:
 
 def decode_rate(model_dir: Path, device: str, batch: int, new_tokens: int) -> tuple[int, float]:
     """`batch` concurrent greedy answers through the embedded engine: tokens and seconds."""
-    from tuneloop.records import Message, SamplingParams
+    from tuneloop.core.records import Message, SamplingParams
     from tuneloop.serve.engine import EmbeddedEngine
 
     engine = EmbeddedEngine(model_dir, "bench", device=device, max_concurrency=batch)

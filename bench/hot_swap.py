@@ -49,13 +49,13 @@ import duckdb
 import httpx
 from common import ServerProcess
 
-from tuneloop.artifacts import is_adapter
 from tuneloop.cli_engine import default_vllm_env
-from tuneloop.config import DataDir
-from tuneloop.cpu_affinity import keep_off, parse_cpu_list
+from tuneloop.core.artifacts import is_adapter
+from tuneloop.core.config import DataDir
+from tuneloop.core.cpu_affinity import keep_off, parse_cpu_list
+from tuneloop.core.records import ModelVersion
 from tuneloop.feedback import registry
 from tuneloop.feedback.store import FeedbackStore
-from tuneloop.records import ModelVersion
 
 PROMPTS = [
     f"Question {i}: what does the {w} module do?"

@@ -21,10 +21,10 @@ from typing import TypeVar
 
 import duckdb
 
+from tuneloop.core.records import SamplingParams
 from tuneloop.feedback.datasets import build_datasets
 from tuneloop.feedback.snapshot import create_snapshot
 from tuneloop.feedback.store import FeedbackStore
-from tuneloop.records import SamplingParams
 
 T = TypeVar("T")
 GOAL_S = 5.0

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 from common import cpu_seconds
 
-from tuneloop.records import SamplingParams
+from tuneloop.core.records import SamplingParams
 
 MT_BENCH = Path(__file__).resolve().parents[1].parent / "shared/data/mt-bench/questions.jsonl"
 BUILTIN_PROMPTS = (

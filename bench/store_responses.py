@@ -20,8 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tuneloop.core.records import Message, Response, SamplingParams
 from tuneloop.feedback.store import FeedbackStore
-from tuneloop.records import Message, Response, SamplingParams
 
 
 def answer(store: FeedbackStore, conversation_id: int, n: int) -> Response:

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tuneloop.config import apply_openmp_defaults
+from tuneloop.core.config import apply_openmp_defaults
 
 
 def main() -> int:

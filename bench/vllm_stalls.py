@@ -35,8 +35,8 @@ import httpx
 from common import percentile, tiny_model
 from vllm_streaming import add_vllm_and_model_args, fitting_prompts
 
-from tuneloop.config import vllm_python_command
-from tuneloop.cpu_affinity import format_cpu_list, keep_off, parse_cpu_list, run_on
+from tuneloop.core.config import vllm_python_command
+from tuneloop.core.cpu_affinity import format_cpu_list, keep_off, parse_cpu_list, run_on
 from tuneloop.serve.vllm_server import VllmLaunch, VllmServer
 
 # Sleeps 10 ms at a time until its stdin closes, then prints how late each wake-up was (seconds).

@@ -49,9 +49,9 @@ from common import ServerProcess, cpu_seconds, free_port, tiny_model, wait_healt
 from sse_streams import MT_BENCH, Answer, Round, load_prompts, report, run_round, stream_answer
 
 from tuneloop.cli_engine import default_vllm_env
-from tuneloop.config import vllm_python_command
-from tuneloop.cpu_affinity import keep_off, parse_cpu_list
-from tuneloop.records import SamplingParams
+from tuneloop.core.config import vllm_python_command
+from tuneloop.core.cpu_affinity import keep_off, parse_cpu_list
+from tuneloop.core.records import SamplingParams
 from tuneloop.serve.vllm_server import VllmLaunch, VllmServer
 
 GOAL_RATIO = 0.95
@@ -119,7 +119,7 @@ def stepped_round(direct: httpx.Client, path: str, *round_args: Any) -> Round:
 def fitting_prompts(model: Path, n: int, max_tokens: int) -> list[str]:
     """`n` prompts (cycling) whose answers of `max_tokens` fit the model's context: vLLM refuses
     the others outright, where tuneloop would shorten the answer."""
-    from tuneloop.artifacts import load_tokenizer
+    from tuneloop.core.artifacts import load_tokenizer
 
     tokenizer = load_tokenizer(model)
     room = tokenizer.model_max_length - max_tokens

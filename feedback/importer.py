@@ -32,9 +32,9 @@ from typing import Any
 
 import duckdb
 
+from tuneloop.core.records import ROLES, Message, messages_to_json, prompt_hash
 from tuneloop.feedback.store import FeedbackStore
 from tuneloop.feedback.validation import check_rater_id
-from tuneloop.records import ROLES, Message, messages_to_json, prompt_hash
 
 IMPORT_MODEL_VERSION = "import"
 DEFAULT_BATCH_PAIRS = 500

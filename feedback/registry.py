@@ -8,8 +8,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from tuneloop.core.records import ModelVersion
 from tuneloop.feedback.store import FeedbackStore
-from tuneloop.records import ModelVersion
 
 
 def _from_row(row: dict[str, Any]) -> ModelVersion:

@@ -8,8 +8,8 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any
 
+from tuneloop.core.records import TrainingRun
 from tuneloop.feedback.store import FeedbackStore
-from tuneloop.records import TrainingRun
 
 
 def _from_row(row: dict[str, Any]) -> TrainingRun:

@@ -26,14 +26,7 @@ from typing import Any, TypeVar
 
 import duckdb
 
-from tuneloop.feedback.migrations import apply_migrations
-from tuneloop.feedback.validation import (
-    FeedbackError,
-    UnknownResponseError,
-    check_feedback,
-    referenced_responses,
-)
-from tuneloop.records import (
+from tuneloop.core.records import (
     FEEDBACK_KINDS,
     Comparison,
     Edit,
@@ -44,6 +37,13 @@ from tuneloop.records import (
     Thumbs,
     messages_to_json,
     prompt_hash,
+)
+from tuneloop.feedback.migrations import apply_migrations
+from tuneloop.feedback.validation import (
+    FeedbackError,
+    UnknownResponseError,
+    check_feedback,
+    referenced_responses,
 )
 
 T = TypeVar("T")

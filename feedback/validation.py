@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from tuneloop.records import WINNERS, Comparison, Edit, Feedback, Ranking, Rating, Thumbs
+from tuneloop.core.records import WINNERS, Comparison, Edit, Feedback, Ranking, Rating, Thumbs
 
 MAX_TEXT_CHARS = 32_000
 MAX_REASON_CHARS = 2_000

@@ -18,19 +18,19 @@ from fastapi import APIRouter, Depends, Header, HTTPException
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from tuneloop.config import DataDir
+from tuneloop.core.config import DataDir
+from tuneloop.core.records import to_json_dict
+from tuneloop.core.settings import DEFAULT_POLICY_JOB, JOBS, JobSettings
 from tuneloop.feedback.registry import RegistryError, UnknownVersionError, list_versions
 from tuneloop.feedback.runs import list_runs
 from tuneloop.feedback.snapshot import create_snapshot
-from tuneloop.pipeline import JobSettings
-from tuneloop.records import to_json_dict
+from tuneloop.loop.control import BusyError, LoopControl
 from tuneloop.serve.chat_service import ChatService
-from tuneloop.serve.control import BusyError, LoopControl
 from tuneloop.serve.engine import EngineLoadError
 
 
 class TrainIn(BaseModel):
-    kind: Literal["rm", "dpo", "kto", "sft", "rl"] = "dpo"
+    kind: Literal[JOBS] = DEFAULT_POLICY_JOB  # type: ignore[valid-type]
     overrides: list[str] = Field(default_factory=list, description="TRL config `key=value`s")
     full: bool = False
     config_file: str | None = Field(None, description="a YAML/JSON file of TRL config fields")

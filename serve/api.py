@@ -25,13 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from tuneloop.feedback.validation import (
-    MAX_RANKING_SIZE,
-    MAX_REASON_CHARS,
-    MAX_TEXT_CHARS,
-    FeedbackError,
-)
-from tuneloop.records import (
+from tuneloop.core.records import (
     DEFAULT_RATER,
     Comparison,
     Edit,
@@ -41,6 +35,12 @@ from tuneloop.records import (
     Rating,
     SamplingParams,
     Thumbs,
+)
+from tuneloop.feedback.validation import (
+    MAX_RANKING_SIZE,
+    MAX_REASON_CHARS,
+    MAX_TEXT_CHARS,
+    FeedbackError,
 )
 from tuneloop.serve.chat_service import ChatService, ChatTurn
 from tuneloop.serve.engine import EngineUnavailableError, PromptTooLongError

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuneloop.records import SamplingParams
+from tuneloop.core.records import SamplingParams
 
 _END = object()
 

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from contextlib import aclosing
 
+from tuneloop.core.records import DEFAULT_RATER, Feedback, Message, Response, SamplingParams
 from tuneloop.feedback.store import FeedbackStore
 from tuneloop.feedback.validation import UnknownResponseError, check_rater_id
-from tuneloop.records import DEFAULT_RATER, Feedback, Message, Response, SamplingParams
 from tuneloop.serve.engine import Engine, Generation
 
 

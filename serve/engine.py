@@ -8,15 +8,16 @@ batch of its own); the old weights are freed when its last request ends.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from tuneloop.artifacts import load_causal_lm, load_tokenizer
-from tuneloop.records import Message, SamplingParams
+from tuneloop.core.artifacts import load_causal_lm, load_tokenizer
+from tuneloop.core.records import Message, ModelVersion, SamplingParams
 from tuneloop.serve.batching import BatchedGeneration, DecodeLoop
 
 
@@ -70,6 +71,36 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class ServedEngine:
+    """The engine as the loop sees it (`tuneloop.loop.control.Serving`): the served version, and
+    a hot-swap that loads a version beside the served weights, then switches new requests."""
+
+    def __init__(self, engine: Engine, log: Callable[[str], None]) -> None:
+        self.engine = engine
+        self.log = log
+
+    @property
+    def version(self) -> str | None:
+        return self.engine.version
+
+    def swap(self, version: ModelVersion) -> None:
+        self.log(f"loading {version.id} ({version.artifact_path})")
+        try:
+            self.engine.load(version.id, version.artifact_path)
+        except Exception as exc:
+            served = self.engine.version
+            raise EngineLoadError(
+                f"loading {version.id} failed ({exc}); {served} is still served"
+            ) from exc
+        loaded = self.engine.last_swap_seconds
+        # The new weights' objects would otherwise make every full GC pass slower (see server).
+        started = time.perf_counter()
+        gc.collect()
+        gc.freeze()
+        collected = time.perf_counter() - started
+        self.log(f"serving {version.id} (swap {loaded:.3f} s, gc {collected:.3f} s)")
 
 
 @dataclass(frozen=True)

@@ -11,18 +11,17 @@ from collections.abc import Callable
 
 from fastapi import FastAPI
 
-from tuneloop.config import DataDir, ServeConfig
-from tuneloop.cpu_affinity import keep_off
+from tuneloop.core.config import DataDir, ServeConfig
+from tuneloop.core.cpu_affinity import keep_off
+from tuneloop.core.records import ModelVersion
+from tuneloop.core.settings import DEFAULT_MODEL
 from tuneloop.feedback.registry import ensure_served_policy
 from tuneloop.feedback.store import FeedbackStore
-from tuneloop.models import DEFAULT_MODEL
-from tuneloop.pipeline import GateSettings
-from tuneloop.records import ModelVersion
+from tuneloop.loop.control import LoopControl
 from tuneloop.serve.admin import create_admin_router
 from tuneloop.serve.api import create_api
 from tuneloop.serve.chat_service import ChatService
-from tuneloop.serve.control import LoopControl, ScheduleSettings
-from tuneloop.serve.engine import EmbeddedEngine, Engine
+from tuneloop.serve.engine import EmbeddedEngine, Engine, ServedEngine
 
 
 def open_engine(config: ServeConfig, version: ModelVersion) -> Engine:
@@ -35,7 +34,7 @@ def open_engine(config: ServeConfig, version: ModelVersion) -> Engine:
             device=config.device,
             max_concurrency=config.max_concurrency,
         )
-    from tuneloop.artifacts import base_model_path
+    from tuneloop.core.artifacts import base_model_path
     from tuneloop.serve.vllm_engine import VllmEngine
     from tuneloop.serve.vllm_server import (
         AttachedVllm,
@@ -93,23 +92,18 @@ def build_app(
     return app
 
 
+def log(message: str) -> None:
+    print(f"[tuneloop] {message}", flush=True)
+
+
 def create_control(config: ServeConfig, store: FeedbackStore, engine: Engine) -> LoopControl:
-    loop = config.loop
     return LoopControl(
         config.data_dir,
         store,
-        engine,
-        schedule=ScheduleSettings(
-            enabled=loop.schedule,
-            min_new_feedback=loop.min_new_feedback,
-            every_minutes=loop.every_minutes,
-            kind=loop.train_kind,
-        ),
-        gate=GateSettings(
-            min_win_rate=loop.min_win_rate,
-            max_prompts=loop.gate_prompts,
-            max_tokens=loop.gate_max_tokens,
-        ),
+        ServedEngine(engine, log),
+        log=log,
+        schedule=config.schedule,
+        gate=config.gate,
     )
 
 

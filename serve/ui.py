@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import gradio as gr
 
+from tuneloop.core.records import DEFAULT_RATER
 from tuneloop.feedback.validation import FeedbackError, check_rater_id
-from tuneloop.records import DEFAULT_RATER
+from tuneloop.loop.control import LoopControl
 from tuneloop.serve.chat_service import ChatService
-from tuneloop.serve.control import LoopControl
 from tuneloop.serve.ui_chat import chat_tab
 from tuneloop.serve.ui_judge import compare_tab, rank_tab
 from tuneloop.serve.ui_operator import operator_tab

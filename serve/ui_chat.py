@@ -9,7 +9,7 @@ from typing import Any
 
 import gradio as gr
 
-from tuneloop.records import Edit, Message, Rating, Thumbs
+from tuneloop.core.records import Edit, Message, Rating, Thumbs
 from tuneloop.serve.chat_service import ChatService, ChatTurn
 from tuneloop.serve.ui_common import (
     CHAT_PARAMS,

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import gradio as gr
 
+from tuneloop.core.records import Feedback, Message, SamplingParams
 from tuneloop.feedback.validation import FeedbackError
-from tuneloop.records import Feedback, Message, SamplingParams
 from tuneloop.serve.chat_service import ChatService, ChatTurn
 from tuneloop.serve.engine import PromptTooLongError
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import gradio as gr
 
-from tuneloop.records import Comparison, Message, Ranking, Winner
+from tuneloop.core.records import Comparison, Message, Ranking, Winner
 from tuneloop.serve.chat_service import ChatService, ChatTurn
 from tuneloop.serve.ui_common import (
     GENERATION_CONCURRENCY,

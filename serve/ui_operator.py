@@ -15,24 +15,17 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from tuneloop.core.records import ModelVersion, TrainingRun
+from tuneloop.core.settings import DEFAULT_POLICY_JOB, JOB_DESCRIPTIONS, JOBS
 from tuneloop.feedback.registry import list_versions
 from tuneloop.feedback.runs import list_runs
 from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
-from tuneloop.pipeline import JOBS
-from tuneloop.records import ModelVersion, TrainingRun
+from tuneloop.loop.control import BusyError, LoopControl
 from tuneloop.serve.chat_service import ChatService
-from tuneloop.serve.control import BusyError, LoopControl
 
 TAB_LABEL = "Operator"
 TICK_SECONDS = 2.0
 RECENT_RUNS = 20
-JOB_LABELS = {
-    "rm": "rm: reward model only",
-    "dpo": "dpo: preference pairs",
-    "kto": "kto: thumbs up/down",
-    "sft": "sft: edits and liked answers",
-    "rl": "rl: sample, score with the reward model",
-}
 VERSION_COLUMNS = [
     "id",
     "kind",
@@ -260,7 +253,9 @@ def operator_tab(service: ChatService, control: LoopControl) -> None:
             with gr.Column(scale=2, min_width=320):
                 with gr.Row(equal_height=True):
                     kind = gr.Dropdown(
-                        [(JOB_LABELS.get(k, k), k) for k in JOBS], value="dpo", label="Job"
+                        [(f"{k}: {JOB_DESCRIPTIONS[k]}", k) for k in JOBS],
+                        value=DEFAULT_POLICY_JOB,
+                        label="Job",
                     )
                     train = gr.Button("Train now", variant="primary", min_width=110, scale=0)
                 with gr.Row(equal_height=True):
@@ -358,7 +353,7 @@ def operator_tab(service: ChatService, control: LoopControl) -> None:
         def run() -> str:
             if not picked:
                 raise ValueError("Pick a version to promote first.")
-            return f"Promoted {control.promote(picked).id}; serving {control.engine.version}."
+            return f"Promoted {control.promote(picked).id}; serving {control.serving.version}."
 
         return act(run, picked)
 

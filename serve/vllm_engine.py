@@ -36,8 +36,8 @@ import aiohttp
 import httpx
 import orjson
 
-from tuneloop.artifacts import base_model_path, is_adapter, load_tokenizer
-from tuneloop.records import Message, SamplingParams
+from tuneloop.core.artifacts import base_model_path, is_adapter, load_tokenizer
+from tuneloop.core.records import Message, SamplingParams
 from tuneloop.serve.engine import EngineUnavailableError, PromptTooLongError
 from tuneloop.serve.vllm_server import AttachedVllm, VllmError, VllmServer
 

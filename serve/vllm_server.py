@@ -34,7 +34,7 @@ from typing import IO, Any
 import aiohttp
 import httpx
 
-from tuneloop.cpu_affinity import format_cpu_list
+from tuneloop.core.cpu_affinity import format_cpu_list
 
 # Linux's limit for a Unix socket path is 108 bytes, the terminating NUL included.
 _MAX_SOCKET_PATH = 100

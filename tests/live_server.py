@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneloop.config import DataDir, ServeConfig
+from tuneloop.core.config import DataDir, ServeConfig
 from tuneloop.serve.server import run_server
 
 

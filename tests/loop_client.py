@@ -15,7 +15,7 @@ import httpx
 import openai
 from live_server import LiveServer
 
-from tuneloop.config import DataDir
+from tuneloop.core.config import DataDir
 
 
 def admin(server: LiveServer) -> httpx.Client:

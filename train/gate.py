@@ -41,7 +41,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneloop.artifacts import load_causal_lm, load_tokenizer
+from tuneloop.core.artifacts import load_causal_lm, load_tokenizer
+from tuneloop.core.settings import GateSettings
 from tuneloop.train.sampling import mean_token_kl, sample_answers
 
 # Shipped with tuneloop (Apache-2.0, see data/README.md): the gate's prompts besides held-out ones.
@@ -153,7 +154,7 @@ def evaluate_candidate(
 def decide(
     result: GateResult,
     *,
-    min_win_rate: float = 0.55,
+    min_win_rate: float = GateSettings.min_win_rate,
     use_lower_bound: bool = False,
     max_kl: float | None = None,
 ) -> tuple[bool, str]:
@@ -256,13 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="use the first N prompts")
     parser.add_argument("--out", required=True, type=Path, help="where to write the result JSON")
     parser.add_argument("--status", type=Path, default=None, help="progress file for the runner")
-    parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--max-tokens", type=int, default=GateSettings.max_tokens)
+    parser.add_argument("--temperature", type=float, default=GateSettings.temperature)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--min-win-rate", type=float, default=0.55)
+    parser.add_argument("--min-win-rate", type=float, default=GateSettings.min_win_rate)
     parser.add_argument("--use-lower-bound", action="store_true")
     parser.add_argument("--max-kl", type=float, default=None)
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """Pieces every training job shares: the job's inputs, its status file, its data, the policy it
 starts from, and the manifest of the version it writes.
 
-Policy versions follow `tuneloop.artifacts`: each is one LoRA adapter over the root base model.
+Policy versions follow `tuneloop.core.artifacts`: each is one LoRA adapter over the root base model.
 A job whose parent is an adapter keeps training that adapter; a parent with full weights (a
 `--full` version, or a plain checkpoint) gets a new adapter over its weights, and its path is
 then the `base` of the new version. `--full` trains all weights and writes full weights.
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import tuneloop
-from tuneloop.artifacts import base_model_path, is_adapter, read_manifest
+from tuneloop.core.artifacts import base_model_path, is_adapter, read_manifest
 from tuneloop.train.job_config import (
     JobError,
     build_config,
@@ -232,7 +232,7 @@ def use_base_as_reference(trainer: Any) -> None:
 
 
 def load_training_tokenizer(spec: JobSpec, padding_side: str = "right") -> Any:
-    from tuneloop.artifacts import load_tokenizer
+    from tuneloop.core.artifacts import load_tokenizer
 
     tokenizer = load_tokenizer(spec.parent or spec.base)
     tokenizer.padding_side = padding_side

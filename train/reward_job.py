@@ -14,7 +14,7 @@ from typing import Any
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from trl import RewardConfig, RewardTrainer
 
-from tuneloop.artifacts import base_model_path, is_adapter
+from tuneloop.core.artifacts import base_model_path, is_adapter
 from tuneloop.train.job_callbacks import job_callbacks
 from tuneloop.train.job_common import (
     JobOutput,

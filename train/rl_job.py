@@ -21,7 +21,7 @@ import datasets
 from transformers import AutoModelForSequenceClassification
 from trl import GRPOConfig, GRPOTrainer
 
-from tuneloop.artifacts import load_tokenizer, read_manifest
+from tuneloop.core.artifacts import load_tokenizer, read_manifest
 from tuneloop.train.job_callbacks import job_callbacks
 from tuneloop.train.job_common import (
     JobOutput,

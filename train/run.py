@@ -22,7 +22,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from tuneloop.artifacts import write_manifest
+from tuneloop.core.artifacts import write_manifest
+from tuneloop.core.settings import JOBS
 from tuneloop.train.job_common import (
     JobOutput,
     JobSpec,
@@ -31,8 +32,6 @@ from tuneloop.train.job_common import (
     scratch_dir,
 )
 from tuneloop.train.job_config import JobError, parse_set
-
-JOBS = ("rm", "dpo", "kto", "sft", "rl")
 
 
 def run_job(kind: str, spec: JobSpec) -> Path:

@@ -26,19 +26,20 @@ from tuneloop.cli_model import (
     add_model_argument,
     cmd_model,
 )
-from tuneloop.config import (
+from tuneloop.core.config import (
     DEFAULT_DATA_DIR,
     DEFAULT_HOST,
     DEFAULT_PORT,
     DataDir,
     apply_openmp_defaults,
 )
-from tuneloop.models import DEFAULT_MODEL, ModelError, resolve_model
+from tuneloop.core.settings import DEFAULT_MODEL, POLICY_JOBS, GateSettings, ScheduleSettings
+from tuneloop.models import ModelError, resolve_model
 from tuneloop.remote import local_or_server
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from tuneloop.config import LoopConfig, ServeConfig
+    from tuneloop.core.config import ServeConfig
     from tuneloop.feedback.store import StoreLockedError
     from tuneloop.serve.server import run_server
 
@@ -52,14 +53,16 @@ def _cmd_up(args: argparse.Namespace) -> int:
         port=args.port,
         max_concurrency=args.max_concurrency,
         ui=not args.no_ui,
-        loop=LoopConfig(
-            schedule=args.schedule,
+        schedule=ScheduleSettings(
+            enabled=args.schedule,
             min_new_feedback=args.min_new_feedback,
             every_minutes=args.every_minutes,
-            train_kind=args.train_kind,
+            kind=args.train_kind,
+        ),
+        gate=GateSettings(
             min_win_rate=args.min_win_rate,
-            gate_prompts=args.gate_prompts,
-            gate_max_tokens=args.gate_max_tokens,
+            max_prompts=args.gate_prompts,
+            max_tokens=args.gate_max_tokens,
         ),
     )
 
@@ -127,8 +130,8 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
 
 def _cmd_versions(args: argparse.Namespace) -> int:
     def local(store: Any) -> list[dict[str, Any]]:
+        from tuneloop.core.records import to_json_dict
         from tuneloop.feedback.registry import list_versions
-        from tuneloop.records import to_json_dict
 
         return [to_json_dict(v) for v in list_versions(store)]
 
@@ -203,14 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument(
         "--train-kind",
-        choices=("dpo", "kto", "sft", "rl"),
-        default="dpo",
+        choices=POLICY_JOBS,
+        default=ScheduleSettings.kind,
         help="the policy job of scheduled and 'train now' cycles (default: %(default)s)",
     )
     up.add_argument(
         "--min-win-rate",
         type=float,
-        default=0.55,
+        default=GateSettings.min_win_rate,
         help="the gate's bar for promotion (default: %(default)s)",
     )
     up.add_argument(

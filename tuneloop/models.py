@@ -34,7 +34,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_MODEL = "smollm2"
 DEMO_MODEL = "demo"
 CACHE_ENV = "TUNELOOP_MODEL_CACHE"
 MARKER_FILE = "tuneloop-model.json"

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tuneloop.config import DataDir
+from tuneloop.core.config import DataDir
 
 
 def local_or_server(

@@ -30,9 +30,10 @@ from typing import Any
 
 import httpx
 
-from tuneloop.config import DataDir, LoopConfig, ServeConfig, VllmSettings
+from tuneloop.core.config import DataDir, ServeConfig, VllmSettings
+from tuneloop.core.settings import DEFAULT_MODEL, GateSettings, ScheduleSettings
 from tuneloop.feedback.store import FEEDBACK_TABLES
-from tuneloop.models import DEFAULT_MODEL, resolve_model
+from tuneloop.models import resolve_model
 from tuneloop.preferences import Preference, resolve
 from tuneloop.remote import follow_cycle
 
@@ -55,7 +56,7 @@ class SimulationConfig:
     seed: int = 0
     concurrency: int = 8
     train_overrides: tuple[str, ...] = ()
-    min_win_rate: float = 0.55
+    min_win_rate: float = GateSettings.min_win_rate
     engine: str = "embedded"
     vllm: VllmSettings = field(default_factory=VllmSettings)
     log: Callable[[str], None] = field(
@@ -191,7 +192,7 @@ def _prompts(config: SimulationConfig, model: str) -> tuple[list[str], list[str]
     demo model's training dialogues."""
     from importlib.resources import files
 
-    from tuneloop.artifacts import base_model_path, load_tokenizer
+    from tuneloop.core.artifacts import base_model_path, load_tokenizer
     from tuneloop.train.demo_model import demo_questions
 
     mt_bench = files("tuneloop.train") / "data" / "mt-bench-questions.jsonl"
@@ -225,7 +226,8 @@ def _server(dd: DataDir, model: str, config: SimulationConfig) -> Iterator[_Clie
         port=0,
         ui=False,
         max_concurrency=config.concurrency,
-        loop=LoopConfig(train_kind=config.kind, min_win_rate=config.min_win_rate),
+        schedule=ScheduleSettings(kind=config.kind),
+        gate=GateSettings(min_win_rate=config.min_win_rate),
     )
     ready: list[str] = []
     up, stop = threading.Event(), threading.Event()
@@ -266,7 +268,7 @@ def _answers_in_process(
     version_id: str, artifact: str, prompts: list[str], config: SimulationConfig
 ) -> list[list[str]]:
     """A candidate the gate rejected is not served: it answers from an engine of its own."""
-    from tuneloop.records import Message, SamplingParams
+    from tuneloop.core.records import Message, SamplingParams
     from tuneloop.serve.engine import EmbeddedEngine
 
     engine = EmbeddedEngine(artifact, version_id, max_concurrency=config.concurrency)

@@ -33,7 +33,7 @@ def server(
     if request.param == "embedded":
         yield from live_server(data, tiny_model_dir)
         return
-    from tuneloop.config import VllmSettings, vllm_python_command
+    from tuneloop.core.config import VllmSettings, vllm_python_command
 
     python = request.getfixturevalue("vllm_python")
     settings = VllmSettings(command=vllm_python_command(python), dtype="float32")

@@ -11,10 +11,10 @@ import httpx
 import pytest
 from live_server import LiveServer, live_server
 
-from tuneloop.config import DataDir
+from tuneloop.core.config import DataDir
+from tuneloop.core.records import ModelVersion
 from tuneloop.feedback import registry
 from tuneloop.feedback.store import FeedbackStore
-from tuneloop.records import ModelVersion
 
 pytestmark = pytest.mark.browser
 

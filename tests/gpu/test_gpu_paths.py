@@ -13,8 +13,8 @@ import pytest
 import torch
 from job_datasets import write_datasets
 
-from tuneloop.artifacts import read_manifest
-from tuneloop.records import Message, SamplingParams
+from tuneloop.core.artifacts import read_manifest
+from tuneloop.core.records import Message, SamplingParams
 from tuneloop.serve.engine import EmbeddedEngine
 from tuneloop.train.job_common import JobSpec
 from tuneloop.train.run import run_job

@@ -23,7 +23,8 @@ from loop_client import (
     wait_for_answers,
 )
 
-from tuneloop.config import DataDir, LoopConfig
+from tuneloop.core.config import DataDir
+from tuneloop.core.settings import GateSettings
 from tuneloop.feedback.registry import ensure_served_policy
 from tuneloop.feedback.store import FeedbackStore
 
@@ -166,8 +167,8 @@ def two_policies(tmp_path: Path, tiny_model_dir: Path, tiny_model_dir_b: Path) -
 @pytest.mark.slow
 def test_feedback_to_a_promoted_version(tmp_path: Path, tiny_model_dir: Path) -> None:
     """Chats and comparisons in, rm -> dpo -> gate, the candidate promoted and hot-swapped in."""
-    loop_config = LoopConfig(min_win_rate=0.0, gate_prompts=8, gate_max_tokens=16)
-    for server in live_server(tmp_path / "data", tiny_model_dir, ui=False, loop=loop_config):
+    gate = GateSettings(min_win_rate=0.0, max_prompts=8, max_tokens=16)
+    for server in live_server(tmp_path / "data", tiny_model_dir, ui=False, gate=gate):
         comparisons = collect_feedback(server, tmp_path)
         with admin(server) as api:
             start_cycle(api, ["max_steps=4"])
@@ -201,8 +202,8 @@ def test_feedback_to_a_promoted_version(tmp_path: Path, tiny_model_dir: Path) ->
 def test_a_candidate_below_the_bar_is_rejected(tmp_path: Path, tiny_model_dir: Path) -> None:
     """A bar no win rate can clear: the candidate is rejected with the gate's reason and the
     served version stays."""
-    loop_config = LoopConfig(min_win_rate=1.01, gate_prompts=8, gate_max_tokens=16)
-    for server in live_server(tmp_path / "data", tiny_model_dir, ui=False, loop=loop_config):
+    gate = GateSettings(min_win_rate=1.01, max_prompts=8, max_tokens=16)
+    for server in live_server(tmp_path / "data", tiny_model_dir, ui=False, gate=gate):
         comparisons = collect_feedback(server, tmp_path, prompts=2)
         with admin(server) as api:
             start_cycle(api, ["max_steps=4"])

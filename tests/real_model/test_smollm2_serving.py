@@ -19,8 +19,8 @@ from loop_client import (
     wait_for_answers,
 )
 
-from tuneloop.config import DataDir, VllmSettings, vllm_python_command
-from tuneloop.cpu_affinity import run_on
+from tuneloop.core.config import DataDir, VllmSettings, vllm_python_command
+from tuneloop.core.cpu_affinity import run_on
 from tuneloop.feedback.registry import ensure_served_policy
 from tuneloop.feedback.store import FeedbackStore
 

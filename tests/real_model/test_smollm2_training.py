@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from job_datasets import write_datasets
 
-from tuneloop.artifacts import is_adapter, load_causal_lm, read_manifest
+from tuneloop.core.artifacts import is_adapter, load_causal_lm, read_manifest
 from tuneloop.train.job_common import JobSpec
 from tuneloop.train.job_config import LORA_TARGETS
 from tuneloop.train.run import run_job

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from live_server import live_server
 
-from tuneloop.config import apply_openmp_defaults
+from tuneloop.core.config import apply_openmp_defaults
 
 
 def tuneloop(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

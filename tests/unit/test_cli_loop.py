@@ -16,7 +16,7 @@ import pytest
 from live_server import live_server
 
 from tuneloop import cli
-from tuneloop.config import DataDir
+from tuneloop.core.config import DataDir
 from tuneloop.feedback.registry import ensure_served_policy
 from tuneloop.feedback.store import FeedbackStore
 

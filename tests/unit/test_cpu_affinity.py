@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tuneloop.cpu_affinity import format_cpu_list, parse_cpu_list
+from tuneloop.core.cpu_affinity import format_cpu_list, parse_cpu_list
 from tuneloop.serve.vllm_server import VllmLaunch
 
 
@@ -33,7 +33,7 @@ def test_keep_off_and_run_on_move_every_thread_including_ones_started_before() -
     cpus = sorted(os.sched_getaffinity(0))
     code = f"""
 import os, threading
-from tuneloop.cpu_affinity import keep_off, run_on
+from tuneloop.core.cpu_affinity import keep_off, run_on
 started = threading.Event(); done = threading.Event()
 def before():
     started.set(); done.wait()

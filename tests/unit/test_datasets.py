@@ -10,16 +10,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from tuneloop.feedback.datasets import (
-    DATASET_NAMES,
-    DatasetFiles,
-    build_datasets,
-    heldout_bucket,
-    load_split,
-)
-from tuneloop.feedback.snapshot import create_snapshot
-from tuneloop.feedback.store import FeedbackStore
-from tuneloop.records import (
+from tuneloop.core.records import (
     Comparison,
     Edit,
     Message,
@@ -30,6 +21,15 @@ from tuneloop.records import (
     Thumbs,
     prompt_hash,
 )
+from tuneloop.feedback.datasets import (
+    DATASET_NAMES,
+    DatasetFiles,
+    build_datasets,
+    heldout_bucket,
+    load_split,
+)
+from tuneloop.feedback.snapshot import create_snapshot
+from tuneloop.feedback.store import FeedbackStore
 
 # The keys TRL 1.16 accepts per dataset type (trl.data_utils.apply_chat_template); `source` is
 # extra provenance the trainers drop with their other unused columns.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneloop.records import Message, SamplingParams
+from tuneloop.core.records import Message, SamplingParams
 from tuneloop.serve.engine import EmbeddedEngine, PromptTooLongError
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tuneloop.artifacts import write_manifest
+from tuneloop.core.artifacts import write_manifest
+from tuneloop.core.records import Message
 from tuneloop.feedback.importer import PreferencePair
-from tuneloop.records import Message
 from tuneloop.train import gate, scoring
 from tuneloop.train.gate import (
     GateResult,

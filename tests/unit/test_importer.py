@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tuneloop.core.records import Comparison, Message, Response, SamplingParams
 from tuneloop.feedback.datasets import build_datasets
 from tuneloop.feedback.importer import (
     ImportFormatError,
@@ -21,7 +22,6 @@ from tuneloop.feedback.importer import (
 )
 from tuneloop.feedback.snapshot import create_snapshot
 from tuneloop.feedback.store import FeedbackStore
-from tuneloop.records import Comparison, Message, Response, SamplingParams
 
 HH_PAIRS = Path(__file__).resolve().parents[3] / "shared/data/hh-rlhf-harmless/pairs.jsonl.gz"
 

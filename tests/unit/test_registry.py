@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tuneloop.core.records import ModelVersion
 from tuneloop.feedback import registry
 from tuneloop.feedback.runs import (
     fail_interrupted_runs,
@@ -16,7 +17,6 @@ from tuneloop.feedback.runs import (
     update_run,
 )
 from tuneloop.feedback.store import FeedbackStore
-from tuneloop.records import ModelVersion
 
 
 @pytest.fixture

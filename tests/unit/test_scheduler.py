@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from tuneloop.config import DataDir
+from tuneloop.core.config import DataDir
+from tuneloop.core.records import Message, Response, SamplingParams, Thumbs
+from tuneloop.core.settings import ScheduleSettings
 from tuneloop.feedback.snapshot import create_snapshot
 from tuneloop.feedback.store import FeedbackStore
-from tuneloop.records import Message, Response, SamplingParams, Thumbs
-from tuneloop.serve.control import LoopControl, ScheduleSettings
-from tuneloop.serve.engine import EmbeddedEngine
+from tuneloop.loop.control import LoopControl
+from tuneloop.serve.engine import EmbeddedEngine, ServedEngine
 
 
 @pytest.fixture
@@ -45,7 +46,8 @@ def control(tmp_path: Path, store: FeedbackStore, model: Path, **schedule: objec
     # poll_seconds keeps the scheduler's own thread from acting during the test.
     settings = ScheduleSettings(poll_seconds=3600, **schedule)  # type: ignore[arg-type]
     engine = EmbeddedEngine(model, "policy-v1")
-    return LoopControl(DataDir(tmp_path), store, engine, schedule=settings, log=lambda _m: None)
+    serving = ServedEngine(engine, log=lambda _m: None)
+    return LoopControl(DataDir(tmp_path), store, serving, schedule=settings, log=lambda _m: None)
 
 
 def test_due_after_enough_new_feedback_since_the_last_snapshot(

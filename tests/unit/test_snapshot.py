@@ -11,6 +11,16 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from tuneloop.core.records import (
+    Comparison,
+    Edit,
+    Message,
+    Ranking,
+    Rating,
+    Response,
+    SamplingParams,
+    Thumbs,
+)
 from tuneloop.feedback import snapshot as snapshot_mod
 from tuneloop.feedback.migrations import MIGRATIONS
 from tuneloop.feedback.snapshot import (
@@ -22,16 +32,6 @@ from tuneloop.feedback.snapshot import (
     new_snapshot_id,
 )
 from tuneloop.feedback.store import FeedbackStore
-from tuneloop.records import (
-    Comparison,
-    Edit,
-    Message,
-    Ranking,
-    Rating,
-    Response,
-    SamplingParams,
-    Thumbs,
-)
 
 ID_RE = re.compile(r"^snap-\d{8}T\d{6}Z-[0-9a-f]{6}$")
 

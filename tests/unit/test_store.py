@@ -8,10 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneloop.feedback.migrations import MIGRATIONS
-from tuneloop.feedback.store import FeedbackStore
-from tuneloop.feedback.validation import FeedbackError, UnknownResponseError
-from tuneloop.records import (
+from tuneloop.core.records import (
     Comparison,
     Edit,
     Message,
@@ -21,6 +18,9 @@ from tuneloop.records import (
     SamplingParams,
     Thumbs,
 )
+from tuneloop.feedback.migrations import MIGRATIONS
+from tuneloop.feedback.store import FeedbackStore
+from tuneloop.feedback.validation import FeedbackError, UnknownResponseError
 
 
 def make_response(

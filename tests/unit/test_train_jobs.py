@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from job_datasets import msg, pairs, write_datasets, write_split
 
-from tuneloop.artifacts import is_adapter, load_causal_lm, read_manifest
+from tuneloop.core.artifacts import is_adapter, load_causal_lm, read_manifest
 from tuneloop.train.job_common import JobSpec, load_dataset_splits
 from tuneloop.train.job_config import JobError, build_config, parse_set, read_config_file
 from tuneloop.train.run import run_job

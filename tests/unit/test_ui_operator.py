@@ -8,10 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tuneloop.feedback import registry
-from tuneloop.feedback.runs import finish_run, list_runs, start_run, update_run
-from tuneloop.feedback.store import FeedbackStore
-from tuneloop.records import (
+from tuneloop.core.records import (
     Comparison,
     Message,
     ModelVersion,
@@ -20,6 +17,9 @@ from tuneloop.records import (
     SamplingParams,
     Thumbs,
 )
+from tuneloop.feedback import registry
+from tuneloop.feedback.runs import finish_run, list_runs, start_run, update_run
+from tuneloop.feedback.store import FeedbackStore
 from tuneloop.serve.ui_operator import (
     feedback_volume,
     gate_frame,

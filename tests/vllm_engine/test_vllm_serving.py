@@ -27,11 +27,11 @@ from loop_client import (
     wait_for_answers,
 )
 
-from tuneloop.config import DataDir, VllmSettings, vllm_python_command
-from tuneloop.cpu_affinity import run_on
+from tuneloop.core.config import DataDir, VllmSettings, vllm_python_command
+from tuneloop.core.cpu_affinity import run_on
+from tuneloop.core.records import ModelVersion
 from tuneloop.feedback.registry import ensure_served_policy, register_version
 from tuneloop.feedback.store import FeedbackStore
-from tuneloop.records import ModelVersion
 from tuneloop.serve.vllm_server import VllmEndpoint, VllmError, VllmLaunch, VllmServer
 
 pytestmark = pytest.mark.vllm

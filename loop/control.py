@@ -1,42 +1,39 @@
-"""The server's side of the loop: one training cycle at a time in a background thread, the
-scheduler that starts cycles when enough new feedback arrived, and promotion and rollback that
-hot-swap the engine. The API's admin routes and the Operator tab both act through here."""
+"""A running server's loop: one training cycle at a time in a background thread, the scheduler
+that starts cycles when enough new feedback arrived, and promotion and rollback, which hot-swap
+what serves through `Serving` (the server's engine, see `tuneloop.serve.engine.ServedEngine`).
+The API's admin routes and the Operator tab both act through here."""
 
 from __future__ import annotations
 
-import gc
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
-from tuneloop.config import DataDir
+from tuneloop.core.config import DataDir
+from tuneloop.core.records import ModelVersion
+from tuneloop.core.settings import GateSettings, JobSettings, ScheduleSettings, check_job
 from tuneloop.feedback import registry
 from tuneloop.feedback.runs import fail_interrupted_runs
 from tuneloop.feedback.snapshot import latest_snapshot
 from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
-from tuneloop.pipeline import JOBS, GateSettings, JobSettings, Pipeline
-from tuneloop.records import ModelVersion
-from tuneloop.serve.engine import Engine, EngineLoadError
+from tuneloop.loop.pipeline import Pipeline
+
+
+class Serving(Protocol):
+    """What the loop needs of the server: the version it serves, and a hot-swap to another
+    (which raises, leaving the served version as it was, when the new one fails to load)."""
+
+    @property
+    def version(self) -> str | None: ...
+
+    def swap(self, version: ModelVersion) -> None: ...
 
 
 class BusyError(RuntimeError):
     """A cycle is already running: one job at a time."""
-
-
-@dataclass(frozen=True)
-class ScheduleSettings:
-    """Retrain when at least `min_new_feedback` feedback rows arrived since the last snapshot,
-    at most once every `every_minutes`. Off unless `enabled`."""
-
-    enabled: bool = False
-    min_new_feedback: int = 200
-    every_minutes: float = 30.0
-    kind: str = "dpo"
-    poll_seconds: float = 15.0
 
 
 class LoopControl:
@@ -44,7 +41,7 @@ class LoopControl:
         self,
         data_dir: DataDir,
         store: FeedbackStore,
-        engine: Engine,
+        serving: Serving,
         *,
         schedule: ScheduleSettings | None = None,
         gate: GateSettings | None = None,
@@ -53,7 +50,7 @@ class LoopControl:
     ) -> None:
         self.dd = data_dir
         self.store = store
-        self.engine = engine
+        self.serving = serving
         self.schedule = schedule or ScheduleSettings()
         self.gate = gate or GateSettings()
         self.python = python
@@ -70,29 +67,11 @@ class LoopControl:
 
     # ---- serving versions --------------------------------------------------------------------
 
-    def swap(self, version: ModelVersion) -> None:
-        """Load `version` beside the served weights, then switch new requests to it."""
-        self.log(f"loading {version.id} ({version.artifact_path})")
-        try:
-            self.engine.load(version.id, version.artifact_path)
-        except Exception as exc:
-            served = self.engine.version
-            raise EngineLoadError(
-                f"loading {version.id} failed ({exc}); {served} is still served"
-            ) from exc
-        loaded = self.engine.last_swap_seconds
-        # The new weights' objects would otherwise make every full GC pass slower (see server).
-        started = time.perf_counter()
-        gc.collect()
-        gc.freeze()
-        collected = time.perf_counter() - started
-        self.log(f"serving {version.id} (swap {loaded:.3f} s, gc {collected:.3f} s)")
-
     def _pipeline(self, trigger: str) -> Pipeline:
         return Pipeline(
             self.dd,
             self.store,
-            swap=self.swap,
+            swap=self.serving.swap,
             promotion_lock=self._promotion_lock,
             gate=self.gate,
             python=self.python,
@@ -122,8 +101,7 @@ class LoopControl:
     ) -> None:
         """Start a cycle in the background; BusyError if one is running. `cycle` takes
         `Pipeline.run`'s keywords (reward_settings, retrain_reward, gate, gate_settings)."""
-        if kind not in JOBS:
-            raise ValueError(f"unknown job {kind!r}; choose one of {', '.join(JOBS)}")
+        check_job(kind)
         with self._cycle_lock:
             if self.busy:
                 raise BusyError("a training job is already running; one at a time")
@@ -191,7 +169,7 @@ class LoopControl:
     def status(self) -> dict[str, Any]:
         served = registry.promoted_version(self.store, "policy")
         return {
-            "served_version": self.engine.version,
+            "served_version": self.serving.version,
             "registry_promoted": served.id if served else None,
             "busy": self.busy,
             "last_cycle": self.last_cycle,

@@ -2,11 +2,11 @@
 
     snapshot -> datasets -> reward model -> policy job (DPO | KTO | SFT | RL) -> gate -> promote
 
-Every job runs as a process of its own (`tuneloop.jobs`); this module only decides what runs,
-records it (training-run rows, model versions with their provenance) and, when the gate passes,
-promotes through `swap`: the serving process loads the new weights first, so a version is never
-marked promoted unless it is being served. The CLI, the server's "train now" and its scheduler,
-and `tuneloop simulate` all run cycles through here.
+Every job runs as a process of its own (`tuneloop.loop.job_runner`); this module only decides
+what runs, records it (training-run rows, model versions with their provenance) and, when the
+gate passes, promotes through `swap`: the serving process loads the new weights first, so a
+version is never marked promoted unless it is being served. The CLI, the server's "train now"
+and its scheduler, and `tuneloop simulate` all run cycles through here.
 """
 
 from __future__ import annotations
@@ -18,77 +18,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuneloop.artifacts import base_model_path, is_adapter, read_manifest
-from tuneloop.config import DataDir
+from tuneloop.core.artifacts import base_model_path, is_adapter, read_manifest
+from tuneloop.core.config import DataDir
+from tuneloop.core.records import ModelVersion
+from tuneloop.core.settings import POLICY_JOBS, GateSettings, JobSettings, check_job
 from tuneloop.feedback import registry
 from tuneloop.feedback.datasets import build_datasets
 from tuneloop.feedback.runs import finish_run, start_run
 from tuneloop.feedback.snapshot import Snapshot, create_snapshot
 from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
-from tuneloop.jobs import JobFailed, JobProcess, run_job, train_command
-from tuneloop.records import ModelVersion
-
-POLICY_JOBS = ("dpo", "kto", "sft", "rl")
-JOBS = ("rm", *POLICY_JOBS)
+from tuneloop.loop.job_runner import JobFailed, JobProcess, run_job, train_command
 
 
 class NothingToTrainError(ValueError):
     """The snapshot holds no rows a job could learn from."""
-
-
-@dataclass(frozen=True)
-class JobSettings:
-    """Passed through to `tuneloop.train.run`: a YAML/JSON file of TRL config fields, then
-    `key=value` overrides; `full` trains all weights instead of a LoRA adapter."""
-
-    config_file: Path | None = None
-    overrides: tuple[str, ...] = ()
-    full: bool = False
-    seed: int = 0
-
-    def args(self) -> list[str]:
-        out = ["--seed", str(self.seed)]
-        if self.config_file is not None:
-            out += ["--config", str(self.config_file)]
-        for item in self.overrides:
-            out += ["--set", item]
-        if self.full:
-            out.append("--full")
-        return out
-
-
-@dataclass(frozen=True)
-class GateSettings:
-    """Promote when the candidate's win rate against the served policy (answers scored by the
-    latest reward model on held-out prompts) is at least `min_win_rate` (its confidence interval's
-    lower bound when `use_lower_bound`), and its KL to the parent is at most `max_kl`."""
-
-    min_win_rate: float = 0.55
-    use_lower_bound: bool = False
-    max_kl: float | None = None
-    max_prompts: int = 128
-    max_tokens: int = 48
-    temperature: float = 0.7
-    mt_bench: Path | None = None  # default: the questions shipped with tuneloop.train
-
-    def args(self) -> list[str]:
-        out = [
-            "--min-win-rate",
-            str(self.min_win_rate),
-            "--limit",
-            str(self.max_prompts),
-            "--max-tokens",
-            str(self.max_tokens),
-            "--temperature",
-            str(self.temperature),
-        ]
-        if self.use_lower_bound:
-            out.append("--use-lower-bound")
-        if self.max_kl is not None:
-            out += ["--max-kl", str(self.max_kl)]
-        if self.mt_bench is not None:
-            out += ["--mt-bench", str(self.mt_bench)]
-        return out
 
 
 @dataclass
@@ -164,8 +107,7 @@ class Pipeline:
         promoted if it passes. The reward model the gate (and RL) scores with is retrained on
         the same snapshot first when `retrain_reward`, or when there is none yet.
         `gate_settings` replaces the pipeline's for this cycle."""
-        if kind not in JOBS:
-            raise ValueError(f"unknown job {kind!r}; choose one of {', '.join(JOBS)}")
+        check_job(kind)
         settings = settings or JobSettings()
         self._served_policy()  # fail before snapshotting when nothing is served yet
         snapshot, datasets_dir = self.snapshot()
@@ -225,8 +167,7 @@ class Pipeline:
         settings: JobSettings,
         reward: ModelVersion | None,
     ) -> ModelVersion:
-        if kind not in POLICY_JOBS:
-            raise ValueError(f"{kind!r} is not a policy job ({', '.join(POLICY_JOBS)})")
+        check_job(kind, POLICY_JOBS)
         parent = self._served_policy()
         extra = []
         if kind == "rl":

@@ -6,6 +6,8 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tuneloop.core.settings import GateSettings, ScheduleSettings
+
 DEFAULT_DATA_DIR = Path("tuneloop-data")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -60,19 +62,6 @@ class DataDir:
         return self.root / "admin.token"
 
 
-@dataclass(frozen=True)
-class LoopConfig:
-    """Training and promotion settings of a running server (see serve.control, pipeline)."""
-
-    schedule: bool = False
-    min_new_feedback: int = 200
-    every_minutes: float = 30.0
-    train_kind: str = "dpo"
-    min_win_rate: float = 0.55
-    gate_prompts: int = 128
-    gate_max_tokens: int = 48
-
-
 # vLLM's OpenAI server as a module: the CPU build's `vllm serve` script cannot find its own
 # distribution, `python -m` of this module works on every build.
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -111,5 +100,6 @@ class ServeConfig:
     max_concurrency: int = 8
     device: str | None = None
     ui: bool = True
-    loop: LoopConfig = field(default_factory=LoopConfig)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    gate: GateSettings = field(default_factory=GateSettings)
     vllm: VllmSettings = field(default_factory=VllmSettings)
