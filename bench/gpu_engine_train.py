@@ -20,9 +20,10 @@ the DPO datasets the product builds from real preference pairs (`../shared/data/
   tokens for 1 and 8 concurrent requests. Each decode step reads every weight once, so one batch
   can step at most bandwidth / weight bytes times a second: the limit printed, against the
   measured steps/s. A random model may end an answer early; only tokens generated are counted;
-- DPO: `run_job("dpo", ...)`, the product's job (LoRA, reference model, status callback), for
-  `--dpo-steps` steps; tokens/s = the manifest's `train_tokens` (TRL's `num_tokens`: prompt and
-  both answers, no padding) over `train_runtime_s` (`trainer.train()`'s own runtime).
+- DPO: `train_version(JobSpec("dpo", ...))`, the product's job (LoRA, reference model, status
+  callback), for `--dpo-steps` steps; tokens/s = the manifest's `train_tokens` (TRL's
+  `num_tokens`: prompt and both answers, no padding) over `train_runtime_s` (`trainer.train()`'s
+  own runtime).
 """
 
 from __future__ import annotations
@@ -146,21 +147,25 @@ def decode_rate(model_dir: Path, device: str, batch: int, new_tokens: int) -> tu
 
 def dpo_rate(prepared: Path, model_dir: Path, work: Path, args: argparse.Namespace) -> dict:
     """tuneloop's DPO job for `--dpo-steps` steps; the metrics of the version's manifest."""
-    from tuneloop.train.job_common import JobSpec
-    from tuneloop.train.run import run_job
+    from tuneloop.core.job_spec import JobSpec
+    from tuneloop.core.settings import JobSettings
+    from tuneloop.train.run import train_version
 
     spec = JobSpec(
+        kind="dpo",
         datasets=prepared / "datasets",
         base=model_dir,
         out=work / "dpo",
         version_id="bench-dpo",
-        overrides={
-            "max_steps": args.dpo_steps,
-            "max_length": args.max_length,
-            "per_device_train_batch_size": args.dpo_batch,
-        },
+        settings=JobSettings(
+            overrides={
+                "max_steps": args.dpo_steps,
+                "max_length": args.max_length,
+                "per_device_train_batch_size": args.dpo_batch,
+            }
+        ),
     )
-    run_job("dpo", spec)
+    train_version(spec)
     return json.loads((spec.out / "manifest.json").read_text())["metrics"]
 
 

@@ -14,9 +14,10 @@ served base, which is what vLLM's runtime LoRA loading wants.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from tuneloop.core.files import write_json_atomic
 
 MANIFEST_FILE = "manifest.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -32,11 +33,19 @@ def read_manifest(version_dir: str | Path) -> dict[str, Any] | None:
 
 def write_manifest(version_dir: str | Path, manifest: dict[str, Any]) -> Path:
     """Write atomically: a reader sees the old manifest or the new one, never half of one."""
-    path = Path(version_dir) / MANIFEST_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(
+        Path(version_dir) / MANIFEST_FILE, manifest, sort_keys=True, default=str
+    )
+
+
+def add_manifest_metrics(version_dir: str | Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Merge `metrics` into the manifest's (facts learned after the job: its gate result, the
+    feedback it was trained on); the manifest is the version's record, the database indexes it.
+    Returns the manifest as written."""
+    manifest = read_manifest(version_dir) or {}
+    manifest["metrics"] = dict(manifest.get("metrics") or {}) | metrics
+    write_manifest(version_dir, manifest)
+    return manifest
 
 
 def is_adapter(model_dir: str | Path) -> bool:

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from tuneloop.core.files import write_atomic
 from tuneloop.feedback.store import FeedbackStore
 
 # Every table that holds feedback data, in the order they are copied. Registry and bookkeeping
@@ -74,7 +75,7 @@ def create_snapshot(store: FeedbackStore, snapshots_dir: Path) -> Snapshot:
             "tables": tables,
             "schema_migrations": migrations,
         }
-        _write_atomic(tmp_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+        write_atomic(tmp_dir / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n", durable=True)
         _fsync(tmp_dir)
         tmp_dir.rename(final_dir)
         _fsync(snapshots_dir)
@@ -146,15 +147,6 @@ def load_manifest(path: Path) -> dict[str, Any]:
 
 def _sql_str(path: Path) -> str:
     return str(path).replace("'", "''")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.rename(path)
 
 
 def _fsync(path: Path) -> None:

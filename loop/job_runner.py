@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,9 @@ class JobProcess:
     log_file: Path
 
 
-def train_command(module: str, args: Sequence[str], python: str | None = None) -> list[str]:
-    """`python -m tuneloop.train.<module> args...` with this interpreter by default."""
-    return [python or sys.executable, "-m", f"tuneloop.train.{module}", *args]
+def job_command(module: str, spec_file: Path, python: str | None = None) -> list[str]:
+    """`python -m tuneloop.train.<module> SPEC.json`, with this interpreter by default."""
+    return [python or sys.executable, "-m", f"tuneloop.train.{module}", str(spec_file)]
 
 
 def read_status(path: Path) -> dict[str, Any]:
@@ -53,17 +52,14 @@ def run_job(
     run_id: str,
     job: JobProcess,
     *,
-    progress_span: tuple[float, float] = (0.0, 1.0),
     stop: threading.Event | None = None,
-    on_status: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run `job` to its end, mirroring its status file into run `run_id` (progress scaled into
-    `progress_span`); returns the final status. Raises JobFailed (the run row is then failed
+    """Run `job` to its end, mirroring its status file's progress and stage into run `run_id`;
+    returns the final status. Raises JobFailed (the run row is then failed
     with the same message) if the process fails, or is stopped through `stop`."""
     job.log_file.parent.mkdir(parents=True, exist_ok=True)
     job.status_file.unlink(missing_ok=True)
-    low, high = progress_span
-    last_progress = -1.0
+    last: tuple[float, str | None] = (-1.0, None)
     with job.log_file.open("ab") as log:
         proc = subprocess.Popen(job.argv, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -75,12 +71,10 @@ def run_job(
                 if stop is None:
                     time.sleep(POLL_S)
                 status = read_status(job.status_file)
-                progress = float(status.get("progress") or 0.0)
-                if progress != last_progress:
-                    last_progress = progress
-                    update_run(store, run_id, progress=low + (high - low) * progress)
-                    if on_status is not None:
-                        on_status(status)
+                now = (float(status.get("progress") or 0.0), status.get("stage"))
+                if now != last:
+                    last = now
+                    update_run(store, run_id, progress=now[0], stage=now[1])
         except BaseException as exc:
             if proc.poll() is None:
                 proc.kill()

@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuneloop.core.artifacts import base_model_path, is_adapter, read_manifest
+from tuneloop.core.artifacts import add_manifest_metrics, base_model_path, is_adapter
 from tuneloop.core.config import DataDir
+from tuneloop.core.job_spec import GateSpec, JobSpec
 from tuneloop.core.records import ModelVersion
 from tuneloop.core.settings import POLICY_JOBS, GateSettings, JobSettings, check_job
 from tuneloop.feedback import registry
@@ -27,7 +28,7 @@ from tuneloop.feedback.datasets import build_datasets
 from tuneloop.feedback.runs import finish_run, start_run
 from tuneloop.feedback.snapshot import Snapshot, create_snapshot
 from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
-from tuneloop.loop.job_runner import JobFailed, JobProcess, run_job, train_command
+from tuneloop.loop.job_runner import JobFailed, JobProcess, job_command, run_job
 
 
 class NothingToTrainError(ValueError):
@@ -169,11 +170,11 @@ class Pipeline:
     ) -> ModelVersion:
         check_job(kind, POLICY_JOBS)
         parent = self._served_policy()
-        extra = []
+        reward_model = None
         if kind == "rl":
             if reward is None:
                 raise NothingToTrainError("RL needs a reward model: train one first (`rm`)")
-            extra = ["--reward-model", reward.artifact_path]
+            reward_model = Path(reward.artifact_path)
         return self._run_training(
             kind,
             snapshot,
@@ -181,7 +182,7 @@ class Pipeline:
             settings,
             parent=parent,
             base=base_model_path(parent.artifact_path),
-            extra=extra,
+            reward_model=reward_model,
         )
 
     def _run_training(
@@ -193,7 +194,7 @@ class Pipeline:
         *,
         parent: ModelVersion | None,
         base: str,
-        extra: list[str] | None = None,
+        reward_model: Path | None = None,
     ) -> ModelVersion:
         version_kind = "reward" if job == "rm" else "policy"
         version_id = registry.next_version_id(self.store, version_kind)
@@ -207,45 +208,39 @@ class Pipeline:
             trigger=self.trigger,
         )
         run_dir = self.dd.runs / run.id
-        args = [
-            job,
-            "--datasets",
-            str(datasets_dir),
-            "--base",
-            base,
-            "--out",
-            str(out),
-            "--version-id",
-            version_id,
-            "--snapshot-id",
-            snapshot.id,
-            "--status",
-            str(run_dir / "status.json"),
-            *settings.args(),
-            *(extra or []),
-        ]
-        if parent is not None and is_adapter(parent.artifact_path):
-            args += ["--parent", parent.artifact_path]
-        if parent is not None:
-            args += ["--parent-id", parent.id]
+        spec = JobSpec(
+            kind=job,
+            datasets=datasets_dir,
+            base=Path(base),
+            out=out,
+            version_id=version_id,
+            parent=Path(parent.artifact_path)
+            if parent is not None and is_adapter(parent.artifact_path)
+            else None,
+            parent_id=parent.id if parent is not None else None,
+            snapshot_id=snapshot.id,
+            status=run_dir / "status.json",
+            settings=settings,
+            reward_model=reward_model,
+        )
         self.log(f"{run.id}: training {job} -> {version_id}")
-        status = run_job(
+        run_job(
             self.store,
             run.id,
             JobProcess(
-                train_command("run", args, self.python),
+                job_command("run", spec.write(run_dir / "spec.json"), self.python),
                 run_dir / "status.json",
                 run_dir / "job.log",
             ),
             stop=self.stop,
         )
-        manifest = read_manifest(out) or {}
-        metrics = dict(manifest.get("metrics") or status.get("metrics") or {})
-        metrics["data"] = manifest.get("data", {})
-        metrics["feedback_rows"] = {
+        feedback_rows = {
             kind: snapshot.manifest["tables"][table]["rows"]
             for kind, table in FEEDBACK_TABLES.items()
         }
+        manifest = add_manifest_metrics(out, {"feedback_rows": feedback_rows})
+        metrics = dict(manifest["metrics"])
+        metrics["data"] = manifest.get("data", {})
         version = registry.register_version(
             self.store,
             ModelVersion(
@@ -285,37 +280,31 @@ class Pipeline:
             trigger=self.trigger,
         )
         run_dir = self.dd.runs / run.id
-        out = run_dir / "gate.json"
-        args = [
-            "--candidate",
-            candidate.artifact_path,
-            "--incumbent",
-            incumbent.artifact_path,
-            "--reward-model",
-            reward.artifact_path,
-            "--datasets",
-            str(datasets_dir),
-            "--out",
-            str(out),
-            "--status",
-            str(run_dir / "status.json"),
-            *settings.args(),
-        ]
+        spec = GateSpec(
+            candidate=Path(candidate.artifact_path),
+            incumbent=Path(incumbent.artifact_path),
+            reward_model=Path(reward.artifact_path),
+            out=run_dir / "gate.json",
+            datasets=datasets_dir,
+            status=run_dir / "status.json",
+            settings=settings,
+        )
         self.log(f"{run.id}: gating {candidate.id} against {incumbent.id}")
         run_job(
             self.store,
             run.id,
             JobProcess(
-                train_command("gate", args, self.python),
+                job_command("gate", spec.write(run_dir / "spec.json"), self.python),
                 run_dir / "status.json",
                 run_dir / "job.log",
             ),
             stop=self.stop,
         )
-        result = json.loads(out.read_text()) | {
+        result = json.loads(spec.out.read_text()) | {
             "incumbent": incumbent.id,
             "reward_model": reward.id,
         }
+        add_manifest_metrics(candidate.artifact_path, {"gate": result})
         registry.update_metrics(self.store, candidate.id, {"gate": result})
         finish_run(self.store, run.id, version_id=candidate.id, metrics=result)
         self.log(f"{run.id}: {result['reason']}")

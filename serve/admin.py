@@ -1,5 +1,6 @@
 """Operator routes under `/v1/admin/`, guarded by the bearer token the server writes to its data
-dir at start. The CLI uses them while a server owns the database file.
+dir at start. The CLI uses them while a server owns the database file. Errors are answered in
+one shape, with the statuses of `serve.errors`.
 
 - `POST /snapshot`, `GET /versions`, `GET /runs`, `GET /loop` (what trains, what serves)
 - `POST /train {"kind", "overrides"?, "full"?}`: start a cycle now (409 while one runs)
@@ -10,26 +11,33 @@ dir at start. The CLI uses them while a server owns the database file.
 from __future__ import annotations
 
 import hmac
+import typing
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from starlette.concurrency import run_in_threadpool
 
 from tuneloop.core.config import DataDir
 from tuneloop.core.records import to_json_dict
-from tuneloop.core.settings import DEFAULT_POLICY_JOB, JOBS, JobSettings
-from tuneloop.feedback.registry import RegistryError, UnknownVersionError, list_versions
+from tuneloop.core.settings import (
+    DEFAULT_POLICY_JOB,
+    JOBS,
+    GateSettings,
+    JobSettings,
+    options,
+    parse_overrides,
+)
+from tuneloop.feedback.registry import list_versions
 from tuneloop.feedback.runs import list_runs
 from tuneloop.feedback.snapshot import create_snapshot
-from tuneloop.loop.control import BusyError, LoopControl
+from tuneloop.loop.control import LoopControl
 from tuneloop.serve.chat_service import ChatService
-from tuneloop.serve.engine import EngineLoadError
 
 
-class TrainIn(BaseModel):
+class _TrainFields(BaseModel):
     kind: Literal[JOBS] = DEFAULT_POLICY_JOB  # type: ignore[valid-type]
     overrides: list[str] = Field(default_factory=list, description="TRL config `key=value`s")
     full: bool = False
@@ -40,9 +48,23 @@ class TrainIn(BaseModel):
     )
     keep_reward: bool = Field(False, description="gate with the current reward model")
     gate: bool = Field(True, description="false: leave the policy a candidate")
-    min_win_rate: float | None = Field(None, description="the gate's bar (default: the server's)")
-    gate_prompts: int | None = Field(None, ge=1)
-    gate_max_tokens: int | None = Field(None, ge=1)
+
+
+def _optional_options(settings_class: type) -> dict[str, Any]:
+    """The exposed fields of a settings dataclass as optional request fields (None: the
+    server's own setting), so that a new option shows up here without a change."""
+    hints = typing.get_type_hints(settings_class)
+    return {
+        key: (
+            hints[f.name] | None,
+            Field(None, description=f"{f.metadata['help']} (default: the server's)"),
+        )
+        for key, f in options(settings_class)
+    }
+
+
+# `POST /v1/admin/train`'s body: the cycle, then the gate's options (`GateSettings`).
+TrainIn = create_model("TrainIn", __base__=_TrainFields, **_optional_options(GateSettings))
 
 
 class PromoteIn(BaseModel):
@@ -89,65 +111,49 @@ def create_admin_router(
         return await run_in_threadpool(control.status)
 
     @router.post("/train", status_code=202)
-    async def train(body: TrainIn) -> dict[str, Any]:
+    async def train(body: TrainIn) -> dict[str, Any]:  # type: ignore[valid-type]
+        overrides, reward_overrides = (
+            parse_overrides(items) for items in (body.overrides, body.reward_overrides)
+        )
         settings = JobSettings(
             config_file=Path(body.config_file) if body.config_file else None,
-            overrides=tuple(body.overrides),
+            overrides=overrides,
             full=body.full,
             seed=body.seed,
         )
         gate = control.gate
-        if body.min_win_rate is not None:
-            gate = replace(gate, min_win_rate=body.min_win_rate)
-        if body.gate_prompts is not None:
-            gate = replace(gate, max_prompts=body.gate_prompts)
-        if body.gate_max_tokens is not None:
-            gate = replace(gate, max_tokens=body.gate_max_tokens)
-        try:
-            control.train_now(
-                body.kind,
-                settings,
-                reward_settings=JobSettings(overrides=tuple(body.reward_overrides), seed=body.seed),
-                retrain_reward=not body.keep_reward,
-                gate=body.gate,
-                gate_settings=gate,
-            )
-        except BusyError as exc:
-            raise HTTPException(409, str(exc)) from exc
+        given = {f.name: getattr(body, key) for key, f in options(GateSettings)}
+        gate = replace(gate, **{name: v for name, v in given.items() if v is not None})
+        control.train_now(
+            body.kind,
+            settings,
+            reward_settings=JobSettings(overrides=reward_overrides, seed=body.seed),
+            retrain_reward=not body.keep_reward,
+            gate=body.gate,
+            gate_settings=gate,
+        )
         return {"started": body.kind}
 
     @router.post("/import")
     async def import_file(body: ImportIn) -> dict[str, Any]:
-        from tuneloop.feedback.importer import ImportFormatError, import_preferences
+        from tuneloop.feedback.importer import import_preferences
 
         try:
             result = await run_in_threadpool(
                 import_preferences, service.store, body.path, rater_id=body.rater, limit=body.limit
             )
-        except (ImportFormatError, OSError) as exc:
-            raise HTTPException(422, str(exc)) from exc
+        except OSError as exc:  # the path names no readable file on the server's machine
+            raise HTTPException(422, f"cannot read {body.path}: {exc.strerror}") from exc
         return asdict(result)
 
     @router.post("/promote")
     async def promote(body: PromoteIn) -> dict[str, Any]:
-        try:
-            version = await run_in_threadpool(control.promote, body.version)
-        except UnknownVersionError as exc:
-            raise HTTPException(404, str(exc)) from exc
-        except RegistryError as exc:
-            raise HTTPException(409, str(exc)) from exc
-        except EngineLoadError as exc:
-            raise HTTPException(500, str(exc)) from exc
+        version = await run_in_threadpool(control.promote, body.version)
         return to_json_dict(version)
 
     @router.post("/rollback")
     async def rollback() -> dict[str, Any]:
-        try:
-            version = await run_in_threadpool(control.rollback)
-        except RegistryError as exc:
-            raise HTTPException(409, str(exc)) from exc
-        except EngineLoadError as exc:
-            raise HTTPException(500, str(exc)) from exc
+        version = await run_in_threadpool(control.rollback)
         return to_json_dict(version)
 
     return router

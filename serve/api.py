@@ -18,8 +18,7 @@ from typing import Annotated, Any, Literal
 
 import anyio
 import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -40,10 +39,9 @@ from tuneloop.feedback.validation import (
     MAX_RANKING_SIZE,
     MAX_REASON_CHARS,
     MAX_TEXT_CHARS,
-    FeedbackError,
 )
 from tuneloop.serve.chat_service import ChatService, ChatTurn
-from tuneloop.serve.engine import EngineUnavailableError, PromptTooLongError
+from tuneloop.serve.errors import error_response, install_error_handlers
 
 MAX_BODY_BYTES = 1_000_000
 # A streamed answer's tokens decoded within this many seconds of each other go out as one SSE
@@ -161,19 +159,6 @@ class Health(BaseModel):
     model_version: str
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    """OpenAI's error shape, so the official client shows the message."""
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
-
-
-def _describe(errors: list[dict[str, Any]]) -> str:
-    parts = []
-    for e in errors[:5]:
-        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-    return "; ".join(parts)
-
-
 def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"  # UTF-8, as json.dumps(ensure_ascii=False)
 
@@ -250,7 +235,7 @@ class BodySizeLimit:
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > MAX_BODY_BYTES:
             message = f"request body is {int(length)} bytes; the limit is {MAX_BODY_BYTES}"
-            await _error(413, message)(scope, receive, send)
+            await error_response(413, message)(scope, receive, send)
         elif b"transfer-encoding" in headers and b"content-length" not in headers:
             try:
                 body = await _read_body(receive, MAX_BODY_BYTES)
@@ -258,7 +243,7 @@ class BodySizeLimit:
                 return  # nobody to answer
             if body is None:
                 message = f"request body is over the limit of {MAX_BODY_BYTES} bytes"
-                await _error(413, message)(scope, receive, send)
+                await error_response(413, message)(scope, receive, send)
             else:
                 await self.app(scope, _replay(body, receive), send)
         else:
@@ -307,9 +292,7 @@ def create_api(service: ChatService) -> FastAPI:
         lifespan=lifespan,
     )
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(422, _describe(list(exc.errors())))
+    install_error_handlers(app)
 
     app.add_middleware(BodySizeLimit)
 
@@ -334,31 +317,21 @@ def create_api(service: ChatService) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(req: ChatCompletionRequest) -> Any:
         messages = [Message(m.role, m.text()) for m in req.messages]
-        try:
-            # Inline, not in a worker thread: starting a turn is short CPU work that never
-            # blocks (the chat template, tokenizing, ids held in memory); generation and the
-            # store's writes run elsewhere.
-            turn = service.chat(
-                messages,
-                req.params(),
-                conversation_id=req.conversation_id,
-                rater_id=req.user or DEFAULT_RATER,
-            )
-        except PromptTooLongError as exc:
-            return _error(400, str(exc))
-        except EngineUnavailableError as exc:
-            return _error(503, str(exc), "server_error")
-        except FeedbackError as exc:
-            return _error(exc.status, str(exc))
+        # Inline, not in a worker thread: starting a turn is short CPU work that never blocks
+        # (the chat template, tokenizing, ids held in memory); generation and the store's writes
+        # run elsewhere. Its errors are answered by `serve.errors`.
+        turn = service.chat(
+            messages,
+            req.params(),
+            conversation_id=req.conversation_id,
+            rater_id=req.user or DEFAULT_RATER,
+        )
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return ClosingStreamingResponse(
                 _stream_events(turn, include_usage), media_type="text/event-stream"
             )
-        try:
-            text = await run_in_threadpool(turn.text)
-        except EngineUnavailableError as exc:
-            return _error(503, str(exc), "server_error")
+        text = await run_in_threadpool(turn.text)
         return {
             "id": str(turn.id),
             "object": "chat.completion",
@@ -385,10 +358,7 @@ def create_api(service: ChatService) -> FastAPI:
         },
     )
     async def post_feedback(body: FeedbackIn) -> Any:
-        try:
-            row_id = await asyncio.wrap_future(service.submit_feedback(body.record()))
-        except FeedbackError as exc:
-            return _error(exc.status, str(exc))
+        row_id = await asyncio.wrap_future(service.submit_feedback(body.record()))
         return FeedbackAck(id=row_id, kind=body.kind)
 
     @app.get("/v1/feedback/stats")

@@ -33,6 +33,26 @@ class EngineLoadError(RuntimeError):
     """A version could not be loaded; the engine serves what it served before."""
 
 
+def encode_prompt(
+    tokenizer: Any, messages: list[Message], max_context: int
+) -> tuple[list[int], int]:
+    """The prompt's token ids, as every engine reads a chat (the model's chat template with the
+    generation prompt, tokenized without special tokens added: what vLLM counts too), and the
+    room left for the answer. PromptTooLongError when there is none."""
+    text = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    room = max_context - len(ids)
+    if room < 1:
+        raise PromptTooLongError(
+            f"the prompt is {len(ids)} tokens; this model reads at most {max_context}"
+        )
+    return ids, room
+
+
 class Generation(Protocol):
     """One answer being generated. Iterate for text chunks; stats are final after the end."""
 
@@ -151,30 +171,18 @@ class EmbeddedEngine:
         "".join(self._generate(loaded, [Message("user", "hi")], SamplingParams(2, 0.0)))
         return loaded
 
-    @staticmethod
-    def _encode(loaded: _Loaded, messages: list[Message]) -> Any:
-        text = loaded.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        return loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-
     def stream(self, messages: list[Message], params: SamplingParams) -> Generation:
         return self._generate(self._loaded, messages, params)  # pinned to the served version
 
     def _generate(
         self, loaded: _Loaded, messages: list[Message], params: SamplingParams
     ) -> BatchedGeneration:
-        input_ids = self._encode(loaded, messages)
-        room = loaded.max_context - input_ids.shape[1]
-        if room < 1:
-            raise PromptTooLongError(
-                f"the prompt is {input_ids.shape[1]} tokens; this model reads at most "
-                f"{loaded.max_context}"
-            )
+        import torch
+
+        ids, room = encode_prompt(loaded.tokenizer, messages, loaded.max_context)
         if params.max_tokens > room:
             params = SamplingParams(room, params.temperature, params.top_p)
+        input_ids = torch.tensor([ids], dtype=torch.long)
         return BatchedGeneration(loaded.version_id, loaded.decoder.submit(input_ids, params))
 
     def load(self, version_id: str, path: str | Path) -> None:

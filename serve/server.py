@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import gc
-import json
 import os
+import queue
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from fastapi import FastAPI
 
 from tuneloop.core.config import DataDir, ServeConfig
 from tuneloop.core.cpu_affinity import keep_off
+from tuneloop.core.files import write_json_atomic
 from tuneloop.core.records import ModelVersion
 from tuneloop.core.settings import DEFAULT_MODEL
 from tuneloop.feedback.registry import ensure_served_policy
@@ -186,11 +188,42 @@ def _announce(
         threading.Event().wait(0.05)
     host, port = server.servers[0].sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
     url = f"http://{host}:{port}"
-    dd.server_file.write_text(
-        json.dumps({"url": url, "pid": os.getpid(), "model_version": version_id})
-    )
+    write_json_atomic(dd.server_file, {"url": url, "pid": os.getpid(), "model_version": version_id})
     if on_ready is not None:
         on_ready(url)
     if stop is not None:
         stop.wait()
         server.should_exit = True  # type: ignore[attr-defined]
+
+
+@contextmanager
+def server_in_thread(
+    config: ServeConfig,
+    resolve_model: Callable[[str], str],
+    *,
+    start_timeout: float = 120,
+    stop_timeout: float = 30,
+) -> Iterator[str]:
+    """`run_server` in a daemon thread of this process (`tuneloop simulate`, the tests): yields
+    its URL once it listens, and stops it on exit. A failure to start is raised here."""
+    ready: queue.Queue[str] = queue.Queue()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            run_server(config, resolve_model, ready.put, stop)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller below
+            errors.append(exc)
+            ready.put("")
+
+    thread = threading.Thread(target=run, daemon=True, name="tuneloop-server")
+    thread.start()
+    url = ready.get(timeout=start_timeout)
+    if errors:
+        raise errors[0]
+    try:
+        yield url
+    finally:
+        stop.set()
+        thread.join(timeout=stop_timeout)

@@ -38,7 +38,7 @@ import orjson
 
 from tuneloop.core.artifacts import base_model_path, is_adapter, load_tokenizer
 from tuneloop.core.records import Message, SamplingParams
-from tuneloop.serve.engine import EngineUnavailableError, PromptTooLongError
+from tuneloop.serve.engine import EngineUnavailableError, encode_prompt
 from tuneloop.serve.vllm_server import AttachedVllm, VllmError, VllmServer
 
 _NOT_SENT = (httpx.RemoteProtocolError, httpx.ConnectError)
@@ -136,12 +136,8 @@ class VllmEngine:
         return self._server.wait_ready(0)
 
     def stream(self, messages: list[Message], params: SamplingParams) -> VllmGeneration:
-        prompt_tokens = self._count_prompt_tokens(messages)
-        room = self.max_context - prompt_tokens
-        if room < 1:
-            raise PromptTooLongError(
-                f"the prompt is {prompt_tokens} tokens; this model reads at most {self.max_context}"
-            )
+        ids, room = encode_prompt(self._tokenizer, messages, self.max_context)
+        prompt_tokens = len(ids)
         with self._cond:
             route = self._current
             route.inflight += 1
@@ -306,15 +302,6 @@ class VllmEngine:
         session = self._sessions.pop(asyncio.get_running_loop(), None)
         if session is not None:
             await session.close()
-
-    def _count_prompt_tokens(self, messages: list[Message]) -> int:
-        """What vLLM will count: the chat template, then tokens without special ones added."""
-        text = self._tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages],
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        return len(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _models(self) -> list[dict[str, Any]]:
         r = self._client.get("/v1/models")

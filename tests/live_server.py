@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tuneloop.core.config import DataDir, ServeConfig
-from tuneloop.serve.server import run_server
+from tuneloop.serve.server import server_in_thread
 
 
 @dataclass(frozen=True)
@@ -35,24 +33,5 @@ def live_server(data_root: Path, model_dir: Path | None, **config: object) -> It
     cfg = ServeConfig(
         DataDir(data_root), model=str(model_dir) if model_dir else None, port=0, **config
     )
-    ready: queue.Queue[str] = queue.Queue()
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            run_server(cfg, _local_only, ready.put, stop)
-        except BaseException as exc:  # noqa: BLE001 - reported to the test below
-            errors.append(exc)
-            ready.put("")
-
-    thread = threading.Thread(target=run, daemon=True, name="live-server")
-    thread.start()
-    url = ready.get(timeout=120)
-    if errors:
-        raise errors[0]
-    try:
+    with server_in_thread(cfg, _local_only) as url:
         yield LiveServer(url, cfg.data_dir, model_dir)
-    finally:
-        stop.set()
-        thread.join(timeout=30)

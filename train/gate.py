@@ -15,26 +15,22 @@ over the token, so it has less variance and is never negative; only the position
 sampled. Both are the models' raw distributions (temperature 1, no top-p): the divergence of the
 policies themselves, not of the samplers. It needs a shared tokenizer; otherwise it is None.
 
-    python -m tuneloop.train.gate --candidate DIR --incumbent DIR --reward-model DIR
-        (--prompts PROMPTS.jsonl | --datasets DIR [--mt-bench FILE]) [--limit N] --out RESULT.json
-        [--status FILE] [--max-tokens N] [--temperature T] [--top-p P] [--seed S] [--device D]
-        [--min-win-rate X] [--use-lower-bound] [--max-kl K]
+    python -m tuneloop.train.gate SPEC.json
 
-writes the GateResult as JSON, plus `promote` and `reason` from `decide`. Prompts come from a file
-(one JSON list of {role, content} messages a line; see `save_prompts`) or from a datasets dir
-(`gate_prompts` over its held-out splits, then MT-bench: the questions shipped in `data/` unless
-`--mt-bench` names others). The status file follows the training jobs' (`StatusFile`): "running"
-with progress, then "done" or "failed" with the error. The orchestrator runs this as a
-subprocess, so the server never holds the models twice.
+runs the `tuneloop.core.job_spec.GateSpec` in SPEC.json and writes the GateResult as JSON to its
+`out`, plus `promote` and `reason` from `decide`. Prompts come from a file (one JSON list of
+{role, content} messages a line; see `save_prompts`) or from a datasets dir (`gate_prompts` over
+its held-out splits, then MT-bench: the questions shipped in `data/` unless the settings'
+`mt_bench` names others). The status file follows the training jobs' (`StatusFile`): "running"
+with progress, then "done" or "failed" with the error. The loop runs this as a subprocess, so
+the server never holds the models twice.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import math
-import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -42,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.core.artifacts import load_causal_lm, load_tokenizer
+from tuneloop.core.files import write_json_atomic
+from tuneloop.core.job_spec import GateSpec
 from tuneloop.core.settings import GateSettings
 from tuneloop.train.sampling import mean_token_kl, sample_answers
 
@@ -90,12 +88,12 @@ def evaluate_candidate(
     reward_model_dir: str | Path,
     prompts: list[list[dict]],
     *,
-    max_tokens: int = 48,
-    temperature: float = 0.7,
-    top_p: float = 0.95,
-    seed: int = 0,
-    device: str | None = None,
-    batch_size: int = 16,
+    max_tokens: int = GateSettings.max_tokens,
+    temperature: float = GateSettings.temperature,
+    top_p: float = GateSettings.top_p,
+    seed: int = GateSettings.seed,
+    device: str | None = GateSettings.device,
+    batch_size: int = GateSettings.batch_size,
     on_progress: Callable[[float], None] | None = None,
 ) -> GateResult:
     """Sample both policies on `prompts`, score the answers, compare; see the module doc.
@@ -239,45 +237,23 @@ def _free_memory(device: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m tuneloop.train.gate",
-        description="Compare a candidate policy with the incumbent on prompts; write the result.",
-    )
-    parser.add_argument("--candidate", required=True, type=Path)
-    parser.add_argument("--incumbent", required=True, type=Path)
-    parser.add_argument("--reward-model", required=True, type=Path)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompts", type=Path, help="JSONL, one list of messages a line")
-    source.add_argument(
-        "--datasets", type=Path, help="a datasets dir: prompts of its held-out splits + MT-bench"
-    )
-    parser.add_argument(
-        "--mt-bench", type=Path, default=None, help="with --datasets (default: the shipped file)"
-    )
-    parser.add_argument("--limit", type=int, default=None, help="use the first N prompts")
-    parser.add_argument("--out", required=True, type=Path, help="where to write the result JSON")
-    parser.add_argument("--status", type=Path, default=None, help="progress file for the runner")
-    parser.add_argument("--max-tokens", type=int, default=GateSettings.max_tokens)
-    parser.add_argument("--temperature", type=float, default=GateSettings.temperature)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--min-win-rate", type=float, default=GateSettings.min_win_rate)
-    parser.add_argument("--use-lower-bound", action="store_true")
-    parser.add_argument("--max-kl", type=float, default=None)
-    args = parser.parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m tuneloop.train.gate SPEC.json", file=sys.stderr)
+        return 2
+    spec = GateSpec.read(Path(args[0]))
 
     from tuneloop.train.job_common import StatusFile
 
-    status = StatusFile(args.status, "gate", args.candidate.name)
+    status = StatusFile(spec.status, "gate", spec.candidate.name)
+    status.stage = "comparing"
     status.write("running", progress=0.0)
     try:
-        result = _run(args, lambda fraction: status.write("running", progress=fraction))
+        result = run_gate(spec, lambda fraction: status.write("running", progress=fraction))
     except BaseException as exc:
         status.write("failed", error=f"{type(exc).__name__}: {' '.join(str(exc).split())}")
         raise
-    _write_json(args.out, result)
+    write_json_atomic(spec.out, result)
     status.metrics = result
     status.write("done", progress=1.0)
     kl = "unknown" if result["kl_to_parent"] is None else f"{result['kl_to_parent']:.4f}"
@@ -285,40 +261,38 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace, on_progress: Callable[[float], None]) -> dict[str, Any]:
-    """The gate's command line minus its bookkeeping: prompts, evaluation, decision."""
-    if args.prompts is not None:
-        prompts = load_prompts(args.prompts)[: args.limit]
+def run_gate(spec: GateSpec, on_progress: Callable[[float], None]) -> dict[str, Any]:
+    """The gate minus its bookkeeping: prompts, evaluation, decision."""
+    settings = spec.settings
+    if spec.prompts is not None:
+        prompts = load_prompts(spec.prompts)[: settings.max_prompts]
     else:
-        heldout = [args.datasets / f"{name}.heldout.parquet" for name in HELDOUT_SPLITS]
-        mt_bench = args.mt_bench or (DEFAULT_MT_BENCH if DEFAULT_MT_BENCH.exists() else None)
-        prompts = gate_prompts([p for p in heldout if p.exists()], mt_bench, limit=args.limit)
+        assert spec.datasets is not None  # GateSpec.check
+        heldout = [spec.datasets / f"{name}.heldout.parquet" for name in HELDOUT_SPLITS]
+        mt_bench = settings.mt_bench or (DEFAULT_MT_BENCH if DEFAULT_MT_BENCH.exists() else None)
+        prompts = gate_prompts(
+            [p for p in heldout if p.exists()], mt_bench, limit=settings.max_prompts
+        )
     result = evaluate_candidate(
-        args.candidate,
-        args.incumbent,
-        args.reward_model,
+        spec.candidate,
+        spec.incumbent,
+        spec.reward_model,
         prompts,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        device=args.device,
-        batch_size=args.batch_size,
+        max_tokens=settings.max_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        seed=settings.seed,
+        device=settings.device,
+        batch_size=settings.batch_size,
         on_progress=on_progress,
     )
     promote, reason = decide(
         result,
-        min_win_rate=args.min_win_rate,
-        use_lower_bound=args.use_lower_bound,
-        max_kl=args.max_kl,
+        min_win_rate=settings.min_win_rate,
+        use_lower_bound=settings.use_lower_bound,
+        max_kl=settings.max_kl,
     )
     return result.to_dict() | {"promote": promote, "reason": reason}
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,13 @@ class StatusCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self.status.total_steps = state.max_steps
+        self.status.stage = "training"
+        self.status.write("running")
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.status.stage = "evaluating and saving"
         self.status.write("running")
 
     def on_log(
@@ -60,8 +67,8 @@ class StatusCallback(TrainerCallback):
 
 class ThreadPicker(TrainerCallback):
     """Runs each training step on the thread count a `ThreadCountChooser` picks, starting on one
-    thread. Evaluation after training keeps the last choice (`run_job` restores the thread count
-    afterwards)."""
+    thread. Evaluation after training keeps the last choice (`train_version` restores the thread
+    count afterwards)."""
 
     def __init__(self, cores: int) -> None:
         self.chooser = ThreadCountChooser(cores)

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import tuneloop
 from tuneloop.core.artifacts import base_model_path, is_adapter, read_manifest
+from tuneloop.core.files import write_json_atomic
+from tuneloop.core.job_spec import JobSpec
 from tuneloop.train.job_config import (
     JobError,
     build_config,
@@ -43,25 +44,6 @@ EMPTY_SPLIT_HINTS = {
 }
 
 
-@dataclass(frozen=True)
-class JobSpec:
-    """Everything a job reads. `overrides` holds `--set` values (`tuneloop.train.job_config`)."""
-
-    datasets: Path
-    base: Path
-    out: Path
-    version_id: str
-    parent: Path | None = None
-    parent_id: str | None = None
-    snapshot_id: str | None = None
-    status: Path | None = None
-    config_file: Path | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)
-    full: bool = False
-    reward_model: Path | None = None
-    seed: int = 0
-
-
 @dataclass
 class JobOutput:
     """What a job function reports after saving its model and tokenizer into the work dir."""
@@ -76,10 +58,13 @@ class JobOutput:
 
 
 class StatusFile:
-    """The job's progress as one JSON document, replaced atomically on every write."""
+    """The job's progress as one JSON document, replaced atomically on every write. `stage` says
+    what it is doing (loading, training, evaluating and saving; the gate: comparing); the loop's
+    job runner copies it into the run's row."""
 
     def __init__(self, path: Path | None, job: str, version_id: str) -> None:
         self.path, self.job, self.version_id = path, job, version_id
+        self.stage = "loading"
         self.step, self.total_steps, self.loss = 0, 0, None
         self.metrics: dict[str, Any] = {}
 
@@ -92,6 +77,7 @@ class StatusFile:
             "job": self.job,
             "version_id": self.version_id,
             "state": state,
+            "stage": self.stage,
             "step": self.step,
             "total_steps": self.total_steps,
             "progress": round(min(max(progress, 0.0), 1.0), 4),
@@ -100,10 +86,7 @@ class StatusFile:
             "error": error,
             "updated_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(json_safe(doc), indent=2) + "\n")
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, json_safe(doc))
 
 
 def job_settings(
@@ -112,8 +95,9 @@ def job_settings(
     """The TRL config, the LoRA settings and the LoRA keys the operator set.
 
     Layers: shared defaults, the job's defaults, `--seed`, the config file, `--set` values."""
-    user = [read_config_file(spec.config_file) if spec.config_file else {}, spec.overrides]
-    seed = {"seed": spec.seed, "data_seed": spec.seed}
+    given = spec.settings
+    user = [read_config_file(given.config_file) if given.config_file else {}, given.overrides]
+    seed = {"seed": given.seed, "data_seed": given.seed}
     layers = [defaults, seed, *user]
     config, lora = build_config(config_cls, layers, output_dir=scratch_dir(work))
     return config, lora, user_lora_keys(user)
@@ -149,7 +133,7 @@ def load_dataset_splits(
     Row order in the files is unspecified, so rows are first sorted by a hash of their content:
     the same snapshot and seed then give the same training order."""
     train, heldout = (
-        _seeded_order(load_split_file(spec, work, name, split), spec.seed)
+        _seeded_order(load_split_file(spec, work, name, split), spec.settings.seed)
         for split in ("train", "heldout")
     )
     if len(train) == 0:
@@ -191,18 +175,18 @@ def load_policy(spec: JobSpec, lora: dict[str, Any], user_lora_keys: list[str]) 
     parent = spec.parent
     if parent is not None and is_adapter(parent):
         _check_same_base(parent, root)
-        if user_lora_keys and not spec.full:
+        if user_lora_keys and not spec.settings.full:
             raise JobError(
                 f"{', '.join(user_lora_keys)}: the parent is a LoRA adapter and keeps its settings"
             )
         model = AutoModelForCausalLM.from_pretrained(root)
-        model = PeftModel.from_pretrained(model, str(parent), is_trainable=not spec.full)
-        if spec.full:  # PEFT froze the base weights: unfreeze them once merged
+        model = PeftModel.from_pretrained(model, str(parent), is_trainable=not spec.settings.full)
+        if spec.settings.full:  # PEFT froze the base weights: unfreeze them once merged
             return Policy(model.merge_and_unload().requires_grad_(True), None, root)
         return Policy(model, None, root)
     source = (parent or root).resolve()
     model = AutoModelForCausalLM.from_pretrained(source)
-    if spec.full:
+    if spec.settings.full:
         return Policy(model, None, root)
     return Policy(model, lora_config(lora, "CAUSAL_LM"), source)
 
@@ -325,7 +309,7 @@ def build_manifest(job: str, spec: JobSpec, output: JobOutput) -> dict[str, Any]
             "snapshot_id": spec.snapshot_id,
             "config": output.config,
             "lora": output.lora,
-            "seed": spec.seed,
+            "settings": asdict(spec.settings),
             "reward_model": str(spec.reward_model.resolve()) if spec.reward_model else None,
             "metrics": output.metrics,
             "code_version": code_version(),

@@ -69,20 +69,6 @@ def device_defaults() -> dict[str, Any]:
     return {"use_cpu": not cuda, "bf16": cuda and torch.cuda.is_bf16_supported(), "fp16": False}
 
 
-def parse_set(items: Sequence[str]) -> dict[str, Any]:
-    """`["learning_rate=1e-4", "lora.r=16"]` -> `{"learning_rate": 1e-4, "lora.r": 16}`.
-
-    Values are read as JSON where they parse (numbers, true/false, null, lists), else as YAML
-    flow values, else kept as strings."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise JobError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = _parse_value(raw.strip())
-    return out
-
-
 def read_config_file(path: Path) -> dict[str, Any]:
     """A flat key -> value mapping from a YAML or JSON file; a `lora:` mapping becomes `lora.*`."""
     try:
@@ -167,19 +153,6 @@ def json_safe(value: Any) -> Any:
     if value is None or isinstance(value, str | int | bool):
         return value
     return str(value)
-
-
-def _parse_value(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except ValueError:
-        pass
-    import yaml
-
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
 
 
 def _load_mapping(text: str, path: Path) -> dict[str, Any]:

@@ -15,10 +15,10 @@ from typing import Any
 
 from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
+from tuneloop.core.job_spec import JobSpec
 from tuneloop.train.job_callbacks import job_callbacks
 from tuneloop.train.job_common import (
     JobOutput,
-    JobSpec,
     StatusFile,
     data_counts,
     heldout_metrics,

@@ -15,10 +15,10 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from trl import RewardConfig, RewardTrainer
 
 from tuneloop.core.artifacts import base_model_path, is_adapter
+from tuneloop.core.job_spec import JobSpec
 from tuneloop.train.job_callbacks import job_callbacks
 from tuneloop.train.job_common import (
     JobOutput,
-    JobSpec,
     StatusFile,
     check_finite,
     data_counts,
@@ -57,7 +57,8 @@ def _train_and_save(
     held-out accuracy of the saved version."""
     tokenizer = load_training_tokenizer(spec)
     model = load_backbone(spec.parent or spec.base, pad_token_id=tokenizer.pad_token_id)
-    peft_config = None if spec.full else lora_config(lora, "SEQ_CLS", modules_to_save=["score"])
+    full = spec.settings.full
+    peft_config = None if full else lora_config(lora, "SEQ_CLS", modules_to_save=["score"])
     trainer = RewardTrainer(
         model=model,
         args=config,
@@ -70,8 +71,8 @@ def _train_and_save(
     result = trainer.train()
     trained = trainer.accelerator.unwrap_model(trainer.model)
     check_finite(trained)
-    used_lora = None if spec.full else json_safe(trained.peft_config["default"].to_dict())
-    merged = trained if spec.full else trained.merge_and_unload()
+    used_lora = None if spec.settings.full else json_safe(trained.peft_config["default"].to_dict())
+    merged = trained if spec.settings.full else trained.merge_and_unload()
     merged.save_pretrained(work)
     tokenizer.save_pretrained(work)
     return JobOutput(

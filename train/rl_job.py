@@ -22,10 +22,10 @@ from transformers import AutoModelForSequenceClassification
 from trl import GRPOConfig, GRPOTrainer
 
 from tuneloop.core.artifacts import load_tokenizer, read_manifest
+from tuneloop.core.job_spec import JobSpec
 from tuneloop.train.job_callbacks import job_callbacks
 from tuneloop.train.job_common import (
     JobOutput,
-    JobSpec,
     StatusFile,
     data_counts,
     heldout_metrics,
@@ -107,7 +107,7 @@ def unique_prompts(spec: JobSpec, work: Path, split: str) -> datasets.Dataset:
             seen.setdefault(json.dumps(prompt, sort_keys=True), prompt)
     prompts = [seen[key] for key in sorted(seen)]
     data = datasets.Dataset.from_dict({"prompt": prompts})
-    return data.shuffle(seed=spec.seed).flatten_indices() if prompts else data
+    return data.shuffle(seed=spec.settings.seed).flatten_indices() if prompts else data
 
 
 def load_reward_model(path: Path | None) -> tuple[Any, Any]:

@@ -26,6 +26,7 @@ from tuneloop.cli_model import (
     add_model_argument,
     cmd_model,
 )
+from tuneloop.cli_settings import add_options, settings_from_args
 from tuneloop.core.config import (
     DEFAULT_DATA_DIR,
     DEFAULT_HOST,
@@ -33,7 +34,7 @@ from tuneloop.core.config import (
     DataDir,
     apply_openmp_defaults,
 )
-from tuneloop.core.settings import DEFAULT_MODEL, POLICY_JOBS, GateSettings, ScheduleSettings
+from tuneloop.core.settings import DEFAULT_MODEL, GateSettings, ScheduleSettings, SettingsError
 from tuneloop.models import ModelError, resolve_model
 from tuneloop.remote import local_or_server
 
@@ -53,17 +54,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         port=args.port,
         max_concurrency=args.max_concurrency,
         ui=not args.no_ui,
-        schedule=ScheduleSettings(
-            enabled=args.schedule,
-            min_new_feedback=args.min_new_feedback,
-            every_minutes=args.every_minutes,
-            kind=args.train_kind,
-        ),
-        gate=GateSettings(
-            min_win_rate=args.min_win_rate,
-            max_prompts=args.gate_prompts,
-            max_tokens=args.gate_max_tokens,
-        ),
+        schedule=settings_from_args(ScheduleSettings, args),
+        gate=settings_from_args(GateSettings, args),
     )
 
     def resolve(spec: str) -> str:
@@ -187,47 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="answers generated at once (default: %(default)s)",
     )
     up.add_argument("--no-ui", action="store_true", help="serve the API only, no Gradio UI")
-    up.add_argument(
-        "--schedule",
-        action="store_true",
-        help="retrain on its own when enough new feedback arrived (off by default)",
-    )
-    up.add_argument(
-        "--min-new-feedback",
-        type=int,
-        default=200,
-        help="scheduled retraining: feedback rows since the last snapshot (default: %(default)s)",
-    )
-    up.add_argument(
-        "--every-minutes",
-        type=float,
-        default=30.0,
-        help="scheduled retraining: at most this often (default: %(default)s)",
-    )
-    up.add_argument(
-        "--train-kind",
-        choices=POLICY_JOBS,
-        default=ScheduleSettings.kind,
-        help="the policy job of scheduled and 'train now' cycles (default: %(default)s)",
-    )
-    up.add_argument(
-        "--min-win-rate",
-        type=float,
-        default=GateSettings.min_win_rate,
-        help="the gate's bar for promotion (default: %(default)s)",
-    )
-    up.add_argument(
-        "--gate-prompts",
-        type=int,
-        default=128,
-        help="held-out prompts the gate compares on, at most (default: %(default)s)",
-    )
-    up.add_argument(
-        "--gate-max-tokens",
-        type=int,
-        default=48,
-        help="length of the gate's answers, in tokens (default: %(default)s)",
-    )
+    add_options(up, ScheduleSettings)
+    add_options(up, GateSettings)
 
     model = command(
         "model",
@@ -281,7 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     apply_openmp_defaults(os.environ)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except SettingsError as exc:  # settings that parse but do not fit, e.g. --gate-prompts 0
+        print(f"tuneloop: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

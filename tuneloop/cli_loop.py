@@ -14,9 +14,17 @@ from typing import Any
 
 from tuneloop.cli_engine import add_engine_arguments, vllm_settings
 from tuneloop.cli_model import MODEL_HELP, add_model_argument
+from tuneloop.cli_settings import add_options, option_values, settings_from_args
 from tuneloop.core.config import DataDir
 from tuneloop.core.records import to_json_dict
-from tuneloop.core.settings import DEFAULT_MODEL, JOBS, GateSettings, JobSettings
+from tuneloop.core.settings import (
+    DEFAULT_MODEL,
+    JOBS,
+    GateSettings,
+    JobSettings,
+    SettingsError,
+    parse_overrides,
+)
 from tuneloop.models import ModelError, resolve_model
 from tuneloop.remote import ask_server, follow_cycle, local_or_server
 
@@ -27,9 +35,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from tuneloop.loop.pipeline import NothingToTrainError, Pipeline
 
     dd = DataDir(args.data_dir)
+    try:
+        overrides, reward_overrides = (parse_overrides(items) for items in (args.set, args.rm_set))
+    except SettingsError as exc:
+        raise SystemExit(f"tuneloop: {exc}") from exc
     settings = JobSettings(
         config_file=args.config.resolve() if args.config else None,
-        overrides=tuple(args.set),
+        overrides=overrides,
         full=args.full,
         seed=args.seed,
     )
@@ -45,9 +57,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             "reward_overrides": list(args.rm_set),
             "keep_reward": args.keep_reward,
             "gate": not args.no_gate,
-            "min_win_rate": args.min_win_rate,
-            "gate_prompts": args.gate_prompts,
-            "gate_max_tokens": args.gate_max_tokens,
+            **option_values(GateSettings, args),
         }
         if args.config:
             body["config_file"] = str(args.config.resolve())
@@ -59,18 +69,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         pipeline = Pipeline(
             dd,
             store,
-            gate=GateSettings(
-                min_win_rate=args.min_win_rate,
-                max_prompts=args.gate_prompts,
-                max_tokens=args.gate_max_tokens,
-            ),
+            gate=settings_from_args(GateSettings, args),
             trigger="cli",
             log=lambda msg: print(f"tuneloop: {msg}", file=sys.stderr, flush=True),
         )
         result = pipeline.run(
             args.kind,
             settings,
-            reward_settings=JobSettings(overrides=tuple(args.rm_set), seed=args.seed),
+            reward_settings=JobSettings(overrides=reward_overrides, seed=args.seed),
             retrain_reward=not args.keep_reward,
             gate=not args.no_gate,
         )
@@ -313,24 +319,7 @@ def register(command: Callable[..., Any]) -> None:
         metavar="KEY=VALUE",
         help="a field of the reward model's RewardConfig, for the one retrained in this cycle",
     )
-    train.add_argument(
-        "--min-win-rate",
-        type=float,
-        default=GateSettings.min_win_rate,
-        help="the gate's bar: win rate against the served policy (default: %(default)s)",
-    )
-    train.add_argument(
-        "--gate-prompts",
-        type=int,
-        default=128,
-        help="held-out prompts the gate compares on, at most (default: %(default)s)",
-    )
-    train.add_argument(
-        "--gate-max-tokens",
-        type=int,
-        default=48,
-        help="length of the gate's answers, in tokens (default: %(default)s)",
-    )
+    add_options(train, GateSettings)
 
     promote = command("promote", "serve a version (hot-swaps a running server)", _cmd_promote)
     promote.add_argument("version")

@@ -46,7 +46,11 @@ def ask_server(dd: DataDir, method: str, route: str, body: dict[str, Any] | None
         headers["Authorization"] = f"Bearer {dd.admin_token_file.read_text().strip()}"
     resp = httpx.request(method, url + route, headers=headers, json=body, timeout=600)
     if resp.status_code >= 400:
-        raise SystemExit(f"tuneloop: the server answered {resp.status_code}: {resp.text}")
+        try:
+            message = resp.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = resp.text
+        raise SystemExit(f"tuneloop: the server answered {resp.status_code}: {message}")
     return resp.json()
 
 

@@ -18,7 +18,6 @@ import json
 import random
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -216,7 +215,7 @@ def _prompts(config: SimulationConfig, model: str) -> tuple[list[str], list[str]
 
 @contextmanager
 def _server(dd: DataDir, model: str, config: SimulationConfig) -> Iterator[_Client]:
-    from tuneloop.serve.server import run_server
+    from tuneloop.serve.server import server_in_thread
 
     serve = ServeConfig(
         dd,
@@ -229,29 +228,10 @@ def _server(dd: DataDir, model: str, config: SimulationConfig) -> Iterator[_Clie
         schedule=ScheduleSettings(kind=config.kind),
         gate=GateSettings(min_win_rate=config.min_win_rate),
     )
-    ready: list[str] = []
-    up, stop = threading.Event(), threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            run_server(serve, lambda _: model, lambda url: (ready.append(url), up.set()), stop)
-        except BaseException as exc:  # noqa: BLE001 - raised in the caller below
-            errors.append(exc)
-            up.set()
-
-    thread = threading.Thread(target=run, daemon=True, name="simulate-server")
-    thread.start()
-    up.wait()
-    if errors:
-        raise errors[0]
-    token = dd.admin_token_file.read_text().strip()
-    try:
-        with httpx.Client(base_url=ready[0], timeout=600) as http:
+    with server_in_thread(serve, lambda _: model, stop_timeout=120) as url:
+        token = dd.admin_token_file.read_text().strip()
+        with httpx.Client(base_url=url, timeout=600) as http:
             yield _Client(http, token)
-    finally:
-        stop.set()
-        thread.join(timeout=120)
 
 
 def _answers(client: _Client, prompts: list[str], config: SimulationConfig) -> list[list[str]]:

@@ -14,10 +14,11 @@ import torch
 from job_datasets import write_datasets
 
 from tuneloop.core.artifacts import read_manifest
+from tuneloop.core.job_spec import JobSpec
 from tuneloop.core.records import Message, SamplingParams
+from tuneloop.core.settings import JobSettings
 from tuneloop.serve.engine import EmbeddedEngine
-from tuneloop.train.job_common import JobSpec
-from tuneloop.train.run import run_job
+from tuneloop.train.run import train_version
 
 pytestmark = [
     pytest.mark.gpu,
@@ -51,9 +52,8 @@ def test_dpo_job_trains_in_bf16_on_the_gpu_and_writes_a_version(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     data = write_datasets(tmp_path / "data", train_pairs=32, heldout_pairs=8)
-    spec = JobSpec(
-        data, tiny_model_dir, tmp_path / "v", "v", overrides={"max_steps": 4, "logging_steps": 1}
-    )
-    manifest = read_manifest(run_job("dpo", spec))
+    settings = JobSettings(overrides={"max_steps": 4, "logging_steps": 1})
+    spec = JobSpec("dpo", data, tiny_model_dir, tmp_path / "v", "v", settings=settings)
+    manifest = read_manifest(train_version(spec))
     assert manifest["config"]["bf16"] is True and manifest["config"]["use_cpu"] is False
     assert manifest["metrics"]["steps"] == 4 and manifest["metrics"]["train_tokens"] > 0

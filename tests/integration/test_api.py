@@ -204,7 +204,9 @@ def test_oversized_body_without_a_length_is_refused_and_a_small_one_passes(
         headers={"content-type": "application/json"},
     )
     assert answer.status_code == 200, answer.text
-    assert answer.json()["choices"][0]["message"]["content"] is not None
+    reply = answer.json()
+    assert isinstance(reply["choices"][0]["message"]["content"], str)
+    assert 1 <= reply["usage"]["completion_tokens"] <= 2
 
 
 def test_openapi_schema_describes_the_contract(server: LiveServer) -> None:
@@ -218,7 +220,10 @@ def test_openapi_schema_describes_the_contract(server: LiveServer) -> None:
 
 
 def test_admin_routes_need_the_token(server: LiveServer) -> None:
-    assert httpx.post(f"{server.url}/v1/admin/snapshot").status_code == 401
+    refused = httpx.post(f"{server.url}/v1/admin/snapshot")
+    assert refused.status_code == 401
+    error = refused.json()["error"]  # every route answers errors in the one shape
+    assert error["type"] == "invalid_request_error" and "Bearer <token>" in error["message"]
     token = server.data_dir.admin_token_file.read_text()
     assert oct(server.data_dir.admin_token_file.stat().st_mode & 0o777) == "0o600"
     versions = httpx.get(

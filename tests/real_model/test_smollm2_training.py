@@ -14,9 +14,10 @@ import pytest
 from job_datasets import write_datasets
 
 from tuneloop.core.artifacts import is_adapter, load_causal_lm, read_manifest
-from tuneloop.train.job_common import JobSpec
+from tuneloop.core.job_spec import JobSpec
+from tuneloop.core.settings import JobSettings
 from tuneloop.train.job_config import LORA_TARGETS
-from tuneloop.train.run import run_job
+from tuneloop.train.run import train_version
 
 pytestmark = [pytest.mark.real_model, pytest.mark.slow]
 
@@ -92,14 +93,15 @@ def test_every_policy_job_trains_a_lora_on_smollm2(
     overrides: dict[str, object] = {"max_steps": 2, "per_device_train_batch_size": 2}
     extra = {}
     if kind == "rl":
-        reward = run_job(
-            "rm",
-            JobSpec(datasets, smollm2_dir, tmp_path / "rm", "rm", overrides=dict(overrides)),
+        rm_settings = JobSettings(overrides=dict(overrides))
+        reward = train_version(
+            JobSpec("rm", datasets, smollm2_dir, tmp_path / "rm", "rm", settings=rm_settings)
         )
         extra = {"reward_model": reward}
         overrides |= {"num_generations": 2, "max_completion_length": 8}
-    spec = JobSpec(datasets, smollm2_dir, tmp_path / kind, kind, overrides=overrides, **extra)
-    version = run_job(kind, spec)
+    settings = JobSettings(overrides=overrides)
+    spec = JobSpec(kind, datasets, smollm2_dir, tmp_path / kind, kind, settings=settings, **extra)
+    version = train_version(spec)
     manifest = read_manifest(version)
     assert is_adapter(version) and manifest["job"] == kind
     assert set(manifest["lora"]["target_modules"]) == set(LORA_TARGETS)

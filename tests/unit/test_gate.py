@@ -11,7 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tuneloop.core.artifacts import write_manifest
+from tuneloop.core.job_spec import GateSpec
 from tuneloop.core.records import Message
+from tuneloop.core.settings import GateSettings
 from tuneloop.feedback.importer import PreferencePair
 from tuneloop.train import gate, scoring
 from tuneloop.train.gate import (
@@ -202,11 +204,19 @@ def test_gate_cli_on_a_datasets_dir_against_another_policy(
         "".join(json.dumps({"turns": [f"Q{i}?", "More."]}) + "\n" for i in range(9))
     )
     out, status = tmp_path / "gate.json", tmp_path / "status.json"
-    argv = ["--candidate", str(tiny_model_dir_b), "--incumbent", str(tiny_model_dir)]
-    argv += ["--reward-model", str(reward_model_dir), "--datasets", str(datasets)]
-    argv += ["--mt-bench", str(mt_bench), "--limit", "10", "--out", str(out)]
-    argv += ["--status", str(status), "--max-tokens", "12", "--device", "cpu"]
-    assert gate.main([*argv, "--batch-size", "3", "--min-win-rate", "0.0", "--max-kl", "1e-9"]) == 0
+    settings = GateSettings(
+        min_win_rate=0.0,
+        max_kl=1e-9,
+        max_prompts=10,
+        max_tokens=12,
+        batch_size=3,
+        device="cpu",
+        mt_bench=mt_bench,
+    )
+    spec = GateSpec(
+        tiny_model_dir_b, tiny_model_dir, reward_model_dir, out, datasets, None, status, settings
+    )
+    assert gate.main([str(spec.write(tmp_path / "spec.json"))]) == 0
 
     written = json.loads(out.read_text())
     result = GateResult.from_dict(written)
@@ -224,10 +234,10 @@ def test_gate_cli_on_a_datasets_dir_against_another_policy(
 def test_gate_cli_marks_its_status_failed(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("")
     status = tmp_path / "status.json"
-    argv = ["--candidate", "c", "--incumbent", "i", "--reward-model", "r"]
-    argv += ["--prompts", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "o.json")]
+    c, i, r = (tmp_path / name for name in "cir")
+    spec = GateSpec(c, i, r, tmp_path / "o.json", prompts=tmp_path / "empty.jsonl", status=status)
     with pytest.raises(ValueError, match="at least one prompt"):
-        gate.main([*argv, "--status", str(status)])
+        gate.main([str(spec.write(tmp_path / "spec.json"))])
     failed = json.loads(status.read_text())
     assert failed["state"] == "failed"
     assert failed["error"] == "ValueError: the gate needs at least one prompt"

@@ -16,9 +16,11 @@ import pytest
 from job_datasets import msg, pairs, write_datasets, write_split
 
 from tuneloop.core.artifacts import is_adapter, load_causal_lm, read_manifest
-from tuneloop.train.job_common import JobSpec, load_dataset_splits
-from tuneloop.train.job_config import JobError, build_config, parse_set, read_config_file
-from tuneloop.train.run import run_job
+from tuneloop.core.job_spec import JobSpec
+from tuneloop.core.settings import JobSettings, SettingsError, parse_overrides
+from tuneloop.train.job_common import load_dataset_splits
+from tuneloop.train.job_config import JobError, build_config, read_config_file
+from tuneloop.train.run import train_version
 
 MANIFEST_KEYS = {
     "id",
@@ -31,7 +33,7 @@ MANIFEST_KEYS = {
     "snapshot_id",
     "config",
     "lora",
-    "seed",
+    "settings",
     "reward_model",
     "metrics",
     "code_version",
@@ -54,15 +56,16 @@ def reward_version(
     dir, status file)."""
     tmp = tmp_path_factory.mktemp("rm")
     spec = JobSpec(
+        kind="rm",
         datasets=data_dir,
         base=tiny_model_dir,
         out=tmp / "rm-1",
         version_id="rm-1",
         snapshot_id="snap-1",
         status=tmp / "status.json",
-        overrides={"num_train_epochs": 2},
+        settings=JobSettings(overrides={"num_train_epochs": 2}),
     )
-    return run_job("rm", spec), tmp / "status.json"
+    return train_version(spec), tmp / "status.json"
 
 
 @pytest.fixture(scope="module")
@@ -70,17 +73,30 @@ def sft_version(
     tmp_path_factory: pytest.TempPathFactory, data_dir: Path, tiny_model_dir: Path
 ) -> Path:
     out = tmp_path_factory.mktemp("sft") / "sft-1"
-    spec = JobSpec(data_dir, tiny_model_dir, out, "sft-1", overrides=FAST)
-    return run_job("sft", spec)
+    spec = JobSpec(
+        "sft", data_dir, tiny_model_dir, out, "sft-1", settings=JobSettings(overrides=FAST)
+    )
+    return train_version(spec)
 
 
-def spec_for(tmp_path: Path, data_dir: Path, base: Path, **kwargs: Any) -> JobSpec:
+def spec_for(
+    tmp_path: Path,
+    kind: str,
+    data_dir: Path,
+    base: Path,
+    *,
+    overrides: dict[str, Any] | None = None,
+    full: bool = False,
+    **kwargs: Any,
+) -> JobSpec:
     return JobSpec(
+        kind=kind,
         datasets=data_dir,
         base=base,
         out=tmp_path / "v",
         version_id="v",
         status=tmp_path / "status.json",
+        settings=JobSettings(overrides=overrides or {}, full=full),
         **kwargs,
     )
 
@@ -141,7 +157,7 @@ def test_reward_model_without_heldout_pairs_reports_null_accuracy(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     data = write_datasets(tmp_path / "data", train_pairs=8, heldout_pairs=0)
-    version = run_job("rm", spec_for(tmp_path, data, tiny_model_dir, overrides=FAST))
+    version = train_version(spec_for(tmp_path, "rm", data, tiny_model_dir, overrides=FAST))
     metrics = read_manifest(version)["metrics"]
     assert metrics["heldout_pairs"] == 0 and metrics["heldout_accuracy"] is None
 
@@ -162,7 +178,7 @@ def test_pairs_too_long_for_the_trainer_are_counted_apart(
     write_split(data, "preference", "train", pairs(8, 0, rng) + long)
     write_split(data, "preference", "heldout", pairs(4, 1000, rng))
     overrides = {"per_device_train_batch_size": 4, "num_train_epochs": 1, "max_length": 128}
-    version = run_job(job, spec_for(tmp_path, data, tiny_model_dir, overrides=overrides))
+    version = train_version(spec_for(tmp_path, job, data, tiny_model_dir, overrides=overrides))
     manifest = read_manifest(version)
     assert manifest["data"] == {"preference": {"train": 8, "too_long": 3, "heldout": 4}}
     assert manifest["config"]["max_steps"] == 2 and manifest["metrics"]["steps"] == 2
@@ -179,9 +195,9 @@ def test_a_dataset_left_empty_by_max_length_is_refused(
     data.mkdir()
     write_split(data, "preference", "train", long)
     write_split(data, "preference", "heldout", pairs(2, 1000, rng))
-    spec = spec_for(tmp_path, data, tiny_model_dir, overrides={"max_length": 128})
+    spec = spec_for(tmp_path, "rm", data, tiny_model_dir, overrides={"max_length": 128})
     with pytest.raises(JobError, match=r"all 3 train rows are over max_length=128"):
-        run_job("rm", spec)
+        train_version(spec)
     assert not spec.out.exists()
 
 
@@ -189,7 +205,9 @@ def test_packed_sft_counts_the_rows_it_joined(
     tmp_path: Path, data_dir: Path, tiny_model_dir: Path
 ) -> None:
     overrides = {**FAST, "packing": True, "max_length": 128}
-    version = run_job("sft", spec_for(tmp_path, data_dir, tiny_model_dir, overrides=overrides))
+    version = train_version(
+        spec_for(tmp_path, "sft", data_dir, tiny_model_dir, overrides=overrides)
+    )
     assert read_manifest(version)["data"] == {"sft": {"train": 64, "too_long": 0, "heldout": 16}}
 
 
@@ -200,8 +218,8 @@ def test_packed_sft_counts_the_rows_it_joined(
 def test_policy_job_writes_a_loadable_adapter(
     job: str, tmp_path: Path, data_dir: Path, tiny_model_dir: Path
 ) -> None:
-    spec = spec_for(tmp_path, data_dir, tiny_model_dir, overrides=FAST, snapshot_id="s")
-    version = run_job(job, spec)
+    spec = spec_for(tmp_path, job, data_dir, tiny_model_dir, overrides=FAST, snapshot_id="s")
+    version = train_version(spec)
 
     manifest = read_manifest(version)
     assert set(manifest) == MANIFEST_KEYS
@@ -224,8 +242,8 @@ def test_policy_job_writes_a_loadable_adapter(
 def test_dpo_keeps_training_the_parent_adapter(
     tmp_path: Path, data_dir: Path, tiny_model_dir: Path, sft_version: Path
 ) -> None:
-    spec = spec_for(tmp_path, data_dir, tiny_model_dir, parent=sft_version, overrides=FAST)
-    version = run_job("dpo", spec)
+    spec = spec_for(tmp_path, "dpo", data_dir, tiny_model_dir, parent=sft_version, overrides=FAST)
+    version = train_version(spec)
 
     manifest = read_manifest(version)
     assert manifest["parent"] == "sft-1" and manifest["parent_path"] == str(sft_version.resolve())
@@ -237,9 +255,11 @@ def test_dpo_keeps_training_the_parent_adapter(
 def test_lora_settings_of_an_adapter_parent_cannot_change(
     tmp_path: Path, data_dir: Path, tiny_model_dir: Path, sft_version: Path
 ) -> None:
-    spec = spec_for(tmp_path, data_dir, tiny_model_dir, parent=sft_version, overrides={"lora.r": 4})
+    spec = spec_for(
+        tmp_path, "dpo", data_dir, tiny_model_dir, parent=sft_version, overrides={"lora.r": 4}
+    )
     with pytest.raises(JobError, match="keeps its settings"):
-        run_job("dpo", spec)
+        train_version(spec)
     assert not spec.out.exists()
 
 
@@ -247,9 +267,9 @@ def test_full_fine_tuning_writes_full_weights(
     tmp_path: Path, data_dir: Path, tiny_model_dir: Path, sft_version: Path
 ) -> None:
     spec = spec_for(
-        tmp_path, data_dir, tiny_model_dir, parent=sft_version, full=True, overrides=FAST
+        tmp_path, "sft", data_dir, tiny_model_dir, parent=sft_version, full=True, overrides=FAST
     )
-    version = run_job("sft", spec)
+    version = train_version(spec)
 
     manifest = read_manifest(version)
     assert manifest["adapter"] is False and manifest["lora"] is None
@@ -263,12 +283,13 @@ def test_rl_job_trains_against_the_reward_model(
     rm_dir, _ = reward_version
     spec = spec_for(
         tmp_path,
+        "rl",
         data_dir,
         tiny_model_dir,
         reward_model=rm_dir,
         overrides={"max_steps": 2, "max_completion_length": 16},
     )
-    version = run_job("rl", spec)
+    version = train_version(spec)
 
     manifest = read_manifest(version)
     assert (manifest["kind"], manifest["job"], manifest["adapter"]) == ("policy", "rl", True)
@@ -286,10 +307,10 @@ def test_rl_job_needs_a_reward_version(
     tmp_path: Path, data_dir: Path, tiny_model_dir: Path, sft_version: Path
 ) -> None:
     with pytest.raises(JobError, match="needs --reward-model"):
-        run_job("rl", spec_for(tmp_path, data_dir, tiny_model_dir))
-    spec = spec_for(tmp_path, data_dir, tiny_model_dir, reward_model=sft_version)
+        train_version(spec_for(tmp_path, "rl", data_dir, tiny_model_dir))
+    spec = spec_for(tmp_path, "rl", data_dir, tiny_model_dir, reward_model=sft_version)
     with pytest.raises(JobError, match="not a reward model version"):
-        run_job("rl", spec)
+        train_version(spec)
     assert status_of(spec)["state"] == "failed"
 
 
@@ -300,10 +321,10 @@ def test_diverging_job_fails_and_leaves_no_version(
     tmp_path: Path, data_dir: Path, tiny_model_dir: Path
 ) -> None:
     spec = spec_for(
-        tmp_path, data_dir, tiny_model_dir, overrides={"max_steps": 4, "learning_rate": 1e30}
+        tmp_path, "sft", data_dir, tiny_model_dir, overrides={"max_steps": 4, "learning_rate": 1e30}
     )
     with pytest.raises(JobError, match="training diverged"):
-        run_job("sft", spec)
+        train_version(spec)
     assert not spec.out.exists() and not spec.out.with_name("v.tmp").exists()
     status = status_of(spec)
     assert status["state"] == "failed" and "lower learning_rate" in status["error"]
@@ -314,9 +335,9 @@ def test_empty_train_split_fails_through_the_entry_point(
 ) -> None:
     data = write_datasets(tmp_path / "data", train_pairs=0, heldout_pairs=2)
     out, status_file = tmp_path / "models" / "dpo-1", tmp_path / "status.json"
-    args = ["--datasets", data, "--base", tiny_model_dir, "--out", out, "--status", status_file]
+    spec = JobSpec("dpo", data, tiny_model_dir, out, "dpo-1", status=status_file)
     proc = subprocess.run(
-        [sys.executable, "-m", "tuneloop.train.run", "dpo", "--version-id", "dpo-1", *args],
+        [sys.executable, "-m", "tuneloop.train.run", spec.write(tmp_path / "spec.json")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -333,19 +354,12 @@ def test_cancelled_job_cleans_up_and_reports(
     tmp_path: Path, data_dir: Path, tiny_model_dir: Path
 ) -> None:
     out, status_file = tmp_path / "sft-1", tmp_path / "status.json"
-    args = ["--datasets", data_dir, "--base", tiny_model_dir, "--out", out, "--status", status_file]
-    settings = ["--set", "max_steps=100000", "--set", "logging_steps=1"]
+    settings = JobSettings(overrides={"max_steps": 100000, "logging_steps": 1})
+    spec = JobSpec(
+        "sft", data_dir, tiny_model_dir, out, "sft-1", status=status_file, settings=settings
+    )
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tuneloop.train.run",
-            "sft",
-            "--version-id",
-            "sft-1",
-            *args,
-            *settings,
-        ],
+        [sys.executable, "-m", "tuneloop.train.run", spec.write(tmp_path / "spec.json")],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -358,6 +372,7 @@ def test_cancelled_job_cleans_up_and_reports(
                 break
             time.sleep(0.2)
         assert status.get("state") == "running" and status["total_steps"] == 100000
+        assert status["stage"] == "training"
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
     finally:
@@ -371,11 +386,11 @@ def test_cancelled_job_cleans_up_and_reports(
 def test_existing_output_dir_is_never_overwritten(
     tmp_path: Path, data_dir: Path, tiny_model_dir: Path
 ) -> None:
-    spec = spec_for(tmp_path, data_dir, tiny_model_dir)
+    spec = spec_for(tmp_path, "sft", data_dir, tiny_model_dir)
     spec.out.mkdir()
     (spec.out / "keep.txt").write_text("mine")
     with pytest.raises(JobError, match="already exists"):
-        run_job("sft", spec)
+        train_version(spec)
     assert (spec.out / "keep.txt").read_text() == "mine"
 
 
@@ -407,7 +422,7 @@ def test_config_layers_file_then_set_flags(tmp_path: Path) -> None:
 
     path = tmp_path / "dpo.yaml"
     path.write_text("learning_rate: 1e-4\nbeta: 0.3\nlora:\n  r: 4\n  lora_alpha: 8\n")
-    flags = parse_set(["beta=0.5", "lora.r=16", "lr_scheduler_type=linear", "max_steps=7"])
+    flags = parse_overrides(["beta=0.5", "lora.r=16", "lr_scheduler_type=linear", "max_steps=7"])
     config, lora = build_config(
         DPOConfig, [{"beta": 0.1}, read_config_file(path), flags], output_dir=tmp_path / "t"
     )
@@ -426,8 +441,8 @@ def test_unknown_config_keys_are_named(tmp_path: Path) -> None:
         build_config(DPOConfig, [{"lerning_rate": 1.0}], output_dir=tmp_path)
     with pytest.raises(JobError, match=r"unknown config key 'lora.rank' for LoraConfig"):
         build_config(DPOConfig, [{"lora.rank": 4}], output_dir=tmp_path)
-    with pytest.raises(JobError, match="key=value"):
-        parse_set(["beta"])
+    with pytest.raises(SettingsError, match="key=value"):
+        parse_overrides(["beta"])
 
 
 def test_row_order_depends_on_the_seed_not_on_the_file(tmp_path: Path) -> None:
@@ -436,7 +451,9 @@ def test_row_order_depends_on_the_seed_not_on_the_file(tmp_path: Path) -> None:
     write_split(b, "preference", "train", rows[::-1])
 
     def order(data: Path, seed: int) -> list[str]:
-        spec = JobSpec(data, tmp_path, tmp_path / "out", "x", seed=seed)
+        spec = JobSpec(
+            "dpo", data, tmp_path, tmp_path / "out", "x", settings=JobSettings(seed=seed)
+        )
         train, _ = load_dataset_splits(spec, tmp_path / "work", "preference")
         return [r["prompt"][0]["content"] for r in train]
 

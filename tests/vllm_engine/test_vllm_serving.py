@@ -267,8 +267,8 @@ def test_a_version_vllm_cannot_load_leaves_serving_alone(server: LiveServer) -> 
     with admin(server) as api:
         r = api.post("/v1/admin/promote", json={"version": "policy-v4"})
         assert r.status_code == 500, r.text
-        assert r.json()["detail"].startswith("loading policy-v4 failed")
-        assert f"{served} is still served" in r.json()["detail"]
+        assert r.json()["error"]["message"].startswith("loading policy-v4 failed")
+        assert f"{served} is still served" in r.json()["error"]["message"]
         versions = {v["id"]: v["status"] for v in api.get("/v1/admin/versions").json()}
     assert versions[served] == "promoted" and versions["policy-v4"] == "candidate"
     assert health(server) == served
