@@ -13,14 +13,12 @@ from datetime import datetime
 from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant"]
-RaterRole = Literal["user", "rater", "operator"]
 Winner = Literal["a", "b", "tie", "both_bad"]
 VersionKind = Literal["policy", "reward"]
 VersionStatus = Literal["candidate", "promoted", "rejected", "retired"]
 
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 WINNERS: tuple[str, ...] = ("a", "b", "tie", "both_bad")
-RATER_ROLES: tuple[str, ...] = ("user", "rater", "operator")
 DEFAULT_RATER = "anonymous"
 
 
@@ -69,12 +67,6 @@ class Response:
     latency_ms: float
     finish_reason: str = "stop"
     rater_id: str = DEFAULT_RATER
-
-
-@dataclass(frozen=True)
-class Rater:
-    id: str
-    role: RaterRole = "user"
 
 
 @dataclass(frozen=True)

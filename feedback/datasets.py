@@ -42,11 +42,6 @@ class DatasetFiles:
     heldout_rows: int
 
 
-def heldout_bucket(prompt_hash: str) -> int:
-    """The bucket (0-99) of a prompt; prompts with bucket < heldout_percent are held out."""
-    return int(prompt_hash[:BUCKET_HEX_CHARS], 16) % 100
-
-
 # pkey: the 16 hex chars of prompt_hash as one UBIGINT (same identity, cheaper join key).
 # Per-response aggregates: net thumbs (0 says nothing) and mean rating.
 _SETUP_SQL = """

@@ -20,6 +20,7 @@ from tuneloop.feedback.runs import fail_interrupted_runs
 from tuneloop.feedback.snapshot import latest_snapshot
 from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
 from tuneloop.loop.pipeline import Pipeline
+from tuneloop.loop.promotion import Promotion
 
 
 class Serving(Protocol):
@@ -55,7 +56,7 @@ class LoopControl:
         self.gate = gate or GateSettings()
         self.python = python
         self.log = log or (lambda msg: print(f"[tuneloop] {msg}", flush=True))
-        self._promotion_lock = threading.Lock()
+        self.promotion = Promotion(store, serving.swap)
         self._cycle_lock = threading.Lock()
         self._stop = threading.Event()
         self._cycle: threading.Thread | None = None
@@ -71,8 +72,7 @@ class LoopControl:
         return Pipeline(
             self.dd,
             self.store,
-            swap=self.serving.swap,
-            promotion_lock=self._promotion_lock,
+            promotion=self.promotion,
             gate=self.gate,
             python=self.python,
             stop=self._stop,
@@ -81,10 +81,10 @@ class LoopControl:
         )
 
     def promote(self, version_id: str, reason: str = "promoted by the operator") -> ModelVersion:
-        return self._pipeline("operator").promote(version_id, reason=reason)
+        return self.promotion.promote(version_id, reason=reason)
 
     def rollback(self, reason: str = "rolled back by the operator") -> ModelVersion:
-        return self._pipeline("operator").rollback(reason=reason)
+        return self.promotion.rollback(reason=reason)
 
     # ---- training cycles ---------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from tuneloop.feedback.runs import finish_run, start_run
 from tuneloop.feedback.snapshot import Snapshot, create_snapshot
 from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
 from tuneloop.loop.job_runner import JobFailed, JobProcess, job_command, run_job
+from tuneloop.loop.promotion import Promotion
 
 
 class NothingToTrainError(ValueError):
@@ -57,40 +58,33 @@ class CycleResult:
         }
 
 
-Swap = Callable[[ModelVersion], None]
-
-
 class Pipeline:
-    """Runs cycles on one data dir, one job at a time (callers serialize; see serve.control).
+    """Runs cycles on one data dir, one job at a time (callers serialize; see loop.control).
 
-    `swap(version)` is called before a policy is marked promoted: the server loads it into its
-    engine there; without a server (`None`) the registry alone changes and the next
-    `tuneloop up` serves it."""
+    A candidate that passes the gate is promoted through `promotion`, which a running server
+    makes with its hot-swap (and shares with the operator's promote and rollback); by default
+    the registry alone changes, and the next `tuneloop up` serves it."""
 
     def __init__(
         self,
         data_dir: DataDir,
         store: FeedbackStore,
         *,
-        swap: Swap | None = None,
+        promotion: Promotion | None = None,
         gate: GateSettings | None = None,
         python: str | None = None,
         stop: threading.Event | None = None,
         trigger: str = "operator",
         log: Callable[[str], None] | None = None,
-        promotion_lock: threading.Lock | None = None,
     ) -> None:
         self.dd = data_dir
         self.store = store
-        self.swap = swap
+        self.promotion = promotion or Promotion(store)
         self.gate_settings = gate or GateSettings()
         self.python = python
         self.stop = stop
         self.trigger = trigger
         self.log = log or (lambda _msg: None)
-        # Held across the swap and the registry write, so what serves and what the registry
-        # says change together (the server shares one lock between operator and cycles).
-        self._promotion_lock = promotion_lock or threading.Lock()
 
     # ---- the cycle ---------------------------------------------------------------------------
 
@@ -129,7 +123,7 @@ class Pipeline:
         result.gate = self.run_gate(candidate, reward, datasets_dir, gate_settings)
         result.reason = result.gate["reason"]
         if result.gate["promote"]:
-            self.promote(candidate.id, reason=f"gate: {result.reason}")
+            self.promotion.promote(candidate.id, reason=f"gate: {result.reason}")
             result.promoted = True
         else:
             registry.reject(self.store, candidate.id, f"gate: {result.reason}")
@@ -309,27 +303,6 @@ class Pipeline:
         finish_run(self.store, run.id, version_id=candidate.id, metrics=result)
         self.log(f"{run.id}: {result['reason']}")
         return result
-
-    def promote(self, version_id: str, *, reason: str) -> ModelVersion:
-        """Serve `version_id` (swap first), then record it as promoted."""
-        with self._promotion_lock:
-            version = registry.require_version(self.store, version_id)
-            served = registry.promoted_version(self.store, version.kind)
-            if served is not None and served.id == version_id:
-                raise registry.RegistryError(f"{version_id} is already the promoted {version.kind}")
-            if version.kind == "policy" and self.swap is not None:
-                self.swap(version)
-            registry.promote(self.store, version_id, reason=reason)
-        return registry.get_version(self.store, version_id)  # type: ignore[return-value]
-
-    def rollback(self, *, reason: str = "rolled back by the operator") -> ModelVersion:
-        """Serve the policy promoted before the current one again; the current one is rejected."""
-        with self._promotion_lock:
-            target = registry.rollback_target(self.store, "policy")
-            if self.swap is not None:
-                self.swap(target)
-            registry.promote(self.store, target.id, reason=reason, action="rollback")
-        return registry.get_version(self.store, target.id)  # type: ignore[return-value]
 
     def _served_policy(self) -> ModelVersion:
         served = registry.promoted_version(self.store, "policy")

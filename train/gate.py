@@ -19,7 +19,7 @@ policies themselves, not of the samplers. It needs a shared tokenizer; otherwise
 
 runs the `tuneloop.core.job_spec.GateSpec` in SPEC.json and writes the GateResult as JSON to its
 `out`, plus `promote` and `reason` from `decide`. Prompts come from a file (one JSON list of
-{role, content} messages a line; see `save_prompts`) or from a datasets dir (`gate_prompts` over
+{role, content} messages a line) or from a datasets dir (`gate_prompts` over
 its held-out splits, then MT-bench: the questions shipped in `data/` unless the settings'
 `mt_bench` names others). The status file follows the training jobs' (`StatusFile`): "running"
 with progress, then "done" or "failed" with the error. The loop runs this as a subprocess, so
@@ -214,13 +214,6 @@ def gate_prompts(
                     add([{"role": "user", "content": json.loads(line)["turns"][0]}])
     prompts = list(found.values())
     return prompts if limit is None else prompts[:limit]
-
-
-def save_prompts(prompts: list[list[dict]], path: str | Path) -> Path:
-    """Write prompts for the gate's command line: one JSON list of messages a line."""
-    path = Path(path)
-    path.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts))
-    return path
 
 
 def load_prompts(path: str | Path) -> list[list[dict]]:

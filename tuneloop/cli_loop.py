@@ -121,10 +121,9 @@ def _follow_server_cycle(dd: DataDir) -> int:
 
 def _cmd_promote(args: argparse.Namespace) -> int:
     def local(store: Any) -> dict[str, Any]:
-        from tuneloop.loop.pipeline import Pipeline
+        from tuneloop.loop.promotion import Promotion
 
-        pipeline = Pipeline(DataDir(args.data_dir), store)
-        return to_json_dict(pipeline.promote(args.version, reason=args.reason))
+        return to_json_dict(Promotion(store).promote(args.version, reason=args.reason))
 
     version = _registry_call(args, local, "/v1/admin/promote", {"version": args.version})
     print(f"promoted {version['id']} ({version['artifact_path']})")
@@ -133,9 +132,9 @@ def _cmd_promote(args: argparse.Namespace) -> int:
 
 def _cmd_rollback(args: argparse.Namespace) -> int:
     def local(store: Any) -> dict[str, Any]:
-        from tuneloop.loop.pipeline import Pipeline
+        from tuneloop.loop.promotion import Promotion
 
-        return to_json_dict(Pipeline(DataDir(args.data_dir), store).rollback(reason=args.reason))
+        return to_json_dict(Promotion(store).rollback(reason=args.reason))
 
     version = _registry_call(args, local, "/v1/admin/rollback", {})
     print(f"rolled back to {version['id']} ({version['artifact_path']})")

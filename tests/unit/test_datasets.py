@@ -22,10 +22,10 @@ from tuneloop.core.records import (
     prompt_hash,
 )
 from tuneloop.feedback.datasets import (
+    BUCKET_HEX_CHARS,
     DATASET_NAMES,
     DatasetFiles,
     build_datasets,
-    heldout_bucket,
     load_split,
 )
 from tuneloop.feedback.snapshot import create_snapshot
@@ -342,6 +342,12 @@ def test_split_by_prompt_hash_never_shares_a_prompt(tmp_path: Path) -> None:
     per_prompt = {"preference": 1 + 3 + 1 + 1 + 1, "kto": 2, "sft": 2}
     for name, files in ds.items():
         assert files.train_rows + files.heldout_rows == 40 * per_prompt[name]
+
+
+def heldout_bucket(prompt_hash: str) -> int:
+    """The rule the SQL follows, written out: the bucket (0-99) of a prompt; prompts with
+    bucket < heldout_percent are held out."""
+    return int(prompt_hash[:BUCKET_HEX_CHARS], 16) % 100
 
 
 def test_heldout_bucket_matches_the_documented_rule() -> None:

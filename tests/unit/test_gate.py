@@ -305,4 +305,6 @@ def test_gate_prompts_from_heldout_splits_and_mt_bench(tmp_path: Path) -> None:
     prompts = gate_prompts(paths, mt_bench)
     assert prompts == [msgs("q1"), msgs("q2", "a", "q3"), msgs("q4"), msgs("Write.")]
     assert gate_prompts(paths, limit=2) == prompts[:2]
-    assert gate.load_prompts(gate.save_prompts(prompts, tmp_path / "p.jsonl")) == prompts
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    assert gate.load_prompts(path) == prompts

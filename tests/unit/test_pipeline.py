@@ -23,6 +23,7 @@ from tuneloop.feedback.runs import list_runs
 from tuneloop.feedback.store import FeedbackStore
 from tuneloop.loop.job_runner import JobFailed
 from tuneloop.loop.pipeline import Pipeline
+from tuneloop.loop.promotion import Promotion
 
 STUB = f"""#!{sys.executable}
 import json, os, sys, time
@@ -90,8 +91,9 @@ def pipeline(
     swaps = Swaps(fail=plan.pop("swap", None) == "fail")
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     monkeypatch.setenv("STUB_PLAN", str(tmp_path / "plan.json"))
+    promotion = Promotion(store, swaps)
     return Pipeline(
-        DataDir(tmp_path / "data"), store, swap=swaps, python=str(stub), stop=stop
+        DataDir(tmp_path / "data"), store, promotion=promotion, python=str(stub), stop=stop
     ), swaps
 
 
