@@ -17,13 +17,11 @@ _RATER_ID = re.compile(r"^[A-Za-z0-9_.@:-]{1,64}$")
 
 
 class FeedbackError(ValueError):
-    """Feedback that cannot be recorded; `status` is the HTTP status the API answers with."""
-
-    status = 422
+    """Feedback that cannot be recorded; the message says why."""
 
 
 class UnknownResponseError(FeedbackError):
-    status = 404
+    """Feedback on a response (or conversation) that does not exist."""
 
 
 def check_rater_id(rater_id: str) -> None:

@@ -36,7 +36,7 @@ from tuneloop.core.config import (
 )
 from tuneloop.core.settings import DEFAULT_MODEL, GateSettings, ScheduleSettings, SettingsError
 from tuneloop.models import ModelError, resolve_model
-from tuneloop.remote import local_or_server
+from tuneloop.remote import ServerError, local_or_server
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:  # settings that parse but do not fit, e.g. --gate-prompts 0
         print(f"tuneloop: {exc}", file=sys.stderr)
         return 2
+    except ServerError as exc:
+        print(f"tuneloop: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ from typing import Any
 from tuneloop.core.config import DataDir
 
 
+class ServerError(RuntimeError):
+    """The server holding the database could not be reached, or refused the request; the
+    message is the one line the command prints."""
+
+
 def local_or_server(
     dd: DataDir,
     local: Callable[[Any], Any],
@@ -36,9 +41,9 @@ def ask_server(dd: DataDir, method: str, route: str, body: dict[str, Any] | None
     import httpx
 
     if not dd.server_file.exists():
-        raise SystemExit(
-            f"tuneloop: {dd.db} is locked by another process, and no server is "
-            f"recorded in {dd.server_file}"
+        raise ServerError(
+            f"{dd.db} is locked by another process, and no server is recorded in "
+            f"{dd.server_file}"
         )
     url = json.loads(dd.server_file.read_text())["url"]
     headers = {}
@@ -50,7 +55,7 @@ def ask_server(dd: DataDir, method: str, route: str, body: dict[str, Any] | None
             message = resp.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = resp.text
-        raise SystemExit(f"tuneloop: the server answered {resp.status_code}: {message}")
+        raise ServerError(f"the server answered {resp.status_code}: {message}")
     return resp.json()
 
 
