@@ -8,7 +8,7 @@ A KL penalty (`beta`) to the root base keeps the policy from gaming the learned 
 
 Prompts are the unique prompts of the preference, KTO and SFT train splits (up to 32 held-out ones
 give the held-out reward); the reward model is a version written by the `rm` job
-(`--reward-model`).
+(the spec's `reward_model`).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def unique_prompts(spec: JobSpec, work: Path, split: str) -> datasets.Dataset:
 def load_reward_model(path: Path | None) -> tuple[Any, Any]:
     """The reward version at `path` (merged full weights) and its tokenizer."""
     if path is None:
-        raise JobError("the rl job needs --reward-model: a version dir written by the rm job")
+        raise JobError("the rl job needs a reward_model: a version dir written by the rm job")
     manifest = read_manifest(path) if path.is_dir() else None
     if manifest is None or manifest.get("kind") != "reward":
         raise JobError(f"{path} is not a reward model version (train one with the rm job)")

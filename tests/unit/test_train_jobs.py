@@ -306,7 +306,7 @@ def test_rl_job_trains_against_the_reward_model(
 def test_rl_job_needs_a_reward_version(
     tmp_path: Path, data_dir: Path, tiny_model_dir: Path, sft_version: Path
 ) -> None:
-    with pytest.raises(JobError, match="needs --reward-model"):
+    with pytest.raises(JobError, match="needs a reward_model"):
         train_version(spec_for(tmp_path, "rl", data_dir, tiny_model_dir))
     spec = spec_for(tmp_path, "rl", data_dir, tiny_model_dir, reward_model=sft_version)
     with pytest.raises(JobError, match="not a reward model version"):
