@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import math
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from train_speed import PAIRS_FILE, Shape, matmul_peak
+
+from tuneloop.train.gate import wilson_interval
 
 REWARD_MAX_LENGTH = 512  # tuneloop.train.reward_job.DEFAULTS
 
@@ -94,31 +95,19 @@ def epoch_flop(data_dir: Path, version_dir: Path) -> dict[str, Any]:
 
 
 def lora_weights(config: Any, lora: dict[str, Any]) -> int:
-    """LoRA A and B weights of `lora` (r over the target projections) on a Llama config."""
-    h, inter = config.hidden_size, config.intermediate_size
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    hd = getattr(config, "head_dim", None) or h // heads
-    shapes = {
-        "q_proj": (h, heads * hd),
-        "k_proj": (h, kv * hd),
-        "v_proj": (h, kv * hd),
-        "o_proj": (heads * hd, h),
-        "gate_proj": (h, inter),
-        "up_proj": (h, inter),
-        "down_proj": (inter, h),
-    }
-    r = int(lora.get("r") or 0)
-    per_layer = sum(
-        r * (a + b) for name, (a, b) in shapes.items() if name in lora.get("target_modules", [])
-    )
-    return per_layer * config.num_hidden_layers
+    """LoRA A and B weights of the job's adapter (`lora`, as the manifest records it), counted
+    by PEFT itself on a weightless copy of the model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
-
-def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return centre - half, centre + half
+    if not lora:
+        return 0
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    adapter = LoraConfig(r=lora["r"], target_modules=lora["target_modules"])
+    peft = get_peft_model(model, adapter)
+    return sum(p.numel() for n, p in peft.named_parameters() if ".lora_" in n)
 
 
 def report(
@@ -143,7 +132,7 @@ def report(
     n = accuracy["pairs"]
     out = {
         "unseen_accuracy": accuracy,
-        "unseen_ci95": [round(x, 3) for x in wilson(accuracy["accuracy"] * n, n)] if n else None,
+        "unseen_ci95": [round(x, 3) for x in wilson_interval(accuracy["accuracy"] * n, n)],
         "heldout_accuracy": metrics.get("heldout_accuracy"),
         "heldout_pairs": metrics.get("heldout_pairs"),
         "steps": metrics["steps"],
