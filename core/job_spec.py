@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from tuneloop.core.files import write_json_atomic
-from tuneloop.core.settings import JOBS, GateSettings, JobSettings, SettingsError
+from tuneloop.core.settings import GateSettings, JobSettings, SettingsError, check_job
 
 
 class SpecFile:
@@ -71,8 +71,7 @@ class JobSpec(SpecFile):
     reward_model: Path | None = None  # a reward version dir (rl only)
 
     def check(self) -> None:
-        if self.kind not in JOBS:
-            raise SettingsError(f"unknown job {self.kind!r}: expected one of {', '.join(JOBS)}")
+        check_job(self.kind)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant"]
@@ -159,5 +160,12 @@ class TrainingRun:
 
 
 def to_json_dict(record: Any) -> dict[str, Any]:
-    """A record dataclass as a JSON-ready dict (datetimes as ISO strings), for the API and CLI."""
-    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in asdict(record).items()}
+    """A record dataclass as a JSON-ready dict (datetimes as ISO strings, paths as strings), for
+    the API and CLI."""
+    return {k: _json_value(v) for k, v in asdict(record).items()}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value) if isinstance(value, Path) else value

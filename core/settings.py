@@ -5,47 +5,96 @@ and the arguments of a job process are all made from these."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-REWARD_JOB = "rm"
-POLICY_JOBS = ("dpo", "kto", "sft", "rl")
-JOBS = (REWARD_JOB, *POLICY_JOBS)
-DEFAULT_POLICY_JOB = "dpo"
-# What each job learns from, as the Operator tab and the CLI's help say it.
-JOB_DESCRIPTIONS = {
-    "rm": "reward model only",
-    "dpo": "preference pairs",
-    "kto": "thumbs up/down",
-    "sft": "edits and liked answers",
-    "rl": "sample, score with the reward model",
+
+@dataclass(frozen=True)
+class JobKind:
+    """A kind of training job. `trainer` is its function in the train layer, `module:function`,
+    imported by the job process only; `policy`: it makes a policy (else a reward model);
+    `simulated`: `tuneloop simulate`'s raters give the feedback it learns from."""
+
+    name: str
+    learns_from: str  # as the Operator tab and the CLI's help say it
+    trainer: str
+    policy: bool = True
+    simulated: bool = True
+
+
+# Every job kind, in the order menus show them. A kind added here shows up in the CLI, the admin
+# API, the Operator tab, the job spec and the job process.
+JOB_KINDS: dict[str, JobKind] = {
+    kind.name: kind
+    for kind in (
+        JobKind("rm", "reward model only", "tuneloop.train.reward_job:train_reward", policy=False),
+        JobKind("dpo", "preference pairs", "tuneloop.train.policy_jobs:train_dpo"),
+        JobKind("kto", "thumbs up/down", "tuneloop.train.policy_jobs:train_kto"),
+        JobKind(
+            "sft",
+            "edits and liked answers",
+            "tuneloop.train.policy_jobs:train_sft",
+            simulated=False,
+        ),
+        JobKind("rl", "sample, score with the reward model", "tuneloop.train.rl_job:train_rl"),
+    )
 }
+DEFAULT_POLICY_JOB = "dpo"
 
 # The model `tuneloop up`, `train` and `simulate` start from when none is named or served.
 DEFAULT_MODEL = "smollm2"
 
 
-def check_job(kind: str, allowed: tuple[str, ...] = JOBS) -> str:
-    """`kind`, or a ValueError naming the choices."""
-    if kind not in allowed:
-        raise ValueError(f"unknown job {kind!r}; choose one of {', '.join(allowed)}")
+def jobs() -> tuple[str, ...]:
+    """The names of all job kinds."""
+    return tuple(JOB_KINDS)
+
+
+def policy_jobs() -> tuple[str, ...]:
+    """The job kinds that make a policy."""
+    return tuple(name for name, kind in JOB_KINDS.items() if kind.policy)
+
+
+def simulated_jobs() -> tuple[str, ...]:
+    """The policy jobs `tuneloop simulate` can run."""
+    return tuple(name for name, kind in JOB_KINDS.items() if kind.policy and kind.simulated)
+
+
+def check_job(kind: str, allowed: Callable[[], tuple[str, ...]] = jobs) -> str:
+    """`kind`, or a SettingsError naming the choices."""
+    if kind not in allowed():
+        raise SettingsError(f"unknown job {kind!r}; choose one of {', '.join(allowed())}")
     return kind
 
 
 def setting(
-    default: Any, help: str, *, option: str | None = None, choices: Sequence[str] = ()
+    default: Any,
+    help: str,
+    *,
+    option: str | None = None,
+    choices: Callable[[], Sequence[str]] | None = None,
+    flag: str | None = None,
+    positional: bool = False,
 ) -> Any:
     """A settings field with its default and help. `option` exposes it under that name: in the
-    admin API's request, and on the command line with dashes (`gate_prompts`: `--gate-prompts`);
-    see `options`."""
-    return field(default=default, metadata={"help": help, "option": option, "choices": choices})
+    admin API's request, and on the command line with dashes (`gate_prompts`: `--gate-prompts`)
+    unless `flag` names it otherwise, or as an argument when `positional`; `choices` gives the
+    allowed values when asked (so that a kind added later is among them). See `options`."""
+    metadata = {"help": help, "option": option, "choices": choices, "flag": flag}
+    return field(default=default, metadata={**metadata, "positional": positional})
 
 
 def options(settings_class: type) -> list[tuple[str, Field[Any]]]:
     """The exposed fields of a settings dataclass: (option name, field)."""
     return [(f.metadata["option"], f) for f in fields(settings_class) if f.metadata.get("option")]
+
+
+def choices(f: Field[Any]) -> tuple[str, ...] | None:
+    """The values a settings field allows, if it names them."""
+    given = f.metadata.get("choices")
+    return tuple(given()) if given else None
 
 
 class SettingsError(ValueError):
@@ -90,6 +139,64 @@ def _parse_value(raw: str) -> Any:
         return yaml.safe_load(raw)
     except yaml.YAMLError:
         return raw
+
+
+@dataclass(frozen=True)
+class CycleSettings:
+    """One training cycle as an operator asks for it (`tuneloop train`, `POST /v1/admin/train`,
+    the Operator tab): the job and how it trains, whether the reward model is retrained on the
+    new snapshot first, and whether the policy is gated (and promoted if it passes)."""
+
+    kind: str = setting(
+        DEFAULT_POLICY_JOB, "the job to run", option="kind", choices=jobs, positional=True
+    )
+    overrides: tuple[str, ...] = setting(
+        (),
+        "a field of the job's TRL config, KEY=VALUE (repeatable), e.g. learning_rate=1e-4",
+        option="overrides",
+        flag="--set",
+    )
+    config_file: Path | None = setting(
+        None, "a YAML or JSON file of TRL config fields", option="config_file", flag="--config"
+    )
+    full: bool = setting(False, "train all weights, not a LoRA", option="full")
+    seed: int = setting(0, "the seed of the job's data order and initialisation", option="seed")
+    reward_overrides: tuple[str, ...] = setting(
+        (),
+        "a field of the RewardConfig of the reward model retrained in this cycle (repeatable)",
+        option="reward_overrides",
+        flag="--rm-set",
+    )
+    keep_reward: bool = setting(
+        False,
+        "gate with the current reward model instead of retraining it on the new snapshot",
+        option="keep_reward",
+    )
+    gate: bool = setting(
+        True,
+        "gate the policy against the served one and promote it if it passes; without the "
+        "gate it stays a candidate",
+        option="gate",
+        flag="--no-gate",
+    )
+
+    def __post_init__(self) -> None:
+        check_job(self.kind)
+        object.__setattr__(self, "overrides", tuple(self.overrides))
+        object.__setattr__(self, "reward_overrides", tuple(self.reward_overrides))
+
+    def job_settings(self) -> JobSettings:
+        """How the cycle's job trains."""
+        return JobSettings(
+            config_file=self.config_file,
+            overrides=parse_overrides(self.overrides),
+            full=self.full,
+            seed=self.seed,
+        )
+
+    def reward_settings(self) -> JobSettings:
+        """How the cycle's reward model trains, when it is retrained."""
+        return JobSettings(overrides=parse_overrides(self.reward_overrides), seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -150,6 +257,6 @@ class ScheduleSettings:
         DEFAULT_POLICY_JOB,
         "the policy job of scheduled and 'train now' cycles",
         option="train_kind",
-        choices=POLICY_JOBS,
+        choices=policy_jobs,
     )
     poll_seconds: float = 15.0

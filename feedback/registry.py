@@ -220,8 +220,3 @@ def ensure_served_policy(
     if version.status != "promoted":
         promote(store, version.id, reason=reason.format(model=model))
     return require_version(store, version.id)
-
-
-def promotion_history(store: FeedbackStore, kind: str = "policy") -> list[dict[str, Any]]:
-    """Newest first."""
-    return store.read("SELECT * FROM promotions WHERE kind = ? ORDER BY id DESC", [kind])

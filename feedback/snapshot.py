@@ -47,9 +47,6 @@ class Snapshot:
     path: Path
     manifest: dict[str, Any]
 
-    def table_path(self, table: str) -> Path:
-        return self.path / self.manifest["tables"][table]["file"]
-
 
 def new_snapshot_id(now: datetime | None = None) -> str:
     """`snap-20261123T104512Z-3fa2c1`: sorts by creation time; the suffix keeps ids unique."""
@@ -122,11 +119,6 @@ def _copy_tables(store: FeedbackStore, out_dir: Path) -> tuple[dict[str, Any], l
         finally:
             cur.execute("ROLLBACK")  # read-only: nothing to commit
     return tables, migrations
-
-
-def list_snapshots(store: FeedbackStore) -> list[Snapshot]:
-    """Every recorded snapshot, oldest first."""
-    return _recorded(store, "ORDER BY created_at, id")
 
 
 def latest_snapshot(store: FeedbackStore) -> Snapshot | None:

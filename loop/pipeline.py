@@ -22,7 +22,7 @@ from tuneloop.core.artifacts import add_manifest_metrics, base_model_path, is_ad
 from tuneloop.core.config import DataDir
 from tuneloop.core.job_spec import GateSpec, JobSpec
 from tuneloop.core.records import ModelVersion
-from tuneloop.core.settings import POLICY_JOBS, GateSettings, JobSettings, check_job
+from tuneloop.core.settings import GateSettings, JobSettings, check_job, policy_jobs
 from tuneloop.feedback import registry
 from tuneloop.feedback.datasets import build_datasets
 from tuneloop.feedback.runs import finish_run, start_run
@@ -162,7 +162,7 @@ class Pipeline:
         settings: JobSettings,
         reward: ModelVersion | None,
     ) -> ModelVersion:
-        check_job(kind, POLICY_JOBS)
+        check_job(kind, policy_jobs)
         parent = self._served_policy()
         reward_model = None
         if kind == "rl":

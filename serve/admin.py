@@ -13,7 +13,6 @@ from __future__ import annotations
 import hmac
 import typing
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException
@@ -22,14 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tuneloop.core.config import DataDir
 from tuneloop.core.records import to_json_dict
-from tuneloop.core.settings import (
-    DEFAULT_POLICY_JOB,
-    JOBS,
-    GateSettings,
-    JobSettings,
-    options,
-    parse_overrides,
-)
+from tuneloop.core.settings import CycleSettings, GateSettings, choices, options
 from tuneloop.feedback.registry import list_versions
 from tuneloop.feedback.runs import list_runs
 from tuneloop.feedback.snapshot import create_snapshot
@@ -37,34 +29,28 @@ from tuneloop.loop.control import LoopControl
 from tuneloop.serve.chat_service import ChatService
 
 
-class _TrainFields(BaseModel):
-    kind: Literal[JOBS] = DEFAULT_POLICY_JOB  # type: ignore[valid-type]
-    overrides: list[str] = Field(default_factory=list, description="TRL config `key=value`s")
-    full: bool = False
-    config_file: str | None = Field(None, description="a YAML/JSON file of TRL config fields")
-    seed: int = 0
-    reward_overrides: list[str] = Field(
-        default_factory=list, description="for the reward model retrained in the same cycle"
-    )
-    keep_reward: bool = Field(False, description="gate with the current reward model")
-    gate: bool = Field(True, description="false: leave the policy a candidate")
+def train_request() -> type[BaseModel]:
+    """`POST /v1/admin/train`'s body: the cycle (`CycleSettings`), then the gate's options
+    (`GateSettings`, None: the server's own), so that a new setting or job kind shows up here
+    without a change."""
+    fields = {**request_fields(CycleSettings), **request_fields(GateSettings, optional=True)}
+    return create_model("TrainIn", **fields)
 
 
-def _optional_options(settings_class: type) -> dict[str, Any]:
-    """The exposed fields of a settings dataclass as optional request fields (None: the
-    server's own setting), so that a new option shows up here without a change."""
+def request_fields(settings_class: type, *, optional: bool = False) -> dict[str, Any]:
+    """The exposed fields of a settings dataclass as request fields: with their defaults, or
+    `optional` (None: the server's own setting)."""
     hints = typing.get_type_hints(settings_class)
-    return {
-        key: (
-            hints[f.name] | None,
-            Field(None, description=f"{f.metadata['help']} (default: the server's)"),
-        )
-        for key, f in options(settings_class)
-    }
-
-
-# `POST /v1/admin/train`'s body: the cycle, then the gate's options (`GateSettings`).
-TrainIn = create_model("TrainIn", __base__=_TrainFields, **_optional_options(GateSettings))
+    fields: dict[str, Any] = {}
+    for key, f in options(settings_class):
+        allowed = choices(f)
+        hint = Literal[allowed] if allowed else hints[f.name]  # type: ignore[valid-type]
+        if optional:
+            described = f"{f.metadata['help']} (default: the server's)"
+            fields[key] = (hint | None, Field(None, description=described))
+        else:
+            fields[key] = (hint, Field(f.default, description=f.metadata["help"]))
+    return fields
 
 
 class PromoteIn(BaseModel):
@@ -110,29 +96,25 @@ def create_admin_router(
     async def loop() -> dict[str, Any]:
         return await run_in_threadpool(control.status)
 
+    train_in = train_request()
+
     @router.post("/train", status_code=202)
-    async def train(body: TrainIn) -> dict[str, Any]:  # type: ignore[valid-type]
-        overrides, reward_overrides = (
-            parse_overrides(items) for items in (body.overrides, body.reward_overrides)
+    async def train(body: train_in) -> dict[str, Any]:  # type: ignore[valid-type]
+        given = body.model_dump()  # type: ignore[attr-defined]
+        cycle = CycleSettings(**{f.name: given[key] for key, f in options(CycleSettings)})
+        gate = replace(
+            control.gate,
+            **{f.name: given[key] for key, f in options(GateSettings) if given[key] is not None},
         )
-        settings = JobSettings(
-            config_file=Path(body.config_file) if body.config_file else None,
-            overrides=overrides,
-            full=body.full,
-            seed=body.seed,
-        )
-        gate = control.gate
-        given = {f.name: getattr(body, key) for key, f in options(GateSettings)}
-        gate = replace(gate, **{name: v for name, v in given.items() if v is not None})
         control.train_now(
-            body.kind,
-            settings,
-            reward_settings=JobSettings(overrides=reward_overrides, seed=body.seed),
-            retrain_reward=not body.keep_reward,
-            gate=body.gate,
+            cycle.kind,
+            cycle.job_settings(),
+            reward_settings=cycle.reward_settings(),
+            retrain_reward=not cycle.keep_reward,
+            gate=cycle.gate,
             gate_settings=gate,
         )
-        return {"started": body.kind}
+        return {"started": cycle.kind}
 
     @router.post("/import")
     async def import_file(body: ImportIn) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from tuneloop.core.records import ModelVersion, TrainingRun
-from tuneloop.core.settings import DEFAULT_POLICY_JOB, JOB_DESCRIPTIONS, JOBS
+from tuneloop.core.settings import DEFAULT_POLICY_JOB, JOB_KINDS
 from tuneloop.feedback.registry import list_versions
 from tuneloop.feedback.runs import list_runs
 from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
@@ -233,6 +233,11 @@ def feedback_volume(store: FeedbackStore) -> tuple[pd.DataFrame, str]:
     return frame, bucket
 
 
+def job_choices() -> list[tuple[str, str]]:
+    """The Job menu: every job kind, with what it learns from."""
+    return [(f"{name}: {kind.learns_from}", name) for name, kind in JOB_KINDS.items()]
+
+
 def promote_choices(versions: list[ModelVersion]) -> list[tuple[str, str]]:
     return [(f"{v.id} ({v.kind}, {v.status})", v.id) for v in versions if v.status != "promoted"]
 
@@ -253,7 +258,7 @@ def operator_tab(service: ChatService, control: LoopControl) -> None:
             with gr.Column(scale=2, min_width=320):
                 with gr.Row(equal_height=True):
                     kind = gr.Dropdown(
-                        [(f"{k}: {JOB_DESCRIPTIONS[k]}", k) for k in JOBS],
+                        job_choices(),
                         value=DEFAULT_POLICY_JOB,
                         label="Job",
                     )

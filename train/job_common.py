@@ -23,8 +23,10 @@ from tuneloop.core.artifacts import base_model_path, is_adapter, read_manifest
 from tuneloop.core.files import write_json_atomic
 from tuneloop.core.job_spec import JobSpec
 from tuneloop.train.job_config import (
+    LARGE_MODEL_PARAMS,
     JobError,
     build_config,
+    count_parameters,
     json_safe,
     read_config_file,
     resolve_max_steps,
@@ -90,16 +92,24 @@ class StatusFile:
 
 
 def job_settings(
-    spec: JobSpec, config_cls: type, defaults: dict[str, Any], work: Path
+    spec: JobSpec,
+    config_cls: type,
+    defaults: dict[str, Any],
+    work: Path,
+    large_defaults: dict[str, Any] | None = None,
 ) -> tuple[Any, dict[str, Any], list[str]]:
     """The TRL config, the LoRA settings and the LoRA keys the operator set.
 
-    Layers: shared defaults, the job's defaults, `--seed`, the config file, `--set` values."""
+    Layers: shared and device defaults (by the base model's size), the job's defaults, its
+    `large_defaults` for a base of LARGE_MODEL_PARAMS and up, `--seed`, the config file, `--set`
+    values."""
     given = spec.settings
     user = [read_config_file(given.config_file) if given.config_file else {}, given.overrides]
     seed = {"seed": given.seed, "data_seed": given.seed}
-    layers = [defaults, seed, *user]
-    config, lora = build_config(config_cls, layers, output_dir=scratch_dir(work))
+    params = count_parameters(spec.base)
+    sized = (large_defaults or {}) if params >= LARGE_MODEL_PARAMS else {}
+    layers = [defaults, sized, seed, *user]
+    config, lora = build_config(config_cls, layers, output_dir=scratch_dir(work), params=params)
     return config, lora, user_lora_keys(user)
 
 

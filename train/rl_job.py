@@ -48,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
     "max_completion_length": 40,
     "per_device_train_batch_size": 8,
     "per_device_eval_batch_size": 8,
+    # GRPO samples once per accumulation window: accumulating would double the answers per step.
+    "gradient_accumulation_steps": 1,
 }
 PROMPT_SOURCES = {"preference": "prompt", "kto": "prompt", "sft": "messages"}
 # Sampling answers is most of an RL job's time; the gate is the real evaluation.

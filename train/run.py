@@ -12,6 +12,7 @@ Exit status 0 when the version dir is in place; 1 otherwise (SIGTERM included), 
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import signal
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from tuneloop.core.artifacts import write_manifest
 from tuneloop.core.job_spec import JobSpec
-from tuneloop.core.settings import SettingsError
+from tuneloop.core.settings import JOB_KINDS, SettingsError
 from tuneloop.train.job_common import (
     JobOutput,
     StatusFile,
@@ -80,22 +81,10 @@ def error_line(error: BaseException) -> str:
 
 
 def _job_function(kind: str) -> Callable[[JobSpec, Path, StatusFile], JobOutput]:
-    """The job's function, imported on demand: the imports take seconds (torch, TRL)."""
-    if kind == "rm":
-        from tuneloop.train.reward_job import train_reward
-
-        return train_reward
-    if kind == "rl":
-        from tuneloop.train.rl_job import train_rl
-
-        return train_rl
-    from tuneloop.train import policy_jobs
-
-    return {
-        "dpo": policy_jobs.train_dpo,
-        "kto": policy_jobs.train_kto,
-        "sft": policy_jobs.train_sft,
-    }[kind]
+    """The job's function (`JobKind.trainer`), imported on demand: the imports take seconds
+    (torch, TRL)."""
+    module, _, name = JOB_KINDS[kind].trainer.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +20,14 @@ from tuneloop.core.config import DataDir
 from tuneloop.core.records import to_json_dict
 from tuneloop.core.settings import (
     DEFAULT_MODEL,
-    JOBS,
+    JOB_KINDS,
+    CycleSettings,
     GateSettings,
-    JobSettings,
     SettingsError,
-    parse_overrides,
 )
 from tuneloop.models import ModelError, resolve_model
 from tuneloop.remote import ask_server, follow_cycle, local_or_server
+from tuneloop.simulate import SimulationConfig
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -36,33 +37,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     dd = DataDir(args.data_dir)
     try:
-        overrides, reward_overrides = (parse_overrides(items) for items in (args.set, args.rm_set))
+        cycle = settings_from_args(CycleSettings, args)
+        if cycle.config_file is not None:  # read by a server or job with another directory
+            cycle = replace(cycle, config_file=cycle.config_file.resolve())
+        settings, reward_settings = cycle.job_settings(), cycle.reward_settings()
     except SettingsError as exc:
         raise SystemExit(f"tuneloop: {exc}") from exc
-    settings = JobSettings(
-        config_file=args.config.resolve() if args.config else None,
-        overrides=overrides,
-        full=args.full,
-        seed=args.seed,
-    )
     try:
         store = FeedbackStore(dd.db)
     except StoreLockedError:
         _refuse_model_with_server(args)
-        body = {
-            "kind": args.kind,
-            "overrides": list(args.set),
-            "full": args.full,
-            "seed": args.seed,
-            "reward_overrides": list(args.rm_set),
-            "keep_reward": args.keep_reward,
-            "gate": not args.no_gate,
-            **option_values(GateSettings, args),
-        }
-        if args.config:
-            body["config_file"] = str(args.config.resolve())
+        body = {**to_json_dict(cycle), **option_values(GateSettings, args)}
         ask_server(dd, "POST", "/v1/admin/train", body)
-        print(f"tuneloop: the server started a {args.kind} cycle", file=sys.stderr)
+        print(f"tuneloop: the server started a {cycle.kind} cycle", file=sys.stderr)
         return _follow_server_cycle(dd)
     try:
         _ensure_base(store, args, "trained from by `tuneloop train --model {model}`")
@@ -74,11 +61,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             log=lambda msg: print(f"tuneloop: {msg}", file=sys.stderr, flush=True),
         )
         result = pipeline.run(
-            args.kind,
+            cycle.kind,
             settings,
-            reward_settings=JobSettings(overrides=reward_overrides, seed=args.seed),
-            retrain_reward=not args.keep_reward,
-            gate=not args.no_gate,
+            reward_settings=reward_settings,
+            retrain_reward=not cycle.keep_reward,
+            gate=cycle.gate,
         )
     except (JobFailed, NothingToTrainError, ModelError, ValueError) as exc:
         raise SystemExit(f"tuneloop: {exc}") from exc
@@ -256,28 +243,19 @@ def _registered_reward_model(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from tuneloop.simulate import SimulationConfig, run_simulation
+    from tuneloop.simulate import run_simulation
 
     try:
-        summary = run_simulation(
-            SimulationConfig(
-                data_dir=args.data_dir,
-                preference=args.preference,
-                noise=args.noise,
-                comparisons=args.comparisons,
-                rounds=args.rounds,
-                heldout=args.heldout,
-                samples=args.samples,
-                kind=args.kind,
-                model=args.model,
-                seed=args.seed,
-                train_overrides=tuple(args.set),
-                min_win_rate=args.min_win_rate,
-                engine=args.engine,
-                vllm=vllm_settings(args),
-            )
+        config = settings_from_args(
+            SimulationConfig,
+            args,
+            data_dir=args.data_dir,
+            model=args.model,
+            engine=args.engine,
+            vllm=vllm_settings(args),
         )
-    except ModelError as exc:
+        summary = run_simulation(config)
+    except (SettingsError, ModelError) as exc:
         raise SystemExit(f"tuneloop: {exc}") from exc
     print(json.dumps(summary))
     return 0
@@ -287,37 +265,15 @@ def register(command: Callable[..., Any]) -> None:
     """Add the loop's subcommands; `command(name, help, fn, parent=None, group=False)` adds one
     with `--data-dir` (to the top level, or to the `parent` subparsers), or a `group` of
     subcommands that take it themselves."""
+    kinds = "; ".join(f"{name} ({kind.learns_from})" for name, kind in JOB_KINDS.items())
     train = command(
         "train",
-        "train a version from the feedback now: rm (reward model), dpo, kto, sft or rl; "
-        "a policy is gated against the served one and promoted if it passes",
+        f"train a version from the feedback now: {kinds}. A policy is gated against the served "
+        "one and promoted if it passes",
         _cmd_train,
     )
-    train.add_argument("kind", choices=JOBS)
+    add_options(train, CycleSettings)
     add_model_argument(train)
-    train.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a field of the job's TRL config (repeatable), e.g. --set learning_rate=1e-4",
-    )
-    train.add_argument("--config", type=Path, help="a YAML or JSON file of TRL config fields")
-    train.add_argument("--full", action="store_true", help="train all weights, not a LoRA")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--no-gate", action="store_true", help="leave the policy a candidate")
-    train.add_argument(
-        "--keep-reward",
-        action="store_true",
-        help="gate with the current reward model instead of retraining it on the new snapshot",
-    )
-    train.add_argument(
-        "--rm-set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a field of the reward model's RewardConfig, for the one retrained in this cycle",
-    )
     add_options(train, GateSettings)
 
     promote = command("promote", "serve a version (hot-swaps a running server)", _cmd_promote)
@@ -353,22 +309,8 @@ def register(command: Callable[..., Any]) -> None:
         "summary (win rate of the new version over the baseline) as its last line",
         _cmd_simulate,
     )
-    sim.add_argument(
-        "--preference",
-        default="concise",
-        help="what raters prefer: concise, no_repeat, detailed, or module:function taking "
-        "(prompt, response) and returning a float, higher is better (default: %(default)s)",
-    )
-    sim.add_argument("--noise", type=float, default=0.1, help="fraction of votes flipped")
-    sim.add_argument("--comparisons", type=int, default=600, help="pairs rated in all")
-    sim.add_argument("--rounds", type=int, default=1, help="collect-train-promote rounds")
-    sim.add_argument("--heldout", type=int, default=48, help="questions the win rate is on")
-    sim.add_argument("--samples", type=int, default=4, help="answers per held-out question")
-    sim.add_argument("--kind", choices=("dpo", "rl", "kto"), default="dpo")
+    add_options(sim, SimulationConfig)
     sim.add_argument("--model", default=DEFAULT_MODEL, help=f"{MODEL_HELP} (default: %(default)s)")
-    sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    sim.add_argument("--min-win-rate", type=float, default=GateSettings.min_win_rate)
     add_engine_arguments(sim)
 
     ev = command("eval", "evaluate a model version", None, group=True)

@@ -6,39 +6,51 @@ from __future__ import annotations
 
 import argparse
 import typing
-from dataclasses import replace
 from typing import Any, TypeVar
 
-from tuneloop.core.settings import options
+from tuneloop.core.settings import choices, options
 
 Settings = TypeVar("Settings")
 
 
 def add_options(parser: argparse.ArgumentParser, settings_class: type) -> None:
-    """One `--option` per exposed field of `settings_class`."""
+    """One `--option` (or positional argument) per exposed field of `settings_class`: a bool is a
+    switch (`--no-x` for one that defaults to true), a tuple a repeatable option."""
     hints = typing.get_type_hints(settings_class)
     for key, f in options(settings_class):
-        flag = "--" + key.replace("_", "-")
+        flag = f.metadata["flag"] or "--" + key.replace("_", "-")
         help_text = f.metadata["help"].replace("%", "%%")
         hint = hints[f.name]
         if hint is bool:
-            parser.add_argument(flag, dest=key, action="store_true", help=help_text)
+            action = "store_false" if f.default else "store_true"
+            parser.add_argument(flag, dest=key, action=action, help=help_text)
+            continue
+        if typing.get_origin(hint) is tuple:
+            parser.add_argument(
+                flag, dest=key, action="append", default=[], metavar="KEY=VALUE", help=help_text
+            )
             continue
         value_type = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+        if f.metadata["positional"]:
+            parser.add_argument(key, type=value_type, choices=choices(f), help=help_text)
+            continue
+        shown = "" if f.default is None else " (default: %(default)s)"
         parser.add_argument(
             flag,
             dest=key,
             type=value_type,
             default=f.default,
-            choices=f.metadata["choices"] or None,
-            help=f"{help_text} (default: %(default)s)",
+            choices=choices(f),
+            help=help_text + shown,
         )
 
 
-def settings_from_args(settings_class: type[Settings], args: argparse.Namespace) -> Settings:
-    """`settings_class` with its exposed fields as `args` gives them."""
+def settings_from_args(
+    settings_class: type[Settings], args: argparse.Namespace, **fixed: Any
+) -> Settings:
+    """`settings_class(**fixed)` with its exposed fields as `args` gives them."""
     given: dict[str, Any] = {f.name: getattr(args, key) for key, f in options(settings_class)}
-    return replace(settings_class(), **given)  # type: ignore[type-var]
+    return settings_class(**fixed, **given)
 
 
 def option_values(settings_class: type, args: argparse.Namespace) -> dict[str, Any]:

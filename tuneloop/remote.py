@@ -42,8 +42,7 @@ def ask_server(dd: DataDir, method: str, route: str, body: dict[str, Any] | None
 
     if not dd.server_file.exists():
         raise ServerError(
-            f"{dd.db} is locked by another process, and no server is recorded in "
-            f"{dd.server_file}"
+            f"{dd.db} is locked by another process, and no server is recorded in {dd.server_file}"
         )
     url = json.loads(dd.server_file.read_text())["url"]
     headers = {}

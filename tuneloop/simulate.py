@@ -30,8 +30,15 @@ from typing import Any
 import httpx
 
 from tuneloop.core.config import DataDir, ServeConfig, VllmSettings
-from tuneloop.core.settings import DEFAULT_MODEL, GateSettings, ScheduleSettings
-from tuneloop.feedback.store import FEEDBACK_TABLES
+from tuneloop.core.settings import (
+    DEFAULT_MODEL,
+    DEFAULT_POLICY_JOB,
+    GateSettings,
+    ScheduleSettings,
+    check_job,
+    setting,
+    simulated_jobs,
+)
 from tuneloop.models import resolve_model
 from tuneloop.preferences import Preference, resolve
 from tuneloop.remote import follow_cycle
@@ -41,26 +48,45 @@ RATERS = 8
 
 @dataclass(frozen=True)
 class SimulationConfig:
+    """One simulation; the fields with an option are `tuneloop simulate`'s options."""
+
     data_dir: Path
-    preference: str = "concise"
-    noise: float = 0.1
-    comparisons: int = 600
-    rounds: int = 1
-    heldout: int = 48
-    samples: int = 4
+    preference: str = setting(
+        "concise",
+        "what raters prefer: concise, no_repeat, detailed, or module:function taking "
+        "(prompt, response) and returning a float, higher is better",
+        option="preference",
+    )
+    noise: float = setting(0.1, "fraction of votes flipped", option="noise")
+    comparisons: int = setting(600, "pairs rated in all", option="comparisons")
+    rounds: int = setting(1, "collect-train-promote rounds", option="rounds")
+    heldout: int = setting(48, "questions the win rate is on", option="heldout")
+    samples: int = setting(4, "answers per held-out question", option="samples")
     max_tokens: int = 48
     temperature: float = 1.0
-    kind: str = "dpo"
+    kind: str = setting(
+        DEFAULT_POLICY_JOB, "the policy job of each round", option="kind", choices=simulated_jobs
+    )
     model: str = DEFAULT_MODEL
-    seed: int = 0
+    seed: int = setting(0, "seed of questions, votes and training", option="seed")
     concurrency: int = 8
-    train_overrides: tuple[str, ...] = ()
-    min_win_rate: float = GateSettings.min_win_rate
+    train_overrides: tuple[str, ...] = setting(
+        (), "a field of the policy job's TRL config, KEY=VALUE (repeatable)", option="set"
+    )
+    min_win_rate: float = setting(
+        GateSettings.min_win_rate,
+        "the gate's bar: win rate against the served policy",
+        option="min_win_rate",
+    )
     engine: str = "embedded"
     vllm: VllmSettings = field(default_factory=VllmSettings)
     log: Callable[[str], None] = field(
         default=lambda msg: print(f"simulate: {msg}", file=sys.stderr, flush=True)
     )
+
+    def __post_init__(self) -> None:
+        check_job(self.kind, simulated_jobs)
+        object.__setattr__(self, "train_overrides", tuple(self.train_overrides))
 
 
 @dataclass
@@ -96,6 +122,8 @@ class _Client:
 
 def run_simulation(config: SimulationConfig) -> dict[str, Any]:
     """Run the loop; the summary `tuneloop simulate` prints as its last line."""
+    from tuneloop.feedback.store import FEEDBACK_TABLES  # imports duckdb: not at `--help`
+
     started = time.perf_counter()
     preference = resolve(config.preference)
     dd = DataDir(config.data_dir)

@@ -12,16 +12,22 @@ import pytest
 
 from tuneloop.cli import build_parser
 from tuneloop.cli_settings import add_options, option_values, settings_from_args
+from tuneloop.core.artifacts import read_manifest
 from tuneloop.core.job_spec import JobSpec
 from tuneloop.core.settings import (
-    JOB_DESCRIPTIONS,
-    JOBS,
+    JOB_KINDS,
+    CycleSettings,
     GateSettings,
+    JobKind,
     ScheduleSettings,
     SettingsError,
+    jobs,
     setting,
 )
-from tuneloop.serve.admin import TrainIn, _optional_options
+from tuneloop.serve.admin import request_fields, train_request
+from tuneloop.serve.ui_operator import job_choices
+from tuneloop.train.job_common import JobOutput, StatusFile
+from tuneloop.train.run import train_version
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,7 @@ def test_a_new_setting_appears_on_the_command_line_and_in_the_api() -> None:
         "dummy_ratio": None,
     }
     assert "cycles to wait, 100% sure (default: 3)" in " ".join(parser.format_help().split())
-    request = _optional_options(DummySettings)
+    request = request_fields(DummySettings, optional=True)
     assert set(request) == {"dummy_patience", "dummy_verbose", "dummy_ratio"}
     assert (
         request["dummy_patience"][1].description
@@ -58,19 +64,62 @@ def test_the_gate_and_schedule_options_come_from_their_settings() -> None:
     assert settings_from_args(ScheduleSettings, up) == ScheduleSettings(enabled=True, kind="kto")
     train = parser.parse_args(["train", "dpo", "--min-win-rate", "0.6", "--gate-max-kl", "0.2"])
     assert settings_from_args(GateSettings, train) == GateSettings(min_win_rate=0.6, max_kl=0.2)
-    schema = TrainIn.model_json_schema()["properties"]
+    schema = train_request().model_json_schema()["properties"]
     assert {"min_win_rate", "gate_prompts", "gate_max_tokens", "gate_max_kl"} <= set(schema)
     with pytest.raises(SettingsError, match="at least 1 prompt"):
         settings_from_args(GateSettings, parser.parse_args(["up", "--gate-prompts", "0"]))
 
 
-def test_every_job_kind_reaches_the_cli_the_api_and_the_job_spec(tmp_path: Path) -> None:
+def train_dummy(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
+    """The job function of the dummy kind below: writes one file, trains nothing."""
+    (work / "dummy.txt").write_text(str(spec.settings.overrides))
+    return JobOutput("policy", adapter=False, base=spec.base, config={}, metrics={}, data={})
+
+
+def test_a_new_job_kind_appears_in_the_cli_the_api_the_operator_tab_and_the_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dummy = JobKind("dummy", "nothing at all", f"{__name__}:train_dummy")
+    monkeypatch.setitem(JOB_KINDS, "dummy", dummy)
+
     parser = build_parser()
-    for kind in JOBS:
-        assert parser.parse_args(["train", kind]).kind == kind
-        spec = JobSpec(kind, tmp_path, tmp_path, tmp_path / "v", "v")
-        assert JobSpec.read(spec.write(tmp_path / "spec.json")).kind == kind
-    assert TrainIn.model_json_schema()["properties"]["kind"]["enum"] == list(JOBS)
-    assert set(JOB_DESCRIPTIONS) == set(JOBS)
+    args = parser.parse_args(["train", "dummy", "--set", "beta=0.2", "--no-gate"])
+    cycle = settings_from_args(CycleSettings, args)
+    assert (cycle.kind, cycle.gate) == ("dummy", False)
+    assert cycle.job_settings().overrides == {"beta": 0.2}
     with pytest.raises(SystemExit):
-        parser.parse_args(["train", "ppo"])
+        parser.parse_args(["train", "--help"])
+    assert "dummy (nothing at all)" in " ".join(capsys.readouterr().out.split())
+    assert ("dummy: nothing at all", "dummy") in job_choices()
+    up = parser.parse_args(["up", "--train-kind", "dummy"])
+    assert settings_from_args(ScheduleSettings, up).kind == "dummy"
+
+    schema = train_request().model_json_schema()["properties"]
+    assert schema["kind"]["enum"] == list(jobs()) and "dummy" in schema["kind"]["enum"]
+    assert {"overrides", "keep_reward", "gate", "min_win_rate", "gate_prompts"} <= set(schema)
+
+    settings = cycle.job_settings()
+    spec = JobSpec("dummy", tmp_path, tmp_path, tmp_path / "v1", "v1", settings=settings)
+    spec = JobSpec.read(spec.write(tmp_path / "spec.json"))
+    out = train_version(spec)
+    assert (out / "dummy.txt").read_text() == "{'beta': 0.2}"
+    assert read_manifest(out)["job"] == "dummy"
+
+    monkeypatch.delitem(JOB_KINDS, "dummy")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "dummy"])
+    with pytest.raises(SettingsError, match="unknown job 'dummy'"):
+        JobSpec.read(tmp_path / "spec.json")
+
+
+def test_the_operator_tab_offers_every_job_kind() -> None:
+    assert [k for _, k in job_choices()] == list(jobs())
+
+
+def test_bad_cycle_requests_are_refused_with_the_reason() -> None:
+    with pytest.raises(SettingsError, match="unknown job 'ppo'"):
+        CycleSettings(kind="ppo")
+    with pytest.raises(SettingsError, match="key=value"):
+        CycleSettings(overrides=("beta",)).job_settings()
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["simulate", "--kind", "sft"])

@@ -25,9 +25,9 @@ from tuneloop.feedback import snapshot as snapshot_mod
 from tuneloop.feedback.migrations import MIGRATIONS
 from tuneloop.feedback.snapshot import (
     SNAPSHOT_TABLES,
+    Snapshot,
     create_snapshot,
     latest_snapshot,
-    list_snapshots,
     load_manifest,
     new_snapshot_id,
 )
@@ -85,6 +85,16 @@ def populate(store: FeedbackStore) -> dict[str, list[int]]:
     return ids
 
 
+def table_path(snap: Snapshot, table: str) -> Path:
+    return snap.path / snap.manifest["tables"][table]["file"]
+
+
+def recorded_snapshots(store: FeedbackStore) -> list[Snapshot]:
+    """Every recorded snapshot, oldest first, read back from the store."""
+    rows = store.read("SELECT id, path, manifest FROM snapshots ORDER BY created_at, id")
+    return [Snapshot(r["id"], Path(r["path"]), json.loads(r["manifest"])) for r in rows]
+
+
 def parquet_rows(path: Path, sql: str = "SELECT count(*) FROM t") -> list[tuple]:
     con = duckdb.connect()
     con.execute(f"CREATE VIEW t AS SELECT * FROM read_parquet('{path}')")
@@ -119,10 +129,10 @@ def test_manifest_counts_max_ids_and_files(store: FeedbackStore, tmp_path: Path)
     for table, (rows, max_id) in expected.items():
         info = m["tables"][table]
         assert (info["rows"], info["max_id"]) == (rows, max_id), table
-        assert snap.table_path(table) == snap.path / f"{table}.parquet"
-        assert parquet_rows(snap.table_path(table)) == [(rows,)], table
+        assert m["tables"][table]["file"] == f"{table}.parquet"
+        assert parquet_rows(table_path(snap, table)) == [(rows,)], table
     # The copy is the data, not only its shape.
-    assert parquet_rows(snap.table_path("rankings"), "SELECT response_ids FROM t") == [
+    assert parquet_rows(table_path(snap, "rankings"), "SELECT response_ids FROM t") == [
         ([ids["responses"][2], ids["responses"][0], ids["responses"][1]],)
     ]
     # No leftovers of the tmp-then-rename steps.
@@ -133,14 +143,14 @@ def test_manifest_counts_max_ids_and_files(store: FeedbackStore, tmp_path: Path)
 
 
 def test_snapshots_are_recorded_listed_and_sortable(store: FeedbackStore, tmp_path: Path) -> None:
-    assert list_snapshots(store) == []
+    assert recorded_snapshots(store) == []
     assert latest_snapshot(store) is None
     populate(store)
     first = create_snapshot(store, tmp_path / "snaps")
     store.record_feedback(Thumbs(1, -1, rater_id="dave"))
     second = create_snapshot(store, tmp_path / "snaps")
 
-    listed = list_snapshots(store)
+    listed = recorded_snapshots(store)
     assert [s.id for s in listed] == [first.id, second.id]
     assert listed[1] == second
     assert latest_snapshot(store) == second
@@ -201,7 +211,7 @@ def test_snapshot_is_consistent_while_the_writer_inserts(
         con = duckdb.connect()
         for table in ("responses", "thumbs", "comparisons", "messages"):
             con.execute(
-                f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{snap.table_path(table)}')"
+                f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{table_path(snap, table)}')"
             )
         orphans = con.execute(
             """
@@ -236,7 +246,7 @@ def test_failed_snapshot_leaves_no_directory_and_no_record(
         create_snapshot(store, snaps)
 
     assert list(snaps.iterdir()) == []
-    assert list_snapshots(store) == []
+    assert recorded_snapshots(store) == []
     # The cursor's read transaction was closed: the store still writes and snapshots.
     monkeypatch.undo()
     store.record_feedback(Thumbs(1, 1, rater_id="erin"))

@@ -18,8 +18,15 @@ from job_datasets import msg, pairs, write_datasets, write_split
 from tuneloop.core.artifacts import is_adapter, load_causal_lm, read_manifest
 from tuneloop.core.job_spec import JobSpec
 from tuneloop.core.settings import JobSettings, SettingsError, parse_overrides
+from tuneloop.train import job_config
 from tuneloop.train.job_common import load_dataset_splits
-from tuneloop.train.job_config import JobError, build_config, read_config_file
+from tuneloop.train.job_config import (
+    JobError,
+    build_config,
+    count_parameters,
+    cpu_has_amx,
+    read_config_file,
+)
 from tuneloop.train.run import train_version
 
 MANIFEST_KEYS = {
@@ -432,6 +439,31 @@ def test_config_layers_file_then_set_flags(tmp_path: Path) -> None:
     assert config.report_to == [] and config.use_cpu and not config.bf16  # no CUDA here
     assert config.save_strategy == "no" and config.dataloader_num_workers == 0
     assert lora["r"] == 16 and lora["lora_alpha"] == 8 and "q_proj" in lora["target_modules"]
+
+
+def test_models_of_smollm2_size_train_in_bf16_on_amx_with_accumulated_micro_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    from safetensors.torch import save_file
+    from trl import RewardConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    save_file({"a": torch.zeros(4, 5), "b": torch.zeros(3)}, str(tmp_path / "model.safetensors"))
+    assert count_parameters(tmp_path) == 23
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu avx512f amx_bf16 amx_tile\n")
+    assert cpu_has_amx(cpuinfo) and not cpu_has_amx(tmp_path / "none")
+
+    monkeypatch.setattr(job_config, "cpu_has_amx", lambda: True)
+    small, _ = build_config(RewardConfig, [], output_dir=tmp_path / "s", params=800_000)
+    assert not small.bf16 and small.per_device_train_batch_size == 8
+    large, _ = build_config(RewardConfig, [], output_dir=tmp_path / "l", params=134_515_008)
+    assert large.bf16 and large.use_cpu
+    assert (large.per_device_train_batch_size, large.gradient_accumulation_steps) == (4, 2)
+    monkeypatch.setattr(job_config, "cpu_has_amx", lambda: False)
+    no_amx, _ = build_config(RewardConfig, [], output_dir=tmp_path / "n", params=134_515_008)
+    assert not no_amx.bf16
 
 
 def test_unknown_config_keys_are_named(tmp_path: Path) -> None:
