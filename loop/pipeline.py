@@ -218,16 +218,7 @@ class Pipeline:
             reward_model=reward_model,
         )
         self.log(f"{run.id}: training {job} -> {version_id}")
-        run_job(
-            self.store,
-            run.id,
-            JobProcess(
-                job_command("run", spec.write(run_dir / "spec.json"), self.python),
-                run_dir / "status.json",
-                run_dir / "job.log",
-            ),
-            stop=self.stop,
-        )
+        self._run_process(run.id, "run", spec)
         feedback_rows = {
             kind: snapshot.manifest["tables"][table]["rows"]
             for kind, table in FEEDBACK_TABLES.items()
@@ -284,16 +275,7 @@ class Pipeline:
             settings=settings,
         )
         self.log(f"{run.id}: gating {candidate.id} against {incumbent.id}")
-        run_job(
-            self.store,
-            run.id,
-            JobProcess(
-                job_command("gate", spec.write(run_dir / "spec.json"), self.python),
-                run_dir / "status.json",
-                run_dir / "job.log",
-            ),
-            stop=self.stop,
-        )
+        self._run_process(run.id, "gate", spec)
         result = json.loads(spec.out.read_text()) | {
             "incumbent": incumbent.id,
             "reward_model": reward.id,
@@ -303,6 +285,17 @@ class Pipeline:
         finish_run(self.store, run.id, version_id=candidate.id, metrics=result)
         self.log(f"{run.id}: {result['reason']}")
         return result
+
+    def _run_process(self, run_id: str, module: str, spec: JobSpec | GateSpec) -> None:
+        """Run `python -m tuneloop.train.<module>` on `spec`, written into the run's folder with
+        the status file and log the job runner follows; raises JobFailed."""
+        run_dir = self.dd.runs / run_id
+        process = JobProcess(
+            job_command(module, spec.write(run_dir / "spec.json"), self.python),
+            run_dir / "status.json",
+            run_dir / "job.log",
+        )
+        run_job(self.store, run_id, process, stop=self.stop)
 
     def _served_policy(self) -> ModelVersion:
         served = registry.promoted_version(self.store, "policy")
