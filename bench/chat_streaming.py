@@ -86,6 +86,7 @@ def run(args: argparse.Namespace, model: Path, tmp: Path) -> int:
         ServerProcess(model, tmp / "server", env=server_env) as server,
         httpx.Client(
             base_url=server.url,
+            headers=server.auth,
             timeout=300.0,
             limits=httpx.Limits(max_connections=max(args.concurrency)),
         ) as client,

@@ -129,6 +129,11 @@ class ServerProcess:
         assert self._proc is not None, "the server is not running"
         return self._proc.pid
 
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers that sign in as the first admin (its token is in the data dir)."""
+        return {"Authorization": f"Bearer {(self.data_dir / 'admin.token').read_text().strip()}"}
+
     def __enter__(self) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [

@@ -6,7 +6,8 @@ rankings are valid), then runs `--clients` closed-loop clients for `--warmup` + 
 seconds. Each client holds one keep-alive HTTP/1.1 connection (raw asyncio streams and
 pre-encoded requests: the client shares the machine's cores with the server, so it does as little
 as it can) and POSTs feedback of every kind (thumbs, rating, edit, comparison, ranking) one
-request after the other; every write must answer 201.
+request after the other; every write must answer 201. Every request signs in with the first
+admin's bearer token, as every client of the API must (checked in memory, no database lookup).
 
 Measured over the window after the warm-up: acknowledged writes per second (201s to requests
 sent and answered within the window / window length) and the latency of those requests (send to
@@ -55,10 +56,10 @@ class Tally:
     latencies: list[float] = field(default_factory=list)
 
 
-def create_responses(url: str, count: int) -> list[int]:
+def create_responses(url: str, count: int, auth: dict[str, str]) -> list[int]:
     """`count` stored responses to the same prompt (greedy, 4 tokens each); their ids."""
     ids = []
-    with httpx.Client(base_url=url, timeout=60.0) as client:
+    with httpx.Client(base_url=url, timeout=60.0, headers=auth) as client:
         for _ in range(count):
             r = client.post(
                 "/v1/chat/completions",
@@ -77,7 +78,6 @@ def feedback_bodies(response_ids: list[int], n: int) -> list[tuple[str, bytes]]:
     for i in range(n):
         kind = MIX[i % len(MIX)]
         a, b = ids[i % k], ids[(i + 1 + i // k % (k - 1)) % k]
-        rater = f"bench-{i % 16}"
         body: dict[str, object]
         if kind == "thumbs":
             body = {"kind": kind, "response_id": a, "value": 1 if i % 3 else -1}
@@ -89,14 +89,17 @@ def feedback_bodies(response_ids: list[int], n: int) -> list[tuple[str, bytes]]:
             body = {"kind": kind, "response_ids": [a, b], "winner": ("a", "b", "tie")[i % 3]}
         else:
             body = {"kind": kind, "response_ids": [ids[(i + j) % k] for j in range(k)]}
-        bodies.append((kind, json.dumps(body | {"rater": rater}).encode()))
+        bodies.append((kind, json.dumps(body).encode()))
     return bodies
 
 
-def encode_requests(port: int, bodies: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-    """Whole HTTP/1.1 keep-alive requests, ready to write to a socket."""
+def encode_requests(
+    port: int, bodies: list[tuple[str, bytes]], auth: dict[str, str]
+) -> list[tuple[str, bytes]]:
+    """Whole HTTP/1.1 keep-alive requests, ready to write to a socket, signed in with `auth`."""
     head = (
         f"POST /v1/feedback HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
+        f"Authorization: {auth['Authorization']}\r\n"
     )
     return [
         (kind, f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
@@ -177,9 +180,10 @@ class Usage:
 
 def run(args: argparse.Namespace, model: Path, data_dir: Path) -> int:
     with ServerProcess(model, data_dir / "server") as server:
-        response_ids = create_responses(server.url, args.responses)
-        requests = encode_requests(server.port, feedback_bodies(response_ids, 200))
-        before = httpx.get(f"{server.url}/v1/feedback/stats").json()
+        response_ids = create_responses(server.url, args.responses, server.auth)
+        bodies = feedback_bodies(response_ids, 200)
+        requests = encode_requests(server.port, bodies, server.auth)
+        before = httpx.get(f"{server.url}/v1/feedback/stats", headers=server.auth).json()
         cpu0 = cpu_seconds(server.pid), cpu_seconds(os.getpid())
         started = time.perf_counter()
         tally = asyncio.run(load(server.port, requests, args.clients, args.warmup, args.seconds))
@@ -188,7 +192,7 @@ def run(args: argparse.Namespace, model: Path, data_dir: Path) -> int:
             cpu_seconds(server.pid) - cpu0[0],
             cpu_seconds(os.getpid()) - cpu0[1],
         )
-        after = httpx.get(f"{server.url}/v1/feedback/stats").json()
+        after = httpx.get(f"{server.url}/v1/feedback/stats", headers=server.auth).json()
     print(
         f"clients: {args.clients}  window: {args.seconds:g} s after {args.warmup:g} s warm-up  "
         f"responses rated: {len(response_ids)}  cpus: {os.cpu_count()}"

@@ -90,10 +90,10 @@ class Stream:
     error: str = ""
 
 
-def answers_alone(url: str, max_tokens: int) -> list[str]:
+def answers_alone(url: str, auth: dict[str, str], max_tokens: int) -> list[str]:
     """The served version's greedy answer to each prompt, one request at a time."""
     answers = []
-    with httpx.Client(base_url=url, timeout=120) as http:
+    with httpx.Client(base_url=url, headers=auth, timeout=120) as http:
         for prompt in PROMPTS:
             body = {
                 "messages": [{"role": "user", "content": prompt}],
@@ -106,8 +106,15 @@ def answers_alone(url: str, max_tokens: int) -> list[str]:
     return answers
 
 
-def client_loop(url: str, max_tokens: int, out: list[Stream], stop: threading.Event, k: int):
-    with httpx.Client(base_url=url, timeout=60) as http:
+def client_loop(
+    url: str,
+    auth: dict[str, str],
+    max_tokens: int,
+    out: list[Stream],
+    stop: threading.Event,
+    k: int,
+) -> None:
+    with httpx.Client(base_url=url, headers=auth, timeout=60) as http:
         i = k
         while not stop.is_set():
             s = Stream(i % len(PROMPTS), time.perf_counter())
@@ -238,20 +245,18 @@ def run(args: argparse.Namespace, old: Path, new: Path, data: Path) -> int:
         old, data, max_concurrency=args.streams, args=engine_args, start_timeout=600
     ) as server:
         served = httpx.get(f"{server.url}/health").json()["model_version"]
-        token = dd.admin_token_file.read_text().strip()
         # One client, made before the load: a client made per request under the streams'
         # threads reached the server up to 1.4 s after it was "sent", counted as swap time.
-        admin = httpx.Client(
-            base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=120
-        )
+        admin = httpx.Client(base_url=server.url, headers=server.auth, timeout=120)
 
-        refs = {served: answers_alone(server.url, args.max_tokens)}
+        refs = {served: answers_alone(server.url, server.auth, args.max_tokens)}
         promote(admin, candidate)
-        refs[candidate] = answers_alone(server.url, args.max_tokens)
+        refs[candidate] = answers_alone(server.url, server.auth, args.max_tokens)
         promote(admin, served)
         threads = [
             threading.Thread(
-                target=client_loop, args=(server.url, args.max_tokens, streams, stop, k)
+                target=client_loop,
+                args=(server.url, server.auth, args.max_tokens, streams, stop, k),
             )
             for k in range(args.streams)
         ]

@@ -156,7 +156,9 @@ def run(args: argparse.Namespace, model: Path, tmp: Path) -> int:
                 env={"VLLM_API_KEY": endpoint.api_key or ""},
             ) as server,
             endpoint.client(timeout=300.0) as direct,
-            httpx.Client(base_url=server.url, timeout=300.0, limits=limits) as api,
+            httpx.Client(
+                base_url=server.url, headers=server.auth, timeout=300.0, limits=limits
+            ) as api,
         ):
             paths: dict[str, Callable[[str], Answer]] = {
                 "vllm": lambda p: stream_answer(direct, p, params, model=launch.served_name),

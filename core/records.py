@@ -22,6 +22,28 @@ ROLES: tuple[str, ...] = ("system", "user", "assistant")
 WINNERS: tuple[str, ...] = ("a", "b", "tie", "both_bad")
 DEFAULT_RATER = "anonymous"
 
+# What an account may do; each role may also do everything of the roles before it. `user` chats
+# and judges its own answers; `rater` judges comparisons and rankings of anyone's prompts;
+# `operator` trains, promotes, rolls back and imports; `admin` manages accounts.
+AccountRole = Literal["user", "rater", "operator", "admin"]
+ACCOUNT_ROLES: tuple[str, ...] = ("user", "rater", "operator", "admin")
+
+
+def role_allows(role: str, needed: str) -> bool:
+    """Whether `role` may do what `needed` may."""
+    return ACCOUNT_ROLES.index(role) >= ACCOUNT_ROLES.index(needed)
+
+
+@dataclass(frozen=True)
+class Account:
+    """Someone who may use tuneloop: the name their feedback rows carry, and their role. The
+    token that signs them in is stored as its SHA-256 only."""
+
+    name: str
+    role: AccountRole
+    disabled: bool = False
+    created_at: datetime | None = None
+
 
 @dataclass(frozen=True)
 class Message:

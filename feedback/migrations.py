@@ -136,6 +136,29 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0003_accounts_and_audit",
+        """
+        -- Who may sign in, in which role; tokens as their SHA-256 only.
+        CREATE TABLE accounts (
+            name VARCHAR PRIMARY KEY,
+            role VARCHAR NOT NULL CHECK (role IN ('user', 'rater', 'operator', 'admin')),
+            token_sha256 VARCHAR NOT NULL,
+            disabled BOOLEAN NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL,
+            updated_at TIMESTAMPTZ NOT NULL
+        );
+        -- Every operator and admin action: who did what to what, when.
+        CREATE TABLE audit_log (
+            id BIGINT PRIMARY KEY,
+            actor VARCHAR NOT NULL,
+            action VARCHAR NOT NULL,
+            target VARCHAR,
+            detail JSON,
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        """,
+    ),
 ]
 
 

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import duckdb
 
 from tuneloop.core.records import (
+    DEFAULT_RATER,
     FEEDBACK_KINDS,
     Comparison,
     Edit,
@@ -41,6 +42,7 @@ from tuneloop.core.records import (
 from tuneloop.feedback.migrations import apply_migrations
 from tuneloop.feedback.validation import (
     FeedbackError,
+    NotYoursError,
     UnknownResponseError,
     check_feedback,
     referenced_responses,
@@ -70,7 +72,8 @@ class _Pending:
     raters: dict[str, str] = field(default_factory=dict)
     conversations: set[int] = field(default_factory=set)
     conv_len: dict[int, int] = field(default_factory=dict)
-    prompt_hashes: dict[int, str] = field(default_factory=dict)
+    # Response id -> (prompt hash, owner) of the responses this batch writes or looked up.
+    facts: dict[int, tuple[str, str]] = field(default_factory=dict)
     may_exist: set[str] = field(default_factory=set)  # tables whose rows may be there already
 
 
@@ -107,10 +110,11 @@ class FeedbackStore:
         }
         self._known_raters: set[str] = set()
         self._known_conversations: set[int] = set()
+        self._owners: dict[int, str] = {}  # conversation id -> its rater, as far as looked up
         self._conv_len: dict[int, int] = {}
-        # Response id -> prompt hash of recent responses, for feedback checks without a SELECT.
-        # Writer thread only; insertion-ordered, so the oldest entries go first when it is full.
-        self._prompt_hashes: dict[int, str] = {}
+        # Response id -> (prompt hash, owner) of recent responses, for feedback checks without
+        # a SELECT. Writer thread only; insertion-ordered, so the oldest go first when it is full.
+        self._facts: dict[int, tuple[str, str]] = {}
         self._queue: queue.Queue[Any] = queue.Queue()
         self._writer = threading.Thread(
             target=self._run_writer, name="tuneloop-writer", daemon=True
@@ -148,13 +152,23 @@ class FeedbackStore:
         """Reserve the id a response will be stored under (it names the stream before it ends)."""
         return self._take_id("responses")
 
-    def new_conversation_id(self) -> int:
-        """A new chat: its turns come through `submit_response`, and none is stored yet, so its
-        first response is written without looking up what is stored (a scan of `messages`,
-        a tenth of the server's CPU under 32 streams)."""
+    def new_conversation_id(self, owner: str = DEFAULT_RATER) -> int:
+        """A new chat of `owner`'s: its turns come through `submit_response`, and none is stored
+        yet, so its first response is written without looking up what is stored (a scan of
+        `messages`, a tenth of the server's CPU under 32 streams)."""
         cid = self._take_id("conversations")
+        self._owners[cid] = owner
         self._conv_len[cid] = 0  # a new key: safe beside the writer thread, which reads it
         return cid
+
+    def conversation_owner(self, conversation_id: int) -> str | None:
+        """Whose conversation this is: None for an id never handed out or not stored."""
+        owner = self._owners.get(conversation_id)
+        if owner is None and self.conversation_allocated(conversation_id):
+            rows = self.read("SELECT rater_id FROM conversations WHERE id = ?", [conversation_id])
+            if rows:
+                owner = self._owners[conversation_id] = rows[0]["rater_id"]
+        return owner
 
     def reserve_conversation_id(self) -> int:
         """An id for a conversation the caller writes itself, messages and all (`write`)."""
@@ -182,11 +196,12 @@ class FeedbackStore:
         """Queue a response for writing; the future resolves to its id once committed."""
         return self._enqueue(response)
 
-    def submit_feedback(self, fb: Feedback) -> Future:
+    def submit_feedback(self, fb: Feedback, *, own_answers_only: bool = False) -> Future:
         """Check and queue feedback; the future resolves to the new row's id once committed,
-        or raises FeedbackError (unknown response, responses to different prompts)."""
+        or raises FeedbackError (unknown response, responses to different prompts; with
+        `own_answers_only`, responses given to anyone but `fb.rater_id`: NotYoursError)."""
         check_feedback(fb)
-        return self._enqueue(fb)
+        return self._enqueue(_OwnAnswers(fb) if own_answers_only else fb)
 
     def record_feedback(self, fb: Feedback) -> int:
         return self.submit_feedback(fb).result()
@@ -301,7 +316,7 @@ class FeedbackStore:
         self._known_raters.update(pending.raters)
         self._known_conversations.update(pending.conversations)
         self._conv_len.update(pending.conv_len)
-        self._remember_prompt_hashes(pending.prompt_hashes)
+        self._remember_facts(pending.facts)
         for (_, fut), outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 fut.set_exception(outcome)
@@ -311,55 +326,46 @@ class FeedbackStore:
     def _stage(self, batch: list[tuple[Any, Future]], p: _Pending) -> list[int | BaseException]:
         """Check references and turn records into rows; returns an id or an error per item."""
         now = _now()
-        prompts: dict[int, str] = {}  # response id -> prompt hash, for this batch's checks
+        facts: dict[int, tuple[str, str]] = {}  # this batch's checks: see `_Pending.facts`
         for item, _ in batch:
             if isinstance(item, Response):
-                prompts[item.id] = p.prompt_hashes[item.id] = prompt_hash(item.prompt)
+                facts[item.id] = p.facts[item.id] = (prompt_hash(item.prompt), item.rater_id)
         wanted = {
             rid
             for item, _ in batch
             if not isinstance(item, Response)
-            for rid in referenced_responses(item)
-        } - prompts.keys()
-        prompts.update(
-            (rid, self._prompt_hashes[rid]) for rid in wanted if rid in self._prompt_hashes
-        )
-        wanted -= prompts.keys()
+            for rid in referenced_responses(_feedback(item))
+        } - facts.keys()
+        facts.update((rid, self._facts[rid]) for rid in wanted if rid in self._facts)
+        wanted -= facts.keys()
         if wanted:
             found = self._con.execute(
-                "SELECT id, prompt_hash FROM responses WHERE id IN (SELECT unnest(?::BIGINT[]))",
+                "SELECT id, prompt_hash, rater_id FROM responses "
+                "WHERE id IN (SELECT unnest(?::BIGINT[]))",
                 [sorted(wanted)],
             ).fetchall()
-            prompts.update(found)
-            p.prompt_hashes.update(found)
+            p.facts.update((rid, (h, owner)) for rid, h, owner in found)
+            facts.update(p.facts)
         outcomes: list[int | BaseException] = []
         for item, _ in batch:
             if isinstance(item, Response):
                 outcomes.append(self._stage_response(item, p, now))
                 continue
+            fb = _feedback(item)
             try:
-                ids = referenced_responses(item)
-                missing = [r for r in ids if r not in prompts]
-                if missing:
-                    raise UnknownResponseError(
-                        f"unknown response id(s): {', '.join(map(str, missing))}"
-                    )
-                if len({prompts[r] for r in ids}) > 1:
-                    raise FeedbackError(
-                        "the responses compared or ranked must answer the same prompt"
-                    )
+                _check_references(fb, facts, own_answers_only=isinstance(item, _OwnAnswers))
             except FeedbackError as exc:
                 outcomes.append(exc)
                 continue
-            outcomes.append(self._stage_feedback(item, p, now))
+            outcomes.append(self._stage_feedback(fb, p, now))
         return outcomes
 
-    def _remember_prompt_hashes(self, found: dict[int, str]) -> None:
-        self._prompt_hashes.update(found)
-        excess = len(self._prompt_hashes) - self._prompt_hash_cache
+    def _remember_facts(self, found: dict[int, tuple[str, str]]) -> None:
+        self._facts.update(found)
+        excess = len(self._facts) - self._prompt_hash_cache
         if excess > 0:
-            for rid in list(itertools.islice(self._prompt_hashes, excess)):
-                del self._prompt_hashes[rid]
+            for rid in list(itertools.islice(self._facts, excess)):
+                del self._facts[rid]
 
     def _stage_rater(self, rater_id: str, role: str, p: _Pending, now: datetime) -> None:
         if rater_id not in self._known_raters and rater_id not in p.raters:
@@ -415,7 +421,7 @@ class FeedbackStore:
                 "id": r.id,
                 "conversation_id": cid,
                 "prompt": messages_to_json(r.prompt),
-                "prompt_hash": p.prompt_hashes[r.id],
+                "prompt_hash": p.facts[r.id][0],
                 "text": r.text,
                 "model_version_id": r.model_version_id,
                 "params": json.dumps(r.params.to_dict()),
@@ -460,6 +466,34 @@ class FeedbackStore:
         self._con.execute(
             f"INSERT INTO {table} ({', '.join(cols)}) SELECT {select}{on_conflict}",
             [[row[c] for row in rows] for c in cols],
+        )
+
+
+@dataclass(frozen=True)
+class _OwnAnswers:
+    """Feedback allowed on its rater's own answers only (see `submit_feedback`)."""
+
+    feedback: Feedback
+
+
+def _feedback(item: Feedback | _OwnAnswers) -> Feedback:
+    return item.feedback if isinstance(item, _OwnAnswers) else item
+
+
+def _check_references(
+    fb: Feedback, facts: dict[int, tuple[str, str]], *, own_answers_only: bool
+) -> None:
+    """The responses `fb` names exist, answer one prompt, and (if asked) are its rater's own."""
+    ids = referenced_responses(fb)
+    missing = [r for r in ids if r not in facts]
+    if missing:
+        raise UnknownResponseError(f"unknown response id(s): {', '.join(map(str, missing))}")
+    if len({facts[r][0] for r in ids}) > 1:
+        raise FeedbackError("the responses compared or ranked must answer the same prompt")
+    if own_answers_only and any(facts[r][1] != fb.rater_id for r in ids):
+        raise NotYoursError(
+            f"{fb.rater_id} may judge only the answers given to {fb.rater_id}; rating anyone's "
+            "needs the rater role"
         )
 
 

@@ -24,6 +24,10 @@ class UnknownResponseError(FeedbackError):
     """Feedback on a response (or conversation) that does not exist."""
 
 
+class NotYoursError(FeedbackError):
+    """Feedback on answers its rater may not judge (given to someone else)."""
+
+
 def check_rater_id(rater_id: str) -> None:
     if not _RATER_ID.match(rater_id):
         raise FeedbackError(

@@ -9,7 +9,8 @@ Contract relied on by other clients and by the benchmarks:
 - `GET /v1/feedback/stats` -> rows per kind.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations, which
+# name types made inside the router factories (the signed-in account's role, the train request).
 
 import asyncio
 from collections.abc import AsyncIterator
@@ -18,14 +19,14 @@ from typing import Annotated, Any, Literal
 
 import anyio
 import orjson
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from tuneloop.core.records import (
-    DEFAULT_RATER,
+    Account,
     Comparison,
     Edit,
     Feedback,
@@ -34,12 +35,14 @@ from tuneloop.core.records import (
     Rating,
     SamplingParams,
     Thumbs,
+    role_allows,
 )
 from tuneloop.feedback.validation import (
     MAX_RANKING_SIZE,
     MAX_REASON_CHARS,
     MAX_TEXT_CHARS,
 )
+from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService, ChatTurn
 from tuneloop.serve.errors import error_response, install_error_handlers
 
@@ -49,6 +52,9 @@ MAX_BODY_BYTES = 1_000_000
 # is never held back.
 STREAM_MERGE_S = 0.01
 MAX_MESSAGES = 256
+# Feedback on single answers: anyone's own only. Comparisons and rankings of anyone's answers
+# need the rater role (raters judge prompts they did not ask).
+OWN_ANSWER_KINDS = frozenset({"thumbs", "rating", "edit"})
 MAX_NEW_TOKENS = 4096
 
 
@@ -93,7 +99,7 @@ class ChatCompletionRequest(BaseModel):
 
 class _FeedbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    rater: str | None = Field(None, max_length=64)
+    rater: str | None = Field(None, max_length=64, description="the caller's own name, if given")
 
 
 class ThumbsIn(_FeedbackIn):
@@ -101,8 +107,8 @@ class ThumbsIn(_FeedbackIn):
     response_id: int
     value: Literal[1, -1]
 
-    def record(self) -> Feedback:
-        return Thumbs(self.response_id, self.value, self.rater or DEFAULT_RATER)
+    def record(self, rater: str) -> Feedback:
+        return Thumbs(self.response_id, self.value, rater)
 
 
 class RatingIn(_FeedbackIn):
@@ -111,8 +117,8 @@ class RatingIn(_FeedbackIn):
     value: int = Field(ge=1, le=5)
     reason: str | None = Field(None, max_length=MAX_REASON_CHARS)
 
-    def record(self) -> Feedback:
-        return Rating(self.response_id, self.value, self.reason, self.rater or DEFAULT_RATER)
+    def record(self, rater: str) -> Feedback:
+        return Rating(self.response_id, self.value, self.reason, rater)
 
 
 class EditIn(_FeedbackIn):
@@ -120,8 +126,8 @@ class EditIn(_FeedbackIn):
     response_id: int
     text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
 
-    def record(self) -> Feedback:
-        return Edit(self.response_id, self.text, self.rater or DEFAULT_RATER)
+    def record(self, rater: str) -> Feedback:
+        return Edit(self.response_id, self.text, rater)
 
 
 class ComparisonIn(_FeedbackIn):
@@ -129,9 +135,9 @@ class ComparisonIn(_FeedbackIn):
     response_ids: list[int] = Field(min_length=2, max_length=2)
     winner: Literal["a", "b", "tie", "both_bad"]
 
-    def record(self) -> Feedback:
+    def record(self, rater: str) -> Feedback:
         a, b = self.response_ids
-        return Comparison(a, b, self.winner, self.rater or DEFAULT_RATER)
+        return Comparison(a, b, self.winner, rater)
 
 
 class RankingIn(_FeedbackIn):
@@ -140,8 +146,8 @@ class RankingIn(_FeedbackIn):
         min_length=2, max_length=MAX_RANKING_SIZE, description="best first"
     )
 
-    def record(self) -> Feedback:
-        return Ranking(tuple(self.response_ids), self.rater or DEFAULT_RATER)
+    def record(self, rater: str) -> Feedback:
+        return Ranking(tuple(self.response_ids), rater)
 
 
 FeedbackIn = Annotated[
@@ -279,7 +285,15 @@ def _replay(body: bytes, receive: Any) -> Any:
     return replayed
 
 
-def create_api(service: ChatService) -> FastAPI:
+def _check_named(name: str | None, account: Account) -> None:
+    """A body may name its caller (`user`, `rater`), and no one else."""
+    if name is not None and name != account.name:
+        raise HTTPException(
+            403, f"signed in as {account.name}: a request cannot speak for {name[:64]!r}"
+        )
+
+
+def create_api(service: ChatService, principals: Principals) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
@@ -307,15 +321,18 @@ def create_api(service: ChatService) -> FastAPI:
             return JSONResponse(body.model_dump(), status_code=503)
         return Health(status="ok", model_version=service.version)
 
+    SignedIn = Annotated[Account, Depends(principals.require("user"))]  # noqa: N806
+
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(_: SignedIn) -> dict[str, Any]:
         return {
             "object": "list",
             "data": [{"id": service.version, "object": "model", "owned_by": "tuneloop"}],
         }
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(req: ChatCompletionRequest) -> Any:
+    async def chat_completions(req: ChatCompletionRequest, account: SignedIn) -> Any:
+        _check_named(req.user, account)
         messages = [Message(m.role, m.text()) for m in req.messages]
         # Inline, not in a worker thread: starting a turn is short CPU work that never blocks
         # (the chat template, tokenizing, ids held in memory); generation and the store's writes
@@ -324,7 +341,7 @@ def create_api(service: ChatService) -> FastAPI:
             messages,
             req.params(),
             conversation_id=req.conversation_id,
-            rater_id=req.user or DEFAULT_RATER,
+            rater_id=account.name,
         )
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -357,12 +374,15 @@ def create_api(service: ChatService) -> FastAPI:
             422: {"description": "invalid feedback"},
         },
     )
-    async def post_feedback(body: FeedbackIn) -> Any:
-        row_id = await asyncio.wrap_future(service.submit_feedback(body.record()))
+    async def post_feedback(body: FeedbackIn, account: SignedIn) -> Any:
+        _check_named(body.rater, account)
+        own_only = body.kind in OWN_ANSWER_KINDS or not role_allows(account.role, "rater")
+        submitted = service.submit_feedback(body.record(account.name), own_answers_only=own_only)
+        row_id = await asyncio.wrap_future(submitted)
         return FeedbackAck(id=row_id, kind=body.kind)
 
     @app.get("/v1/feedback/stats")
-    async def feedback_stats() -> dict[str, int]:
+    async def feedback_stats(_: SignedIn) -> dict[str, int]:
         return await run_in_threadpool(service.feedback_counts)
 
     return app

@@ -113,17 +113,18 @@ class ChatService:
         """Start an answer to `messages` (the whole conversation so far, last turn the user's)."""
         check_rater_id(rater_id)
         if conversation_id is None:
-            conversation_id = self.store.new_conversation_id()
-        elif not self.store.conversation_allocated(conversation_id):
+            conversation_id = self.store.new_conversation_id(rater_id)
+        elif self.store.conversation_owner(conversation_id) != rater_id:
+            # Someone else's conversation is as unknown to the caller as one never started.
             raise UnknownConversationError(f"unknown conversation id: {conversation_id}")
         generation = self.engine.stream(messages, params)
         return ChatTurn(self.store, generation, conversation_id, messages, params, rater_id)
 
-    def submit_feedback(self, fb: Feedback) -> Future:
-        return self.store.submit_feedback(fb)
+    def submit_feedback(self, fb: Feedback, *, own_answers_only: bool = False) -> Future:
+        return self.store.submit_feedback(fb, own_answers_only=own_answers_only)
 
-    def record_feedback(self, fb: Feedback) -> int:
-        return self.store.record_feedback(fb)
+    def record_feedback(self, fb: Feedback, *, own_answers_only: bool = False) -> int:
+        return self.submit_feedback(fb, own_answers_only=own_answers_only).result()
 
     def feedback_counts(self) -> dict[str, int]:
         return self.store.feedback_counts()

@@ -12,15 +12,19 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from tuneloop.core.settings import SettingsError
+from tuneloop.feedback.accounts import AccountError, UnknownAccountError
 from tuneloop.feedback.importer import ImportFormatError
 from tuneloop.feedback.registry import RegistryError, UnknownVersionError
-from tuneloop.feedback.validation import FeedbackError, UnknownResponseError
+from tuneloop.feedback.validation import FeedbackError, NotYoursError, UnknownResponseError
 from tuneloop.loop.control import BusyError
 from tuneloop.serve.engine import EngineLoadError, EngineUnavailableError, PromptTooLongError
 
 # Checked in order: a subclass before its base.
 STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (UnknownResponseError, 404),
+    (NotYoursError, 403),
+    (UnknownAccountError, 404),
+    (AccountError, 422),
     (UnknownVersionError, 404),
     (FeedbackError, 422),
     (SettingsError, 422),
@@ -33,9 +37,12 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
 )
 
 
-def error_response(status: int, message: str) -> JSONResponse:
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
     kind = "server_error" if status >= 500 else "invalid_request_error"
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+    body = {"error": {"message": message, "type": kind}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def status_of(error: Exception) -> int:
@@ -51,7 +58,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def http(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
-        return error_response(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, str(exc.detail), exc.headers)
 
     async def invalid(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

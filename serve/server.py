@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import os
 import queue
-import secrets
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,11 +16,14 @@ from tuneloop.core.cpu_affinity import keep_off
 from tuneloop.core.files import write_json_atomic
 from tuneloop.core.records import ModelVersion
 from tuneloop.core.settings import DEFAULT_MODEL
+from tuneloop.feedback.accounts import FIRST_ADMIN, ensure_first_admin
 from tuneloop.feedback.registry import ensure_served_policy
 from tuneloop.feedback.store import FeedbackStore
 from tuneloop.loop.control import LoopControl
 from tuneloop.serve.admin import create_admin_router
+from tuneloop.serve.admin_users import create_users_router
 from tuneloop.serve.api import create_api
+from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService
 from tuneloop.serve.engine import EmbeddedEngine, Engine, ServedEngine
 
@@ -79,18 +81,25 @@ def build_app(
     service: ChatService,
     control: LoopControl,
     data_dir: DataDir,
-    admin_token: str,
     *,
     with_ui: bool = True,
 ) -> FastAPI:
-    app = create_api(service)
-    app.include_router(create_admin_router(service, control, data_dir, admin_token))
+    principals = Principals(service.store)
+    app = create_api(service, principals)
+    app.include_router(create_admin_router(service, control, data_dir, principals))
+    app.include_router(create_users_router(service.store, principals))
     if with_ui:
         import gradio as gr
 
         from tuneloop.serve.ui import build_ui
 
-        app = gr.mount_gradio_app(app, build_ui(service, control), path="/")
+        app = gr.mount_gradio_app(
+            app,
+            build_ui(service, control, principals),
+            path="/",
+            auth=principals.check_password,
+            auth_message="Sign in with your account's name and token (`tuneloop users add`).",
+        )
     return app
 
 
@@ -109,14 +118,22 @@ def create_control(config: ServeConfig, store: FeedbackStore, engine: Engine) ->
     )
 
 
-def write_admin_token(data_dir: DataDir) -> str:
-    """A fresh token per server start, in a file only the data dir's owner can read."""
-    token = secrets.token_urlsafe(32)
+def first_admin(store: FeedbackStore, data_dir: DataDir) -> None:
+    """On a data dir without an admin: make one, write its token to `admin.token` (which only
+    the data dir's owner may read; the CLI uses it) and say how to sign in."""
+    token = ensure_first_admin(store)
+    if token is None:
+        return
     data_dir.root.mkdir(parents=True, exist_ok=True)
     fd = os.open(data_dir.admin_token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token)
-    return token
+    os.chmod(data_dir.admin_token_file, 0o600)  # O_CREAT's mode does not apply to an old file
+    log(
+        f"made the first account, {FIRST_ADMIN!r} (admin): sign in with the token in "
+        f"{data_dir.admin_token_file}; `tuneloop users add NAME --role user|rater|operator` "
+        "makes accounts for others"
+    )
 
 
 def run_server(
@@ -146,7 +163,8 @@ def run_server(
         engine = open_engine(config, version)
         service = ChatService(engine, store)
         control = create_control(config, store, engine)
-        app = build_app(service, control, dd, write_admin_token(dd), with_ui=config.ui)
+        first_admin(store, dd)
+        app = build_app(service, control, dd, with_ui=config.ui)
         server = uvicorn.Server(
             uvicorn.Config(
                 app,

@@ -10,12 +10,14 @@ from typing import Any
 import gradio as gr
 
 from tuneloop.core.records import Edit, Message, Rating, Thumbs
+from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService, ChatTurn
 from tuneloop.serve.ui_common import (
     CHAT_PARAMS,
     GENERATION_CONCURRENCY,
     record,
     shown,
+    signed_in,
     start_turn,
 )
 
@@ -62,7 +64,7 @@ def _status(conv: Conversation, text: str = "") -> str:
     return f"{line} {text}".strip()
 
 
-def chat_tab(service: ChatService, rater: gr.Textbox) -> None:
+def chat_tab(service: ChatService, principals: Principals) -> None:
     """Build the Chat tab's components and events inside the current Blocks context."""
     conv_state = gr.State(Conversation())
     chatbot = gr.Chatbot(
@@ -128,14 +130,18 @@ def chat_tab(service: ChatService, rater: gr.Textbox) -> None:
         return replace(CHAT_PARAMS, temperature=float(temp))
 
     def on_send(
-        text: str, conv: Conversation, rater_id: str, temp: float
+        text: str, conv: Conversation, temp: float, request: gr.Request
     ) -> Iterator[tuple[Any, ...]]:
+        account = signed_in(principals, request)
+        if account is None:
+            yield (gr.skip(),) * 5
+            return
         if not text.strip():
             gr.Warning("Type a message first.")
             yield (gr.skip(),) * 5
             return
         base = Conversation(conv.id, (*conv.messages, Message("user", text)), (*conv.answers, None))
-        turn = start_turn(service, list(base.messages), params(temp), rater_id, conv.id)
+        turn = start_turn(service, list(base.messages), params(temp), account.name, conv.id)
         if turn is None:
             yield (gr.skip(),) * 5
             return
@@ -143,13 +149,19 @@ def chat_tab(service: ChatService, rater: gr.Textbox) -> None:
         for out in stream(conv, base, turn):
             yield gr.skip(), *out
 
-    def on_regenerate(conv: Conversation, rater_id: str, temp: float) -> Iterator[tuple[Any, ...]]:
+    def on_regenerate(
+        conv: Conversation, temp: float, request: gr.Request
+    ) -> Iterator[tuple[Any, ...]]:
+        account = signed_in(principals, request)
+        if account is None:
+            yield (gr.skip(),) * 4
+            return
         if conv.last_answer() is None:
             gr.Warning("There is no answer to regenerate yet.")
             yield (gr.skip(),) * 4
             return
         base = Conversation(conv.id, conv.messages[:-1], conv.answers[:-1])
-        turn = start_turn(service, list(base.messages), params(temp), rater_id, conv.id)
+        turn = start_turn(service, list(base.messages), params(temp), account.name, conv.id)
         if turn is None:
             yield (gr.skip(),) * 4
             return
@@ -159,7 +171,10 @@ def chat_tab(service: ChatService, rater: gr.Textbox) -> None:
     def on_new_chat() -> tuple[Any, ...]:
         return "", [], Conversation(), "", ""
 
-    def on_like(conv: Conversation, rater_id: str, like: gr.LikeData) -> Any:
+    def on_like(conv: Conversation, like: gr.LikeData, request: gr.Request) -> Any:
+        account = signed_in(principals, request)
+        if account is None:
+            return gr.skip()
         index = like.index if isinstance(like.index, int) else like.index[0]
         a = conv.answers[index] if 0 <= index < len(conv.answers) else None
         if a is None:
@@ -168,13 +183,18 @@ def chat_tab(service: ChatService, rater: gr.Textbox) -> None:
         if like.liked not in (True, False):
             return _status(conv, "Vote cleared here; the vote already stored stays.")
         value = 1 if like.liked else -1
-        row = record(service, Thumbs(a.response_id, value, rater_id=rater_id))
+        row = record(service, Thumbs(a.response_id, value, rater_id=account.name))
         if row is None:
             return gr.skip()
         thumb = "up" if value == 1 else "down"
         return _status(conv, f"Thumbs {thumb} stored for answer #{a.response_id}.")
 
-    def on_rate(conv: Conversation, value: int | None, why: str, rater_id: str) -> tuple[Any, ...]:
+    def on_rate(
+        conv: Conversation, value: int | None, why: str, request: gr.Request
+    ) -> tuple[Any, ...]:
+        account = signed_in(principals, request)
+        if account is None:
+            return gr.skip(), gr.skip(), gr.skip()
         last = conv.last_answer()
         if last is None:
             gr.Warning("There is no answer to rate yet.")
@@ -182,18 +202,21 @@ def chat_tab(service: ChatService, rater: gr.Textbox) -> None:
         if value is None:
             gr.Warning("Pick a score from 1 to 5.")
             return gr.skip(), gr.skip(), gr.skip()
-        rating = Rating(last.response_id, int(value), why.strip() or None, rater_id=rater_id)
+        rating = Rating(last.response_id, int(value), why.strip() or None, rater_id=account.name)
         if record(service, rating) is None:
             return gr.skip(), gr.skip(), gr.skip()
         note = f"Rating {value}/5 stored for answer #{last.response_id}."
         return _status(conv, note), None, ""
 
-    def on_edit(conv: Conversation, text: str, rater_id: str) -> Any:
+    def on_edit(conv: Conversation, text: str, request: gr.Request) -> Any:
+        account = signed_in(principals, request)
+        if account is None:
+            return gr.skip()
         last = conv.last_answer()
         if last is None:
             gr.Warning("There is no answer to edit yet.")
             return gr.skip()
-        if record(service, Edit(last.response_id, text, rater_id=rater_id)) is None:
+        if record(service, Edit(last.response_id, text, rater_id=account.name)) is None:
             return gr.skip()
         return _status(conv, f"Edit stored for answer #{last.response_id}.")
 
@@ -201,18 +224,18 @@ def chat_tab(service: ChatService, rater: gr.Textbox) -> None:
     gr.on(
         [message.submit, send.click],
         on_send,
-        [message, conv_state, rater, temperature],
+        [message, conv_state, temperature],
         chat_out,
         concurrency_limit=GENERATION_CONCURRENCY,
     )
     regenerate.click(
         on_regenerate,
-        [conv_state, rater, temperature],
+        [conv_state, temperature],
         chat_out[1:],
         concurrency_limit=GENERATION_CONCURRENCY,
     )
     new_chat.click(on_new_chat, None, chat_out, queue=False)
     chatbot.clear(on_new_chat, None, chat_out, queue=False)  # its trash icon: a new chat too
-    chatbot.like(on_like, [conv_state, rater], status)
-    save_rating.click(on_rate, [conv_state, score, reason, rater], [status, score, reason])
-    save_edit.click(on_edit, [conv_state, edit_text, rater], status)
+    chatbot.like(on_like, [conv_state], status)
+    save_rating.click(on_rate, [conv_state, score, reason], [status, score, reason])
+    save_edit.click(on_edit, [conv_state, edit_text], status)

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 
 import gradio as gr
 
-from tuneloop.core.records import Feedback, Message, SamplingParams
+from tuneloop.core.records import Account, Feedback, Message, SamplingParams, role_allows
 from tuneloop.feedback.validation import FeedbackError
+from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService, ChatTurn
 from tuneloop.serve.engine import PromptTooLongError
 
@@ -36,10 +37,26 @@ def start_turn(
         return None
 
 
-def record(service: ChatService, fb: Feedback) -> int | None:
-    """Store feedback; the new row's id, or None after warning the rater what was wrong."""
+def signed_in(principals: Principals, request: gr.Request, role: str = "user") -> Account | None:
+    """The account behind this event (Gradio's sign-in names it), which must have `role`; or
+    None after telling the person why not. Every handler that reads or changes anything asks:
+    a call to Gradio's API without the role changes nothing."""
+    name = getattr(request, "username", None)
+    account = principals.by_name(name) if name else None
+    if account is None:
+        gr.Warning("Sign in again: this account is unknown or disabled.")
+        return None
+    if not role_allows(account.role, role):
+        gr.Warning(f"{account.name} is a {account.role}; this needs {role}.")
+        return None
+    return account
+
+
+def record(service: ChatService, fb: Feedback, *, own_answers_only: bool = True) -> int | None:
+    """Store feedback; the new row's id, or None after warning the rater what was wrong. In the
+    UI everyone judges the answers given to them."""
     try:
-        return service.record_feedback(fb)
+        return service.record_feedback(fb, own_answers_only=own_answers_only)
     except FeedbackError as exc:
         gr.Warning(str(exc))
         return None

@@ -12,12 +12,14 @@ from typing import Any
 import gradio as gr
 
 from tuneloop.core.records import Comparison, Message, Ranking, Winner
+from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService, ChatTurn
 from tuneloop.serve.ui_common import (
     GENERATION_CONCURRENCY,
     JUDGE_PARAMS,
     record,
     shown,
+    signed_in,
     start_turn,
     stream_together,
 )
@@ -49,7 +51,7 @@ def _start_answers(
     return turns
 
 
-def compare_tab(service: ChatService, rater: gr.Textbox) -> None:
+def compare_tab(service: ChatService, principals: Principals) -> None:
     """Build the Compare tab inside the current Blocks context."""
     pair = gr.State(None)  # (response id of A, response id of B) once both are stored
     with gr.Row(equal_height=True):
@@ -63,8 +65,9 @@ def compare_tab(service: ChatService, rater: gr.Textbox) -> None:
 
     outputs = [*boxes, pair, *buttons, status]
 
-    def on_generate(text: str, rater_id: str) -> Iterator[tuple[Any, ...]]:
-        turns = _start_answers(service, text, 2, rater_id)
+    def on_generate(text: str, request: gr.Request) -> Iterator[tuple[Any, ...]]:
+        account = signed_in(principals, request)
+        turns = _start_answers(service, text, 2, account.name) if account else None
         if turns is None:
             yield (gr.skip(),) * len(outputs)
             return
@@ -82,11 +85,16 @@ def compare_tab(service: ChatService, rater: gr.Textbox) -> None:
         ids = (turns[0].id, turns[1].id)
         yield *map(shown, texts), ids, *unlocked, "Which answer is better?"
 
-    def on_verdict(winner: Winner, ids: tuple[int, int] | None, rater_id: str) -> tuple[Any, ...]:
+    def on_verdict(
+        winner: Winner, ids: tuple[int, int] | None, request: gr.Request
+    ) -> tuple[Any, ...]:
+        account = signed_in(principals, request)
+        if account is None:
+            return (gr.skip(),) * (len(outputs) + 1)
         if ids is None:
             gr.Warning("Get two answers first.")
             return (gr.skip(),) * (len(outputs) + 1)
-        row = record(service, Comparison(ids[0], ids[1], winner, rater_id=rater_id))
+        row = record(service, Comparison(ids[0], ids[1], winner, rater_id=account.name))
         if row is None:
             return (gr.skip(),) * (len(outputs) + 1)
         label = next(label for label, w in VERDICTS if w == winner)
@@ -96,16 +104,19 @@ def compare_tab(service: ChatService, rater: gr.Textbox) -> None:
     gr.on(
         [generate.click, prompt.submit],
         on_generate,
-        [prompt, rater],
+        [prompt],
         outputs,
         concurrency_limit=GENERATION_CONCURRENCY,
     )
+
+    def verdict(winner: Winner) -> Any:
+        def on_click(ids: tuple[int, int] | None, request: gr.Request) -> tuple[Any, ...]:
+            return on_verdict(winner, ids, request)
+
+        return on_click
+
     for button, (_, winner) in zip(buttons, VERDICTS, strict=True):
-        button.click(
-            lambda ids, rater_id, w=winner: on_verdict(w, ids, rater_id),
-            [pair, rater],
-            [prompt, *outputs],
-        )
+        button.click(verdict(winner), [pair], [prompt, *outputs])
 
 
 def rank_order(ranks: list[Any]) -> list[int]:
@@ -127,7 +138,7 @@ def rank_order(ranks: list[Any]) -> list[int]:
     return sorted(range(k), key=lambda i: given[i])
 
 
-def rank_tab(service: ChatService, rater: gr.Textbox) -> None:
+def rank_tab(service: ChatService, principals: Principals) -> None:
     """Build the Rank tab inside the current Blocks context."""
     ranked = gr.State(None)  # the response ids shown, in display order, once stored
     with gr.Row(equal_height=True):
@@ -170,9 +181,10 @@ def rank_tab(service: ChatService, rater: gr.Textbox) -> None:
             note,
         )
 
-    def on_generate(text: str, k: int, rater_id: str) -> Iterator[tuple[Any, ...]]:
+    def on_generate(text: str, k: int, request: gr.Request) -> Iterator[tuple[Any, ...]]:
         k = int(k)
-        turns = _start_answers(service, text, k, rater_id)
+        account = signed_in(principals, request)
+        turns = _start_answers(service, text, k, account.name) if account else None
         if turns is None:
             yield (gr.skip(),) * len(outputs)
             return
@@ -192,7 +204,10 @@ def rank_tab(service: ChatService, rater: gr.Textbox) -> None:
 
     save_outputs = [prompt, *outputs]
 
-    def on_save(ids: list[int] | None, k: int, rater_id: str, *given: Any) -> tuple[Any, ...]:
+    def on_save(ids: list[int] | None, k: int, request: gr.Request, *given: Any) -> tuple[Any, ...]:
+        account = signed_in(principals, request)
+        if account is None:
+            return (gr.skip(),) * len(save_outputs)
         if ids is None:
             gr.Warning("Get answers first.")
             return (gr.skip(),) * len(save_outputs)
@@ -201,7 +216,7 @@ def rank_tab(service: ChatService, rater: gr.Textbox) -> None:
         except ValueError as exc:
             gr.Warning(str(exc))
             return *(gr.skip(),) * (len(save_outputs) - 1), str(exc)
-        row = record(service, Ranking(tuple(ids[i] for i in order), rater_id=rater_id))
+        row = record(service, Ranking(tuple(ids[i] for i in order), rater_id=account.name))
         if row is None:
             return (gr.skip(),) * len(save_outputs)
         best_first = ", ".join(f"answer {i + 1}" for i in order)
@@ -210,8 +225,8 @@ def rank_tab(service: ChatService, rater: gr.Textbox) -> None:
     gr.on(
         [generate.click, prompt.submit],
         on_generate,
-        [prompt, k_box, rater],
+        [prompt, k_box],
         outputs,
         concurrency_limit=GENERATION_CONCURRENCY,
     )
-    save.click(on_save, [ranked, k_box, rater, *ranks], save_outputs)
+    save.click(on_save, [ranked, k_box, *ranks], save_outputs)

@@ -15,13 +15,16 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from tuneloop.core.records import ModelVersion, TrainingRun
+from tuneloop.core.records import ModelVersion, TrainingRun, role_allows
 from tuneloop.core.settings import DEFAULT_POLICY_JOB, JOB_KINDS
+from tuneloop.feedback import accounts
 from tuneloop.feedback.registry import list_versions
 from tuneloop.feedback.runs import list_runs
 from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
 from tuneloop.loop.control import BusyError, LoopControl
+from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService
+from tuneloop.serve.ui_common import signed_in
 
 TAB_LABEL = "Operator"
 TICK_SECONDS = 2.0
@@ -245,11 +248,12 @@ def promote_choices(versions: list[ModelVersion]) -> list[tuple[str, str]]:
 # ---- the tab -------------------------------------------------------------------------------------
 
 
-def operator_tab(service: ChatService, control: LoopControl) -> None:
-    """Build the Operator tab; call it inside the UI's `gr.Tabs`, whose selection turns the
-    polling timer on (this tab) and off (any other), so chat users never poll."""
+def operator_tab(service: ChatService, control: LoopControl, principals: Principals) -> gr.Tab:
+    """Build the Operator tab, hidden; call it inside the UI's `gr.Tabs`, whose selection turns
+    the polling timer on (this tab) and off (any other), so chat users never poll. The page's
+    load shows it to operators (`operator_visibility`); every handler checks the role again."""
     store = service.store
-    with gr.Tab(TAB_LABEL, id="operator") as tab:
+    with gr.Tab(TAB_LABEL, id="operator", visible=False) as tab:
         with gr.Row():
             with gr.Column(scale=3):
                 served = gr.Markdown(elem_id="operator-served")
@@ -337,9 +341,15 @@ def operator_tab(service: ChatService, control: LoopControl) -> None:
             key,
         ]
 
-    def act(action: Callable[[], str], picked: str | None) -> list[Any]:
+    def act(
+        action: Callable[[], str], picked: str | None, request: gr.Request, audited: str
+    ) -> list[Any]:
+        account = signed_in(principals, request, "operator")
+        if account is None:
+            return [gr.skip()] * len(outputs)
         try:
             gr.Info(action())
+            accounts.audit(store, account.name, audited, picked, via="ui")
         except (BusyError, ValueError) as exc:  # RegistryError is a ValueError
             gr.Warning(str(exc))
         except Exception as exc:  # noqa: BLE001 - e.g. weights that fail to load: say so
@@ -347,38 +357,62 @@ def operator_tab(service: ChatService, control: LoopControl) -> None:
             gr.Warning(f"Failed: {exc}")
         return view(None, picked, force=True)
 
-    def on_train(job_kind: str, picked: str | None) -> list[Any]:
+    def on_train(job_kind: str, picked: str | None, request: gr.Request) -> list[Any]:
         def start() -> str:
             control.train_now(job_kind)
             return f"Started a {job_kind} training cycle."
 
-        return act(start, picked)
+        return act(start, picked, request, f"train {job_kind}")
 
-    def on_promote(picked: str | None) -> list[Any]:
+    def on_promote(picked: str | None, request: gr.Request) -> list[Any]:
         def run() -> str:
             if not picked:
                 raise ValueError("Pick a version to promote first.")
             return f"Promoted {control.promote(picked).id}; serving {control.serving.version}."
 
-        return act(run, picked)
+        return act(run, picked, request, "promote")
 
-    def on_rollback(picked: str | None) -> list[Any]:
-        return act(lambda: f"Rolled back: serving {control.rollback().id}.", picked)
+    def on_rollback(picked: str | None, request: gr.Request) -> list[Any]:
+        def run() -> str:
+            return f"Rolled back: serving {control.rollback().id}."
 
-    def on_tab(picked: str | None, evt: gr.SelectData) -> list[Any]:
-        if evt.value != TAB_LABEL:
+        return act(run, picked, request, "rollback")
+
+    def on_tab(picked: str | None, evt: gr.SelectData, request: gr.Request) -> list[Any]:
+        if evt.value != TAB_LABEL or signed_in(principals, request, "operator") is None:
             return [*(gr.skip(),) * len(outputs), gr.Timer(active=False)]
         return [*view(None, picked, force=True), gr.Timer(active=True)]
+
+    def on_tick(previous: Any, picked: str | None, request: gr.Request) -> list[Any]:
+        if signed_in(principals, request, "operator") is None:
+            return [gr.skip()] * len(outputs)
+        return view(previous, picked, False)
+
+    def on_refresh(picked: str | None, request: gr.Request) -> list[Any]:
+        if signed_in(principals, request, "operator") is None:
+            return [gr.skip()] * len(outputs)
+        return view(None, picked, True)
 
     tabs = tab.parent
     if not isinstance(tabs, gr.Tabs):
         raise TypeError("operator_tab() builds a gr.Tab: call it inside gr.Tabs")
     quiet = {"queue": False, "show_progress": "hidden"}
-    timer.tick(lambda prev, picked: view(prev, picked, False), [seen, chosen], outputs, **quiet)
+    timer.tick(on_tick, [seen, chosen], outputs, **quiet)
     tabs.select(on_tab, chosen, [*outputs, timer], **quiet)
-    refresh.click(lambda picked: view(None, picked, True), chosen, outputs)
+    refresh.click(on_refresh, chosen, outputs)
     train.click(on_train, [kind, chosen], outputs)
     # One swap at a time, across both buttons and every session.
     swap = {"concurrency_limit": 1, "concurrency_id": "operator-swap"}
     promote.click(on_promote, chosen, outputs, **swap)
     rollback.click(on_rollback, chosen, outputs, **swap)
+    return tab
+
+
+def operator_visibility(principals: Principals) -> Callable[[gr.Request], gr.Tab]:
+    """The page-load handler that shows the Operator tab to operators and admins only."""
+
+    def show(request: gr.Request) -> gr.Tab:
+        account = principals.by_name(getattr(request, "username", None) or "")
+        return gr.Tab(visible=account is not None and role_allows(account.role, "operator"))
+
+    return show

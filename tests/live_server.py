@@ -6,6 +6,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from tuneloop.core.config import DataDir, ServeConfig
 from tuneloop.serve.server import server_in_thread
 
@@ -15,6 +17,24 @@ class LiveServer:
     url: str
     data_dir: DataDir
     model_dir: Path | None
+
+    @property
+    def token(self) -> str:
+        """The first admin's token, which the server wrote to the data dir on its first start."""
+        return self.data_dir.admin_token_file.read_text().strip()
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """Headers that sign in as the first admin."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def account(self, name: str, role: str = "user") -> dict[str, str]:
+        """Make an account through the API; headers that sign in as it."""
+        made = httpx.post(
+            f"{self.url}/v1/admin/users", json={"name": name, "role": role}, headers=self.auth
+        )
+        made.raise_for_status()
+        return {"Authorization": f"Bearer {made.json()['token']}"}
 
 
 def _local_only(spec: str) -> str:

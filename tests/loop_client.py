@@ -19,14 +19,11 @@ from tuneloop.core.config import DataDir
 
 
 def admin(server: LiveServer) -> httpx.Client:
-    token = server.data_dir.admin_token_file.read_text().strip()
-    return httpx.Client(
-        base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=120
-    )
+    return httpx.Client(base_url=server.url, headers=server.auth, timeout=120)
 
 
 def openai_client(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.token, max_retries=0)
 
 
 def db_rows(dd: DataDir, sql: str, params: list | None = None) -> list[tuple]:

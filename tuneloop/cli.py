@@ -225,9 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     versions.add_argument("--json", action="store_true")
 
-    from tuneloop import cli_loop
+    from tuneloop import cli_loop, cli_users
 
     cli_loop.register(command)
+    cli_users.register(command)
     return parser
 
 

@@ -1,9 +1,10 @@
 """Reaching the database from the CLI: directly when no server runs, else through the server
-that holds the DuckDB file (one read-write process at a time), with the data dir's admin token."""
+that holds the DuckDB file (one read-write process at a time), signed in with `cli_token`."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -45,9 +46,7 @@ def ask_server(dd: DataDir, method: str, route: str, body: dict[str, Any] | None
             f"{dd.db} is locked by another process, and no server is recorded in {dd.server_file}"
         )
     url = json.loads(dd.server_file.read_text())["url"]
-    headers = {}
-    if route.startswith("/v1/admin/"):
-        headers["Authorization"] = f"Bearer {dd.admin_token_file.read_text().strip()}"
+    headers = {"Authorization": f"Bearer {cli_token(dd)}"}
     resp = httpx.request(method, url + route, headers=headers, json=body, timeout=600)
     if resp.status_code >= 400:
         try:
@@ -56,6 +55,21 @@ def ask_server(dd: DataDir, method: str, route: str, body: dict[str, Any] | None
             message = resp.text
         raise ServerError(f"the server answered {resp.status_code}: {message}")
     return resp.json()
+
+
+def cli_token(dd: DataDir) -> str:
+    """The token the CLI signs in with: `$TUNELOOP_TOKEN`, else the first admin's, which the
+    server wrote to the data dir's `admin.token`."""
+    token = os.environ.get("TUNELOOP_TOKEN", "").strip()
+    if token:
+        return token
+    try:
+        return dd.admin_token_file.read_text().strip()
+    except OSError as exc:
+        raise ServerError(
+            f"no token to sign in with: set TUNELOOP_TOKEN, or read {dd.admin_token_file} "
+            f"({exc.strerror})"
+        ) from exc
 
 
 def follow_cycle(

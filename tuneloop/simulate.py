@@ -18,6 +18,7 @@ import json
 import random
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -91,29 +92,42 @@ class SimulationConfig:
 
 @dataclass
 class _Client:
+    """The API as the simulated people use it, each with an account of their own (made on
+    first use by the first admin, whose token the server wrote to the data dir)."""
+
     http: httpx.Client
     token: str
+    tokens: dict[str, str] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def signed_in(self, name: str, role: str) -> dict[str, str]:
+        with self.lock:
+            if name not in self.tokens:
+                made = self.admin("POST", "users", {"name": name, "role": role})
+                self.tokens[name] = made["token"]
+            return {"Authorization": f"Bearer {self.tokens[name]}"}
 
     def chat(self, prompt: str, max_tokens: int, temperature: float, user: str) -> dict[str, Any]:
         body = {
             "messages": [{"role": "user", "content": prompt}],
             "max_tokens": max_tokens,
             "temperature": temperature,
-            "user": user,
         }
-        resp = self.http.post("/v1/chat/completions", json=body)
+        headers = self.signed_in(user, "user")
+        resp = self.http.post("/v1/chat/completions", json=body, headers=headers)
         resp.raise_for_status()
         return resp.json()
 
-    def feedback(self, body: dict[str, Any]) -> None:
-        self.http.post("/v1/feedback", json=body).raise_for_status()
+    def feedback(self, body: dict[str, Any], rater: str) -> None:
+        headers = self.signed_in(rater, "rater")
+        self.http.post("/v1/feedback", json=body, headers=headers).raise_for_status()
+
+    def signed_in_admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
 
     def admin(self, method: str, route: str, body: dict[str, Any] | None = None) -> Any:
         resp = self.http.request(
-            method,
-            f"/v1/admin/{route}",
-            json=body,
-            headers={"Authorization": f"Bearer {self.token}"},
+            method, f"/v1/admin/{route}", json=body, headers=self.signed_in_admin()
         )
         if resp.status_code >= 400:
             raise RuntimeError(f"{route}: {resp.status_code} {resp.text}")
@@ -161,7 +175,7 @@ def run_simulation(config: SimulationConfig) -> dict[str, Any]:
                     if v["id"] == new_version
                 )
                 after = _answers_in_process(new_version, artifact, heldout, config)
-        counts = client.http.get("/v1/feedback/stats").json()
+        counts = client.http.get("/v1/feedback/stats", headers=client.signed_in_admin()).json()
         job_seconds = _job_seconds(client.admin("GET", "runs?limit=1000"))
     wins = _win_rate(before, after, heldout, preference)
     return {
@@ -316,12 +330,8 @@ def _collect(
         if flips[i] and winner != "tie":
             winner = "b" if winner == "a" else "a"
         client.feedback(
-            {
-                "kind": "comparison",
-                "response_ids": [int(a["id"]), int(b["id"])],
-                "winner": winner,
-                "rater": f"sim-rater-{i % RATERS}",
-            }
+            {"kind": "comparison", "response_ids": [int(a["id"]), int(b["id"])], "winner": winner},
+            rater=f"sim-rater-{i % RATERS}",
         )
 
     with ThreadPoolExecutor(config.concurrency) as pool:

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from live_server import LiveServer, live_server
 
@@ -51,12 +52,32 @@ def browser() -> Iterator[Any]:
         b.close()
 
 
-@pytest.fixture
-def page(browser: Any, server: LiveServer) -> Iterator[Any]:
-    """A fresh browser context on the UI (its own Gradio session), closed after the test."""
+def account_token(server: LiveServer, name: str, role: str) -> str:
+    """A token of account `name` (made with `role` the first time; a new token later)."""
+    made = httpx.post(
+        f"{server.url}/v1/admin/users", json={"name": name, "role": role}, headers=server.auth
+    )
+    if made.status_code == 422 and "exists already" in made.text:
+        made = httpx.post(f"{server.url}/v1/admin/users/{name}/token", headers=server.auth)
+    made.raise_for_status()
+    return made.json()["token"]
+
+
+def signed_in_page(browser: Any, server: LiveServer, name: str, token: str) -> Any:
+    """A fresh browser context (its own Gradio session) signed in as `name`, on the UI. The
+    sign-in posts the login form Gradio's page sends; close the page's context afterwards."""
     context = browser.new_context(viewport={"width": 1280, "height": 1000})
     context.set_default_timeout(20_000)
+    login = context.request.post(f"{server.url}/login", form={"username": name, "password": token})
+    assert login.ok, login.text()
     pg = context.new_page()
     pg.goto(server.url)
+    return pg
+
+
+@pytest.fixture
+def page(browser: Any, server: LiveServer) -> Iterator[Any]:
+    """The UI signed in as the first admin, who sees every tab."""
+    pg = signed_in_page(browser, server, "admin", server.token)
     yield pg
-    context.close()
+    pg.context.close()

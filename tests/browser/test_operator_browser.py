@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from conftest import account_token, signed_in_page
 from live_server import LiveServer, live_server
 
 from tuneloop.core.config import DataDir
@@ -51,10 +52,7 @@ def test_roll_back_serves_the_previous_version(page: Any, server: LiveServer) ->
     served.get_by_text("Serving model version policy-v1.").wait_for()
     page.get_by_text("Rolled back: serving policy-v1.").wait_for()
     assert health_version(server) == "policy-v1"
-    token = server.data_dir.admin_token_file.read_text()
-    versions = httpx.get(
-        f"{server.url}/v1/admin/versions", headers={"Authorization": f"Bearer {token}"}
-    ).json()
+    versions = httpx.get(f"{server.url}/v1/admin/versions", headers=server.auth).json()
     assert {v["id"]: v["status"] for v in versions} == {
         "policy-v1": "promoted",
         "policy-v2": "rejected",
@@ -66,3 +64,28 @@ def test_roll_back_serves_the_previous_version(page: Any, server: LiveServer) ->
     page.get_by_role("button", name="Roll back").click()
     page.get_by_text("no earlier policy version to roll back to than policy-v1").wait_for()
     assert health_version(server) == "policy-v1"
+
+
+def test_the_operator_tab_is_for_operators_only(browser: Any, server: LiveServer) -> None:
+    """A rater sees no Operator tab, and calling its handlers through Gradio's API (signed in
+    as the rater) changes nothing: each handler checks the role on the server."""
+    from gradio_client import Client
+
+    token = account_token(server, "rita", "rater")
+    page = signed_in_page(browser, server, "rita", token)
+    try:
+        page.get_by_text("Signed in as rita (rater)").wait_for()
+        page.get_by_role("tab", name="Compare").wait_for()
+        assert page.get_by_role("tab", name="Operator").count() == 0
+    finally:
+        page.context.close()
+
+    served = health_version(server)
+    client = Client(server.url, auth=("rita", token), verbose=False)
+    for api_name in ("/on_rollback", "/on_promote"):
+        client.predict("policy-v1", api_name=api_name)
+    assert health_version(server) == served
+    versions = httpx.get(f"{server.url}/v1/admin/versions", headers=server.auth).json()
+    assert {v["status"] for v in versions if v["id"] == served} == {"promoted"}
+    with pytest.raises(ValueError):
+        Client(server.url, auth=("rita", "not-her-token"), verbose=False)

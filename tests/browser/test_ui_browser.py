@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import duckdb
 import pytest
+from conftest import account_token, signed_in_page
 from live_server import LiveServer
 
 pytestmark = pytest.mark.browser
 
-RATER = "browser-tester"
+RATER = "browser-tester"  # the account the page signs in as
 
 # Records the lengths the last bot message goes through, to tell a stream from one late update.
 WATCH_STREAM = """() => {
@@ -35,14 +37,17 @@ def printable(text: str) -> str:
     return "".join(ch for ch in text if ch.isprintable())
 
 
-def set_rater(page: Any) -> None:
-    page.get_by_label("Your name").fill(RATER)
+@pytest.fixture
+def page(browser: Any, server: LiveServer) -> Iterator[Any]:
+    """The UI signed in as a rater: what it does is stored under that account's name."""
+    pg = signed_in_page(browser, server, RATER, account_token(server, RATER, "rater"))
+    yield pg
+    pg.context.close()
 
 
 def test_chat_answer_streams_and_thumbs_up_is_stored_with_its_version(
     page: Any, server: LiveServer
 ) -> None:
-    set_rater(page)
     page.evaluate(WATCH_STREAM)
     page.get_by_placeholder("Type a message and press Enter").fill("What is a tuple?")
     page.keyboard.press("Enter")
@@ -70,7 +75,6 @@ def test_chat_answer_streams_and_thumbs_up_is_stored_with_its_version(
 
 
 def test_compare_two_blind_answers_stores_a_comparison(page: Any, server: LiveServer) -> None:
-    set_rater(page)
     page.get_by_role("tab", name="Compare").click()
     page.get_by_placeholder("A prompt to answer twice").fill("Explain sorting.")
     page.get_by_role("button", name="Get two answers").click()
@@ -101,7 +105,6 @@ def test_compare_two_blind_answers_stores_a_comparison(page: Any, server: LiveSe
 def test_rank_refuses_a_non_permutation_then_stores_the_ranking(
     page: Any, server: LiveServer
 ) -> None:
-    set_rater(page)
     page.get_by_role("tab", name="Rank").click()
     page.get_by_placeholder("A prompt to answer several times").fill("Name a loop.")
     page.get_by_role("button", name="Get answers").click()

@@ -19,7 +19,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
 
 @pytest.fixture(scope="module")
 def client(server: LiveServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.token, max_retries=0)
 
 
 def ask(client: openai.OpenAI, text: str = "What is a tuple?", **kw: object):
@@ -65,7 +65,9 @@ def test_streaming_gives_the_same_stored_text(server: LiveServer, client: openai
     # and is acknowledged only after both are committed.
     response_id = int(ids.pop())
     vote = httpx.post(
-        f"{server.url}/v1/feedback", json={"response_id": response_id, "kind": "thumbs", "value": 1}
+        f"{server.url}/v1/feedback",
+        json={"response_id": response_id, "kind": "thumbs", "value": 1},
+        headers=server.auth,
     )
     assert vote.status_code == 201, vote.text
     stored = db_rows(server, "SELECT text FROM responses WHERE id = ?", [response_id])
@@ -110,15 +112,15 @@ def test_every_feedback_kind_is_acknowledged_after_commit(
 ) -> None:
     a, b, c = (int(ask(client, "Rank these").id) for _ in range(3))
     bodies = [
-        {"kind": "thumbs", "response_id": a, "value": 1, "rater": "alice"},
+        {"kind": "thumbs", "response_id": a, "value": 1, "rater": "admin"},
         {"kind": "rating", "response_id": a, "value": 5, "reason": "clear"},
         {"kind": "edit", "response_id": b, "text": "A better answer."},
         {"kind": "comparison", "response_ids": [a, b], "winner": "tie"},
-        {"kind": "ranking", "response_ids": [c, a, b], "rater": "bob"},
+        {"kind": "ranking", "response_ids": [c, a, b]},
     ]
-    before = httpx.get(f"{server.url}/v1/feedback/stats").json()
+    before = httpx.get(f"{server.url}/v1/feedback/stats", headers=server.auth).json()
     for body in bodies:
-        resp = httpx.post(f"{server.url}/v1/feedback", json=body)
+        resp = httpx.post(f"{server.url}/v1/feedback", json=body, headers=server.auth)
         assert resp.status_code == 201, resp.text
         assert resp.json()["kind"] == body["kind"]
         table = {
@@ -131,7 +133,7 @@ def test_every_feedback_kind_is_acknowledged_after_commit(
         assert db_rows(
             server, f"SELECT count(*) FROM {table} WHERE id = ?", [resp.json()["id"]]
         ) == [(1,)]
-    after = httpx.get(f"{server.url}/v1/feedback/stats").json()
+    after = httpx.get(f"{server.url}/v1/feedback/stats", headers=server.auth).json()
     for body in bodies:
         assert after[body["kind"]] == before[body["kind"]] + 1
 
@@ -148,7 +150,8 @@ def test_every_feedback_kind_is_acknowledged_after_commit(
         ({"kind": "ranking", "response_ids": ["{a}", 10**9]}, 404, "unknown response id"),
         ({"kind": "stars", "response_id": "{a}"}, 422, "does not match any of the expected tags"),
         ({"kind": "thumbs", "response_id": "{a}", "value": 1, "extra": 1}, 422, "extra"),
-        ({"kind": "thumbs", "response_id": "{a}", "value": 1, "rater": "no spaces"}, 422, "rater"),
+        ({"kind": "thumbs", "response_id": "{a}", "value": 1, "rater": "no spaces"}, 403, "admin"),
+        ({"kind": "thumbs", "response_id": "{a}", "value": 1, "rater": "x" * 65}, 422, "rater"),
     ],
 )
 def test_bad_feedback_is_refused_and_nothing_is_written(
@@ -161,11 +164,11 @@ def test_bad_feedback_is_refused_and_nothing_is_written(
         )
         for k, v in body.items()
     }
-    before = httpx.get(f"{server.url}/v1/feedback/stats").json()
-    resp = httpx.post(f"{server.url}/v1/feedback", json=body)
+    before = httpx.get(f"{server.url}/v1/feedback/stats", headers=server.auth).json()
+    resp = httpx.post(f"{server.url}/v1/feedback", json=body, headers=server.auth)
     assert resp.status_code == status, resp.text
     assert message in resp.json()["error"]["message"]
-    assert httpx.get(f"{server.url}/v1/feedback/stats").json() == before
+    assert httpx.get(f"{server.url}/v1/feedback/stats", headers=server.auth).json() == before
 
 
 def test_oversized_body_is_refused(server: LiveServer) -> None:
@@ -187,7 +190,7 @@ def test_oversized_body_without_a_length_is_refused_and_a_small_one_passes(
         for i in range(0, len(body), 64_000):
             yield body[i : i + 64_000]
 
-    before = httpx.get(f"{server.url}/v1/feedback/stats").json()
+    before = httpx.get(f"{server.url}/v1/feedback/stats", headers=server.auth).json()
     big = b'{"kind": "thumbs", "response_id": 1, "value": 1, "rater": "' + b"x" * 2_000_000 + b'"}'
     resp = httpx.post(
         f"{server.url}/v1/feedback",
@@ -196,12 +199,12 @@ def test_oversized_body_without_a_length_is_refused_and_a_small_one_passes(
     )
     assert resp.status_code == 413
     assert "limit" in resp.json()["error"]["message"]
-    assert httpx.get(f"{server.url}/v1/feedback/stats").json() == before
+    assert httpx.get(f"{server.url}/v1/feedback/stats", headers=server.auth).json() == before
 
     answer = httpx.post(
         f"{server.url}/v1/chat/completions",
         content=chunked(b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}'),
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **server.auth},
     )
     assert answer.status_code == 200, answer.text
     reply = answer.json()
@@ -224,9 +227,6 @@ def test_admin_routes_need_the_token(server: LiveServer) -> None:
     assert refused.status_code == 401
     error = refused.json()["error"]  # every route answers errors in the one shape
     assert error["type"] == "invalid_request_error" and "Bearer <token>" in error["message"]
-    token = server.data_dir.admin_token_file.read_text()
     assert oct(server.data_dir.admin_token_file.stat().st_mode & 0o777) == "0o600"
-    versions = httpx.get(
-        f"{server.url}/v1/admin/versions", headers={"Authorization": f"Bearer {token}"}
-    ).json()
+    versions = httpx.get(f"{server.url}/v1/admin/versions", headers=server.auth).json()
     assert [(v["id"], v["status"]) for v in versions] == [("policy-v1", "promoted")]

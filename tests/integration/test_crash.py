@@ -56,11 +56,13 @@ def test_acknowledged_rows_survive_sigkill(tmp_path: Path, tiny_model_dir: Path)
     data_dir, port = tmp_path / "data", free_port()
     proc = start_server(data_dir, tiny_model_dir, port)
     url = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {(data_dir / 'admin.token').read_text().strip()}"}
     try:
         chat = httpx.post(
             f"{url}/v1/chat/completions",
             timeout=60,
             json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4},
+            headers=auth,
         ).json()
         rid = int(chat["id"])
 
@@ -70,6 +72,7 @@ def test_acknowledged_rows_survive_sigkill(tmp_path: Path, tiny_model_dir: Path)
                     f"{url}/v1/feedback",
                     timeout=5,
                     json={"kind": "rating", "response_id": rid, "value": 1 + i % 5},
+                    headers=auth,
                 )
             except httpx.TransportError:
                 return None  # the server died before answering: not acknowledged

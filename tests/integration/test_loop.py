@@ -59,6 +59,7 @@ def collect_feedback(server: LiveServer, tmp_path: Path, prompts: int = 4) -> in
         ack = httpx.post(
             f"{server.url}/v1/feedback",
             json={"kind": "comparison", "response_ids": [int(a.id), int(b.id)], "winner": "a"},
+            headers=server.auth,
             timeout=30,
         )
         assert ack.status_code == 201, ack.text
@@ -68,7 +69,7 @@ def collect_feedback(server: LiveServer, tmp_path: Path, prompts: int = 4) -> in
         )
         assert imported.status_code == 200, imported.text
         assert imported.json()["pairs"] == len(TRL_PAIRS)
-    stats = httpx.get(f"{server.url}/v1/feedback/stats", timeout=30).json()
+    stats = httpx.get(f"{server.url}/v1/feedback/stats", headers=server.auth, timeout=30).json()
     assert stats["comparison"] == prompts + len(TRL_PAIRS)
     return stats["comparison"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from live_server import live_server
 
 from tuneloop.cli import build_parser
 from tuneloop.core.config import apply_openmp_defaults
+from tuneloop.feedback.store import FeedbackStore
 
 
 def tuneloop(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -84,10 +86,12 @@ def test_commands_go_through_the_server_that_holds_the_file(
             f"{server.url}/v1/chat/completions",
             timeout=60,
             json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+            headers=server.auth,
         ).json()
         httpx.post(
             f"{server.url}/v1/feedback",
             json={"kind": "thumbs", "response_id": int(chat["id"]), "value": 1},
+            headers=server.auth,
         )
         stats = tuneloop("stats", "--json", "--data-dir", dd)
         assert stats.returncode == 0, stats.stderr
@@ -101,6 +105,37 @@ def test_commands_go_through_the_server_that_holds_the_file(
         built = tuneloop("datasets", "--data-dir", dd)
         assert built.returncode == 0, built.stderr
         assert "preference" in json.loads(built.stdout)
+
+        added = tuneloop("users", "add", "alice", "--role", "rater", "--data-dir", dd)
+        assert added.returncode == 0, added.stderr
+        alice = {"Authorization": f"Bearer {added.stdout.split()[-1]}"}
+        assert httpx.get(f"{server.url}/v1/models", headers=alice).status_code == 200
+        listed = json.loads(tuneloop("users", "list", "--json", "--data-dir", dd).stdout)
+        assert [(u["name"], u["role"]) for u in listed] == [("admin", "admin"), ("alice", "rater")]
+        assert tuneloop("users", "disable", "alice", "--data-dir", dd).returncode == 0
+        assert httpx.get(f"{server.url}/v1/models", headers=alice).status_code == 401
+        refused = tuneloop("users", "add", "Bad Name", "--data-dir", dd)
+        assert refused.returncode == 1 and "account name" in refused.stderr
+
+
+def test_users_are_managed_on_the_file_when_no_server_runs(tmp_path: Path) -> None:
+    dd = str(tmp_path / "data")
+    added = tuneloop("users", "add", "bob", "--role", "operator", "--data-dir", dd)
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.split()[-1].startswith("tl_")
+    assert tuneloop("users", "role", "bob", "rater", "--data-dir", dd).returncode == 0
+    token = tuneloop("users", "token", "bob", "--data-dir", dd)
+    assert token.returncode == 0 and token.stdout.split()[-1] != added.stdout.split()[-1]
+    listed = tuneloop("users", "list", "--data-dir", dd).stdout
+    assert "bob" in listed and "rater" in listed and "active" in listed
+    with FeedbackStore(Path(dd) / "feedback.duckdb") as store:
+        log = store.read("SELECT actor, action FROM audit_log ORDER BY id")
+    actor = f"local:{getpass.getuser()}"
+    assert log == [
+        {"actor": actor, "action": "account.add"},
+        {"actor": actor, "action": "account.role"},
+        {"actor": actor, "action": "account.token"},
+    ]
 
 
 @pytest.mark.parametrize(

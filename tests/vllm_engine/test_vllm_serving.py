@@ -135,10 +135,12 @@ def test_chat_and_feedback_through_tuneloop(server: LiveServer) -> None:
         {"kind": "comparison", "response_ids": ids, "winner": "b"},
     ]
     for body in feedback:
-        r = httpx.post(f"{server.url}/v1/feedback", json=body, timeout=30)
+        r = httpx.post(f"{server.url}/v1/feedback", json=body, headers=server.auth, timeout=30)
         assert r.status_code == 201, r.text
     bad = httpx.post(
-        f"{server.url}/v1/feedback", json={"response_id": 10**9, "kind": "thumbs", "value": 1}
+        f"{server.url}/v1/feedback",
+        json={"response_id": 10**9, "kind": "thumbs", "value": 1},
+        headers=server.auth,
     )
     assert bad.status_code == 404
     assert stored_versions(server.data_dir, ids) == dict.fromkeys(ids, "policy-v3")
@@ -147,6 +149,7 @@ def test_chat_and_feedback_through_tuneloop(server: LiveServer) -> None:
     too_long = httpx.post(
         f"{server.url}/v1/chat/completions",
         json={"messages": [{"role": "user", "content": "word " * 2000}]},
+        headers=server.auth,
         timeout=30,
     )
     assert too_long.status_code == 400 and "at most 512" in too_long.text
@@ -186,13 +189,19 @@ def test_a_client_that_leaves_mid_answer_stops_its_generation(server: LiveServer
         "temperature": 0.0,
     }
     started = time.monotonic()
-    whole = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).json()
+    whole = httpx.post(
+        f"{server.url}/v1/chat/completions", json=body, headers=server.auth, timeout=120
+    ).json()
     took = time.monotonic() - started
     assert whole["choices"][0]["finish_reason"] == "length"  # it runs all 400 tokens
     generated, before = _settled_generation_tokens(server), _stored_responses(server)
     started = time.monotonic()
     with httpx.stream(
-        "POST", f"{server.url}/v1/chat/completions", json=body | {"stream": True}, timeout=60
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        json=body | {"stream": True},
+        headers=server.auth,
+        timeout=60,
     ) as r:
         events = r.iter_lines()
         while "content" not in next(events):  # the first text came; then the client goes
@@ -213,7 +222,7 @@ def test_vllm_admin_routes_are_out_of_reach(server: LiveServer) -> None:
         for method in ("GET", "POST"):
             r = httpx.request(method, f"{server.url}{route}", json={}, timeout=10)
             assert r.status_code in (404, 405), (method, route, r.status_code)
-    models = httpx.get(f"{server.url}/v1/models").json()["data"]
+    models = httpx.get(f"{server.url}/v1/models", headers=server.auth).json()["data"]
     assert [m["id"] for m in models] == ["policy-v3"]
 
     # vLLM listens on a Unix socket in a directory only this user may enter, and on no TCP

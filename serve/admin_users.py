@@ -1,0 +1,82 @@
+"""Account routes under `/v1/admin/users`, for admins only (`tuneloop users` uses them while a
+server owns the database file). Each change is audited and reloads the server's tokens, so a
+disabled account or a replaced token stops working at once.
+
+- `GET /users`; `POST /users {"name", "role"}` -> the account and its token (shown once)
+- `POST /users/{name}/disable`, `/enable`, `/token` (a new token), `/role {"role"}`
+- `GET /audit?limit=100`: the audit log, newest first
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations, which
+# name types made inside the router factories (the signed-in account's role, the train request).
+
+from collections.abc import Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from tuneloop.core.records import Account, to_json_dict
+from tuneloop.feedback import accounts
+from tuneloop.feedback.store import FeedbackStore
+from tuneloop.serve.auth import Principals
+
+
+class NewAccount(BaseModel):
+    name: str
+    role: str = "user"
+
+
+class RoleIn(BaseModel):
+    role: str
+
+
+def create_users_router(store: FeedbackStore, principals: Principals) -> APIRouter:
+    router = APIRouter(prefix="/v1/admin")
+    Admin = Annotated[Account, Depends(principals.require("admin"))]  # noqa: N806
+
+    async def change(fn: Callable[[], Any]) -> Any:
+        result = await run_in_threadpool(fn)
+        await run_in_threadpool(principals.reload)
+        return result
+
+    @router.get("/users")
+    async def list_users(_: Admin) -> list[dict[str, Any]]:
+        return [to_json_dict(a) for a in await run_in_threadpool(accounts.list_accounts, store)]
+
+    @router.post("/users", status_code=201)
+    async def add_user(body: NewAccount, admin: Admin) -> dict[str, Any]:
+        account, token = await change(
+            lambda: accounts.add_account(store, body.name, body.role, actor=admin.name)
+        )
+        return {**to_json_dict(account), "token": token}
+
+    @router.post("/users/{name}/disable")
+    async def disable(name: str, admin: Admin) -> dict[str, Any]:
+        return to_json_dict(
+            await change(lambda: accounts.set_disabled(store, name, True, actor=admin.name))
+        )
+
+    @router.post("/users/{name}/enable")
+    async def enable(name: str, admin: Admin) -> dict[str, Any]:
+        return to_json_dict(
+            await change(lambda: accounts.set_disabled(store, name, False, actor=admin.name))
+        )
+
+    @router.post("/users/{name}/token")
+    async def token(name: str, admin: Admin) -> dict[str, Any]:
+        new = await change(lambda: accounts.rotate_token(store, name, actor=admin.name))
+        return {"name": name, "token": new}
+
+    @router.post("/users/{name}/role")
+    async def role(name: str, body: RoleIn, admin: Admin) -> dict[str, Any]:
+        return to_json_dict(
+            await change(lambda: accounts.set_role(store, name, body.role, actor=admin.name))
+        )
+
+    @router.get("/audit")
+    async def audit(_: Admin, limit: int = 100) -> list[dict[str, Any]]:
+        return await run_in_threadpool(accounts.audit_log, store, limit)
+
+    return router

@@ -1,0 +1,69 @@
+"""Who is calling: bearer tokens of accounts (`tuneloop.feedback.accounts`), checked against
+memory, and what their role allows.
+
+`Principals` holds every enabled account by the SHA-256 of its token, loaded once at start and
+again after each account change made through this server (the only writer of the database while
+it runs), so a request costs a hash and a dict lookup, never a database round trip. The routes
+take `Depends(principals.require(role))`; the UI signs in with the same accounts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Awaitable, Callable
+
+from fastapi import Header, HTTPException
+
+from tuneloop.core.records import Account, role_allows
+from tuneloop.feedback.accounts import token_index, token_sha256
+from tuneloop.feedback.store import FeedbackStore
+
+
+class Principals:
+    def __init__(self, store: FeedbackStore) -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._by_hash: dict[str, Account] = {}
+        self._by_name: dict[str, Account] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the accounts again (after one was added, disabled, or given a new token)."""
+        fresh = token_index(self._store)
+        with self._lock:
+            self._by_hash = fresh
+            self._by_name = {a.name: a for a in fresh.values()}
+
+    def signed_in(self, token: str) -> Account | None:
+        """The enabled account this token signs in, if any."""
+        return self._by_hash.get(token_sha256(token.strip())) if token else None
+
+    def check_password(self, name: str, token: str) -> bool:
+        """The UI's sign-in: the account's name and its token."""
+        account = self.signed_in(token)
+        return account is not None and account.name == name
+
+    def by_name(self, name: str) -> Account | None:
+        """An enabled account by name (the UI knows who signed in by name only)."""
+        return self._by_name.get(name)
+
+    def require(self, role: str) -> Callable[..., Awaitable[Account]]:
+        """A FastAPI dependency: the calling account, which must have at least `role`;
+        401 without a valid token, 403 when the role does not allow it."""
+
+        # async: a plain `def` dependency costs every request a hop to a worker thread.
+        async def principal(authorization: str = Header("")) -> Account:
+            scheme, _, token = authorization.partition(" ")
+            account = self.signed_in(token) if scheme.lower() == "bearer" else None
+            if account is None:
+                raise HTTPException(
+                    401,
+                    "sign in: send 'Authorization: Bearer <token>' with an account's token "
+                    "(`tuneloop users add NAME` makes one)",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            if not role_allows(account.role, role):
+                raise HTTPException(403, f"{account.name} is a {account.role}; this needs {role}")
+            return account
+
+        return principal

@@ -1,0 +1,167 @@
+"""Who may do what, on a real server (127.0.0.1): accounts and their tokens, feedback bound to
+the caller, answers only their owners (or raters) may judge, operator and admin routes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import httpx
+import pytest
+from live_server import LiveServer, live_server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
+    yield from live_server(tmp_path_factory.mktemp("auth") / "data", tiny_model_dir, ui=False)
+
+
+@pytest.fixture(scope="module")
+def people(server: LiveServer) -> dict[str, dict[str, str]]:
+    """Headers of a user, a second user, a rater and an operator."""
+    return {
+        name: server.account(name, role)
+        for name, role in (
+            ("ann", "user"),
+            ("ben", "user"),
+            ("rae", "rater"),
+            ("otto", "operator"),
+        )
+    }
+
+
+def chat(server: LiveServer, headers: dict[str, str], **extra: object) -> httpx.Response:
+    body = {"messages": [{"role": "user", "content": "What is a set?"}], "max_tokens": 4}
+    return httpx.post(
+        f"{server.url}/v1/chat/completions", json=body | extra, headers=headers, timeout=60
+    )
+
+
+def feedback(server: LiveServer, headers: dict[str, str], body: dict) -> httpx.Response:
+    return httpx.post(f"{server.url}/v1/feedback", json=body, headers=headers, timeout=30)
+
+
+def db_rows(server: LiveServer, sql: str, params: list | None = None) -> list[tuple]:
+    with duckdb.connect(str(server.data_dir.db)) as con:
+        return con.execute(sql, params or []).fetchall()
+
+
+def test_without_a_valid_token_nothing_is_answered_or_stored(server: LiveServer) -> None:
+    before = db_rows(server, "SELECT count(*) FROM responses")
+    for headers in ({}, {"Authorization": "Bearer tl_not-a-token"}, {"Authorization": "Basic x"}):
+        assert chat(server, headers).status_code == 401
+        refused = feedback(server, headers, {"kind": "thumbs", "response_id": 1, "value": 1})
+        assert refused.status_code == 401
+        assert refused.headers["www-authenticate"] == "Bearer"
+        assert "tuneloop users add" in refused.json()["error"]["message"]
+        assert httpx.get(f"{server.url}/v1/models", headers=headers).status_code == 401
+    assert db_rows(server, "SELECT count(*) FROM responses") == before
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_rows_carry_the_caller_and_no_one_speaks_for_another(
+    server: LiveServer, people: dict[str, dict[str, str]]
+) -> None:
+    ann = people["ann"]
+    answer = chat(server, ann)
+    assert answer.status_code == 200, answer.text
+    rid = int(answer.json()["id"])
+    assert chat(server, ann, user="ben").status_code == 403
+    forged = feedback(
+        server, ann, {"kind": "thumbs", "response_id": rid, "value": 1, "rater": "ben"}
+    )
+    assert forged.status_code == 403 and "cannot speak for 'ben'" in forged.text
+    own = feedback(server, ann, {"kind": "thumbs", "response_id": rid, "value": 1, "rater": "ann"})
+    assert own.status_code == 201, own.text
+    assert db_rows(server, "SELECT rater_id FROM responses WHERE id = ?", [rid]) == [("ann",)]
+    assert db_rows(server, "SELECT rater_id FROM thumbs WHERE id = ?", [own.json()["id"]]) == [
+        ("ann",)
+    ]
+
+
+def test_only_owners_judge_their_answers_and_raters_compare_anyones(
+    server: LiveServer, people: dict[str, dict[str, str]]
+) -> None:
+    ann, ben, rae = people["ann"], people["ben"], people["rae"]
+    first = chat(server, ann).json()
+    a = int(first["id"])
+    b = int(chat(server, ann, conversation_id=first["conversation_id"]).json()["id"])
+    for kind, body in (
+        ("thumbs", {"value": -1}),
+        ("rating", {"value": 1}),
+        ("edit", {"text": "Something else."}),
+    ):
+        for someone in (ben, rae):  # another user; a rater: single answers are their owner's
+            refused = feedback(server, someone, {"kind": kind, "response_id": a, **body})
+            assert refused.status_code == 403, (kind, refused.text)
+            assert "may judge only the answers given to" in refused.text
+    pair = {"kind": "comparison", "response_ids": [a, b], "winner": "a"}
+    assert feedback(server, ben, pair).status_code == 403
+    assert feedback(server, ben, {"kind": "ranking", "response_ids": [b, a]}).status_code == 403
+    assert feedback(server, rae, pair).status_code == 201
+    assert feedback(server, rae, {"kind": "ranking", "response_ids": [b, a]}).status_code == 201
+    assert feedback(server, ann, pair).status_code == 201
+    rows = db_rows(server, "SELECT rater_id FROM comparisons WHERE response_a = ?", [a])
+    assert sorted(rows) == [("ann",), ("rae",)]
+    edits = db_rows(server, "SELECT count(*) FROM edits WHERE response_id = ?", [a])
+    assert edits == [(0,)]
+
+
+def test_continuing_someone_elses_conversation_is_a_404(
+    server: LiveServer, people: dict[str, dict[str, str]]
+) -> None:
+    first = chat(server, people["ann"]).json()
+    conv = first["conversation_id"]
+    before = db_rows(server, "SELECT count(*) FROM messages WHERE conversation_id = ?", [conv])
+    for other in (people["ben"], people["otto"], server.auth):
+        taken = chat(server, other, conversation_id=conv)
+        assert taken.status_code == 404 and "unknown conversation" in taken.text
+    after = db_rows(server, "SELECT count(*) FROM messages WHERE conversation_id = ?", [conv])
+    assert after == before
+    assert chat(server, people["ann"], conversation_id=conv).status_code == 200
+
+
+def test_operator_and_admin_routes_check_the_role_and_audit_the_caller(
+    server: LiveServer, people: dict[str, dict[str, str]]
+) -> None:
+    url = server.url
+    for someone in (people["ann"], people["rae"]):
+        for method, route in (
+            ("POST", "/v1/admin/snapshot"),
+            ("POST", "/v1/admin/rollback"),
+            ("POST", "/v1/admin/train"),
+            ("GET", "/v1/admin/versions"),
+        ):
+            refused = httpx.request(method, url + route, json={}, headers=someone)
+            assert refused.status_code == 403, (route, refused.text)
+            assert "this needs operator" in refused.text
+    otto = people["otto"]
+    snap = httpx.post(f"{url}/v1/admin/snapshot", headers=otto)
+    assert snap.status_code == 200, snap.text
+    made = httpx.post(f"{url}/v1/admin/users", json={"name": "eve", "role": "admin"}, headers=otto)
+    assert made.status_code == 403 and "this needs admin" in made.text
+
+    log = httpx.get(f"{url}/v1/admin/audit", headers=server.auth).json()
+    assert {"actor": "otto", "action": "snapshot", "target": snap.json()["id"]}.items() <= log[
+        0
+    ].items()
+    assert ("admin", "account.add", "otto") in {(e["actor"], e["action"], e["target"]) for e in log}
+
+
+def test_a_disabled_account_or_a_replaced_token_stops_working_at_once(
+    server: LiveServer,
+) -> None:
+    headers = server.account("dora", "user")
+    assert chat(server, headers).status_code == 200
+    url = server.url
+    assert httpx.post(f"{url}/v1/admin/users/dora/disable", headers=server.auth).status_code == 200
+    assert chat(server, headers).status_code == 401
+    assert httpx.post(f"{url}/v1/admin/users/dora/enable", headers=server.auth).status_code == 200
+    assert chat(server, headers).status_code == 200
+    new = httpx.post(f"{url}/v1/admin/users/dora/token", headers=server.auth).json()["token"]
+    assert chat(server, headers).status_code == 401
+    assert chat(server, {"Authorization": f"Bearer {new}"}).status_code == 200
+    unknown = httpx.post(f"{url}/v1/admin/users/nobody/disable", headers=server.auth)
+    assert unknown.status_code == 404
+    stored = db_rows(server, "SELECT token_sha256 FROM accounts WHERE name = 'dora'")
+    assert new not in str(stored)
