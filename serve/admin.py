@@ -8,7 +8,8 @@ one shape, with the statuses of `serve.errors`.
 - `POST /promote {"version"}`, `POST /rollback`: hot-swap the served policy, then record it
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: FastAPI reads the routes' annotations, and the
+# train request's model is made inside the router factory.
 
 import hmac
 import typing
