@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fastapi import FastAPI
 
 from tuneloop.cli import build_parser
 from tuneloop.cli_settings import add_options, option_values, settings_from_args
@@ -24,7 +25,9 @@ from tuneloop.core.settings import (
     jobs,
     setting,
 )
-from tuneloop.serve.admin import request_fields, train_request
+from tuneloop.feedback.store import FeedbackStore
+from tuneloop.serve.admin import create_admin_router, request_fields, train_request
+from tuneloop.serve.auth import Principals
 from tuneloop.serve.ui_operator import job_choices
 from tuneloop.train.job_common import JobOutput, StatusFile
 from tuneloop.train.run import train_version
@@ -97,6 +100,16 @@ def test_a_new_job_kind_appears_in_the_cli_the_api_the_operator_tab_and_the_job(
     schema = train_request().model_json_schema()["properties"]
     assert schema["kind"]["enum"] == list(jobs()) and "dummy" in schema["kind"]["enum"]
     assert {"overrides", "keep_reward", "gate", "min_win_rate", "gate_prompts"} <= set(schema)
+    # The route takes it as its JSON body (the OpenAPI schema the server publishes).
+    app = FastAPI()
+    with FeedbackStore(tmp_path / "f.duckdb") as store:
+        router = create_admin_router(None, None, None, Principals(store))  # type: ignore[arg-type]
+    app.include_router(router)
+    route = app.openapi()["paths"]["/v1/admin/train"]["post"]
+    assert [p["in"] for p in route["parameters"]] == ["header"]  # the token only
+    body = route["requestBody"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1]
+    published = app.openapi()["components"]["schemas"][body]["properties"]
+    assert "dummy" in published["kind"]["enum"]
 
     settings = cycle.job_settings()
     spec = JobSpec("dummy", tmp_path, tmp_path, tmp_path / "v1", "v1", settings=settings)
