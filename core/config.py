@@ -6,7 +6,7 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuneloop.core.settings import GateSettings, ScheduleSettings
+from tuneloop.core.settings import GateSettings, LimitSettings, ScheduleSettings
 
 DEFAULT_DATA_DIR = Path("tuneloop-data")
 DEFAULT_HOST = "127.0.0.1"
@@ -102,4 +102,5 @@ class ServeConfig:
     ui: bool = True
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     gate: GateSettings = field(default_factory=GateSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
     vllm: VllmSettings = field(default_factory=VllmSettings)

@@ -260,3 +260,30 @@ class ScheduleSettings:
         choices=policy_jobs,
     )
     poll_seconds: float = 15.0
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """How much one account of the user or rater role may ask of the server; operators and
+    admins are not limited. 0 turns a limit off. Each is a bucket of that many requests that
+    refills evenly over a minute: a burst up to the limit, then one request per 60/limit s."""
+
+    feedback_per_minute: int = setting(
+        120,
+        "feedback rows one user or rater may send per minute (0: no limit)",
+        option="feedback_per_minute",
+    )
+    chats_per_minute: int = setting(
+        30,
+        "answers one user or rater may ask for per minute (0: no limit)",
+        option="chats_per_minute",
+    )
+    logins_per_minute: int = setting(
+        10,
+        "sign-in attempts per minute from one address to the UI (0: no limit)",
+        option="logins_per_minute",
+    )
+
+    def __post_init__(self) -> None:
+        if min(self.feedback_per_minute, self.chats_per_minute, self.logins_per_minute) < 0:
+            raise SettingsError("a rate limit is a count per minute, 0 or more")

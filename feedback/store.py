@@ -17,7 +17,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -239,6 +239,11 @@ class FeedbackStore:
         with self.cursor() as cur:
             return {k: int(n) for k, n in cur.execute(" UNION ALL ".join(parts)).fetchall()}
 
+    @property
+    def writing(self) -> bool:
+        """Whether the writer thread runs: nothing is written without it (`/health` says so)."""
+        return self._writer.is_alive() and not self._closed
+
     def response(self, response_id: int) -> dict[str, Any] | None:
         rows = self.read("SELECT * FROM responses WHERE id = ?", [response_id])
         return rows[0] if rows else None
@@ -285,9 +290,9 @@ class FeedbackStore:
             self._con.execute("COMMIT")
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             self._rollback()
-            fut.set_exception(exc)
+            _settle(fut, exc)
         else:
-            fut.set_result(result)
+            _settle(fut, result)
 
     def _rollback(self) -> None:
         with contextlib.suppress(duckdb.Error):  # no transaction was open
@@ -311,17 +316,14 @@ class FeedbackStore:
                 for one in batch:
                     self._write_records([one])
             else:
-                batch[0][1].set_exception(exc)
+                _settle(batch[0][1], exc)
             return
         self._known_raters.update(pending.raters)
         self._known_conversations.update(pending.conversations)
         self._conv_len.update(pending.conv_len)
         self._remember_facts(pending.facts)
         for (_, fut), outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                fut.set_exception(outcome)
-            else:
-                fut.set_result(outcome)
+            _settle(fut, outcome)
 
     def _stage(self, batch: list[tuple[Any, Future]], p: _Pending) -> list[int | BaseException]:
         """Check references and turn records into rows; returns an id or an error per item."""
@@ -467,6 +469,19 @@ class FeedbackStore:
             f"INSERT INTO {table} ({', '.join(cols)}) SELECT {select}{on_conflict}",
             [[row[c] for row in rows] for c in cols],
         )
+
+
+def _settle(fut: Future, outcome: Any) -> None:
+    """Resolve a caller's future with a result or an exception. A caller that stopped waiting
+    (its request was cancelled) may have cancelled it: then there is no one to tell, and the
+    writer must not die of `InvalidStateError`."""
+    try:
+        if isinstance(outcome, BaseException):
+            fut.set_exception(outcome)
+        else:
+            fut.set_result(outcome)
+    except InvalidStateError:
+        pass
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from tuneloop.core.records import WINNERS, Comparison, Edit, Feedback, Ranking, 
 MAX_TEXT_CHARS = 32_000
 MAX_REASON_CHARS = 2_000
 MAX_RANKING_SIZE = 16
+MAX_ID = 2**63 - 1  # ids are BIGINT: a larger one is refused here, not by the writer
 _RATER_ID = re.compile(r"^[A-Za-z0-9_.@:-]{1,64}$")
 
 
@@ -38,6 +39,9 @@ def check_rater_id(rater_id: str) -> None:
 def check_feedback(fb: Feedback) -> None:
     """Raise FeedbackError with a message a person can act on, or return None."""
     check_rater_id(fb.rater_id)
+    for rid in referenced_responses(fb):
+        if isinstance(rid, bool) or not isinstance(rid, int) or not 1 <= rid <= MAX_ID:
+            raise FeedbackError(f"a response id is an integer from 1 to {MAX_ID}, got {rid!r}")
     if isinstance(fb, Thumbs):
         if fb.value not in (1, -1):
             raise FeedbackError(f"thumbs value must be 1 or -1, got {fb.value!r}")

@@ -37,6 +37,7 @@ from tuneloop.core.records import (
     Thumbs,
     role_allows,
 )
+from tuneloop.core.settings import LimitSettings
 from tuneloop.feedback.validation import (
     MAX_RANKING_SIZE,
     MAX_REASON_CHARS,
@@ -45,6 +46,7 @@ from tuneloop.feedback.validation import (
 from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService, ChatTurn
 from tuneloop.serve.errors import error_response, install_error_handlers
+from tuneloop.serve.limits import RateLimiter
 
 MAX_BODY_BYTES = 1_000_000
 # A streamed answer's tokens decoded within this many seconds of each other go out as one SSE
@@ -293,7 +295,13 @@ def _check_named(name: str | None, account: Account) -> None:
         )
 
 
-def create_api(service: ChatService, principals: Principals) -> FastAPI:
+def create_api(
+    service: ChatService, principals: Principals, limits: LimitSettings | None = None
+) -> FastAPI:
+    limits = limits or LimitSettings()
+    chat_limit = RateLimiter(limits.chats_per_minute, "answers")
+    feedback_limit = RateLimiter(limits.feedback_per_minute, "feedback rows")
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
@@ -313,10 +321,13 @@ def create_api(service: ChatService, principals: Principals) -> FastAPI:
     @app.get(
         "/health",
         response_model=Health,
-        responses={503: {"model": Health, "description": "the engine cannot answer now"}},
+        responses={
+            503: {"model": Health, "description": "the engine cannot answer, or nothing is stored"}
+        },
     )
     async def health() -> Any:
-        if not service.engine.ready:  # e.g. vLLM restarting after a crash
+        # The engine cannot answer (a vLLM restarting after a crash), or nothing can be stored.
+        if not service.engine.ready or not service.store.writing:
             body = Health(status="unavailable", model_version=service.version)
             return JSONResponse(body.model_dump(), status_code=503)
         return Health(status="ok", model_version=service.version)
@@ -333,6 +344,8 @@ def create_api(service: ChatService, principals: Principals) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(req: ChatCompletionRequest, account: SignedIn) -> Any:
         _check_named(req.user, account)
+        if not role_allows(account.role, "operator"):
+            chat_limit.check(account.name)
         messages = [Message(m.role, m.text()) for m in req.messages]
         # Inline, not in a worker thread: starting a turn is short CPU work that never blocks
         # (the chat template, tokenizing, ids held in memory); generation and the store's writes
@@ -348,7 +361,14 @@ def create_api(service: ChatService, principals: Principals) -> FastAPI:
             return ClosingStreamingResponse(
                 _stream_events(turn, include_usage), media_type="text/event-stream"
             )
-        text = await run_in_threadpool(turn.text)
+        # Read on the event loop, not in a worker thread: 40 long answers would otherwise hold
+        # every worker thread, and the admin routes (a rollback) would wait for them.
+        try:
+            async with aclosing(turn.astream()) as chunks:
+                text = "".join([chunk async for chunk in chunks])
+        finally:
+            turn.cancel()  # a client that went away stops the generation
+        await asyncio.wrap_future(turn.saved)  # type: ignore[arg-type]
         return {
             "id": str(turn.id),
             "object": "chat.completion",
@@ -376,6 +396,8 @@ def create_api(service: ChatService, principals: Principals) -> FastAPI:
     )
     async def post_feedback(body: FeedbackIn, account: SignedIn) -> Any:
         _check_named(body.rater, account)
+        if not role_allows(account.role, "operator"):
+            feedback_limit.check(account.name)
         own_only = body.kind in OWN_ANSWER_KINDS or not role_allows(account.role, "rater")
         submitted = service.submit_feedback(body.record(account.name), own_answers_only=own_only)
         row_id = await asyncio.wrap_future(submitted)

@@ -15,7 +15,7 @@ from tuneloop.core.config import DataDir, ServeConfig
 from tuneloop.core.cpu_affinity import keep_off
 from tuneloop.core.files import write_json_atomic
 from tuneloop.core.records import ModelVersion
-from tuneloop.core.settings import DEFAULT_MODEL
+from tuneloop.core.settings import DEFAULT_MODEL, LimitSettings
 from tuneloop.feedback.accounts import FIRST_ADMIN, ensure_first_admin
 from tuneloop.feedback.registry import ensure_served_policy
 from tuneloop.feedback.store import FeedbackStore
@@ -26,6 +26,7 @@ from tuneloop.serve.api import create_api
 from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService
 from tuneloop.serve.engine import EmbeddedEngine, Engine, ServedEngine
+from tuneloop.serve.limits import LoginLimit, RateLimiter
 
 
 def open_engine(config: ServeConfig, version: ModelVersion) -> Engine:
@@ -83,9 +84,11 @@ def build_app(
     data_dir: DataDir,
     *,
     with_ui: bool = True,
+    limits: LimitSettings | None = None,
 ) -> FastAPI:
+    limits = limits or LimitSettings()
     principals = Principals(service.store)
-    app = create_api(service, principals)
+    app = create_api(service, principals, limits)
     app.include_router(create_admin_router(service, control, data_dir, principals))
     app.include_router(create_users_router(service.store, principals))
     if with_ui:
@@ -99,6 +102,9 @@ def build_app(
             path="/",
             auth=principals.check_password,
             auth_message="Sign in with your account's name and token (`tuneloop users add`).",
+        )
+        app.add_middleware(
+            LoginLimit, limiter=RateLimiter(limits.logins_per_minute, "sign-in attempts")
         )
     return app
 
@@ -164,7 +170,7 @@ def run_server(
         service = ChatService(engine, store)
         control = create_control(config, store, engine)
         first_admin(store, dd)
-        app = build_app(service, control, dd, with_ui=config.ui)
+        app = build_app(service, control, dd, with_ui=config.ui, limits=config.limits)
         server = uvicorn.Server(
             uvicorn.Config(
                 app,

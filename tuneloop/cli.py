@@ -34,7 +34,13 @@ from tuneloop.core.config import (
     DataDir,
     apply_openmp_defaults,
 )
-from tuneloop.core.settings import DEFAULT_MODEL, GateSettings, ScheduleSettings, SettingsError
+from tuneloop.core.settings import (
+    DEFAULT_MODEL,
+    GateSettings,
+    LimitSettings,
+    ScheduleSettings,
+    SettingsError,
+)
 from tuneloop.models import ModelError, resolve_model
 from tuneloop.remote import ServerError, local_or_server
 
@@ -56,6 +62,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         ui=not args.no_ui,
         schedule=settings_from_args(ScheduleSettings, args),
         gate=settings_from_args(GateSettings, args),
+        limits=settings_from_args(LimitSettings, args),
     )
 
     def resolve(spec: str) -> str:
@@ -181,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-ui", action="store_true", help="serve the API only, no Gradio UI")
     add_options(up, ScheduleSettings)
     add_options(up, GateSettings)
+    add_options(up, LimitSettings)
 
     model = command(
         "model",

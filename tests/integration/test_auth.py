@@ -3,6 +3,7 @@ the caller, answers only their owners (or raters) may judge, operator and admin 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import duckdb
@@ -165,3 +166,41 @@ def test_a_disabled_account_or_a_replaced_token_stops_working_at_once(
     assert unknown.status_code == 404
     stored = db_rows(server, "SELECT token_sha256 FROM accounts WHERE name = 'dora'")
     assert new not in str(stored)
+
+
+def test_a_flood_from_one_account_is_cut_at_its_limit(server: LiveServer) -> None:
+    """The default limit is 120 feedback rows a minute per user or rater: of 300 sent at once,
+    the rest get 429 with Retry-After, and nothing past the limit is stored."""
+    flood = server.account("flood", "rater")
+    ann = server.account("annie", "user")
+    first = chat(server, ann).json()
+    a = int(first["id"])
+    b = int(chat(server, ann, conversation_id=first["conversation_id"]).json()["id"])
+    statuses, started = [], time.monotonic()
+    for i in range(300):
+        pair = {"kind": "comparison", "response_ids": [a, b], "winner": "ab"[i % 2]}
+        resp = feedback(server, flood, pair)
+        statuses.append(resp.status_code)
+        if resp.status_code == 429:
+            assert int(resp.headers["retry-after"]) >= 1
+    accepted, took = statuses.count(201), time.monotonic() - started
+    assert 120 <= accepted <= 120 + 2 * took + 1  # the burst, then 2 a second
+    assert statuses.count(429) == 300 - accepted
+    stored = db_rows(server, "SELECT count(*) FROM comparisons WHERE rater_id = 'flood'")
+    assert stored == [(accepted,)]
+    # Operators are not limited.
+    for _ in range(150):
+        pair = {"kind": "comparison", "response_ids": [a, b], "winner": "tie"}
+        assert feedback(server, server.auth, pair).status_code == 201
+
+
+def test_sign_in_attempts_are_limited_per_address(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from tuneloop.core.settings import LimitSettings
+
+    limits = LimitSettings(logins_per_minute=3)
+    for ui in live_server(tmp_path / "data", tiny_model_dir, limits=limits):
+        wrong = {"username": "admin", "password": "tl_guess"}
+        codes = [httpx.post(f"{ui.url}/login", data=wrong).status_code for _ in range(5)]
+        assert codes == [400, 400, 400, 429, 429]
+        right = httpx.post(f"{ui.url}/login", data={"username": "admin", "password": ui.token})
+        assert right.status_code == 429  # the address waits, whatever it sends

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from tuneloop.core.records import (
 )
 from tuneloop.feedback.migrations import MIGRATIONS
 from tuneloop.feedback.store import FeedbackStore
-from tuneloop.feedback.validation import FeedbackError, UnknownResponseError
+from tuneloop.feedback.validation import FeedbackError, NotYoursError, UnknownResponseError
 
 
 def make_response(
@@ -170,6 +171,64 @@ def test_same_prompt_check_holds_when_prompt_hashes_fall_out_of_the_cache(
         with pytest.raises(FeedbackError, match="same prompt"):
             s.record_feedback(Comparison(a.id, other.id, "b"))
         assert s.record_feedback(Comparison(b.id, a.id, "tie")) == 2
+
+
+@pytest.mark.parametrize("cache_size", [0, 200_000])
+def test_own_answers_only_refuses_answers_given_to_someone_else(
+    tmp_path: Path, cache_size: int
+) -> None:
+    with FeedbackStore(tmp_path / "f.duckdb", prompt_hash_cache=cache_size) as s:
+        mine = replace(make_response(s, prompt="same"), id=s.new_response_id(), rater_id="ann")
+        s.submit_response(mine).result()
+        theirs = replace(mine, id=s.new_response_id(), rater_id="ben")
+        s.submit_response(theirs).result()
+        assert s.submit_feedback(Thumbs(mine.id, 1, "ann"), own_answers_only=True).result()
+        with pytest.raises(NotYoursError, match="ann may judge only the answers given to ann"):
+            s.submit_feedback(Thumbs(theirs.id, 1, "ann"), own_answers_only=True).result()
+        pair = Comparison(mine.id, theirs.id, "a", "ann")
+        with pytest.raises(NotYoursError):
+            s.submit_feedback(pair, own_answers_only=True).result()
+        assert s.submit_feedback(pair).result()  # a rater's: anyone's answers
+        assert s.feedback_counts()["thumbs"] == 1 and s.feedback_counts()["comparison"] == 1
+
+
+def test_conversations_remember_their_owner_across_a_restart(tmp_path: Path) -> None:
+    db = tmp_path / "f.duckdb"
+    with FeedbackStore(db) as s:
+        cid = s.new_conversation_id("ann")
+        assert s.conversation_owner(cid) == "ann"
+        r = replace(make_response(s), id=s.new_response_id(), conversation_id=cid, rater_id="ann")
+        s.submit_response(r).result()
+        assert s.conversation_owner(10**6) is None
+    with FeedbackStore(db) as s:
+        assert s.conversation_owner(cid) == "ann"
+
+
+def test_out_of_range_ids_are_refused_before_the_writer_and_the_rest_commit(
+    store: FeedbackStore,
+) -> None:
+    a = make_response(store)
+    for bad in (10**30, 2**63, 0, -1):
+        with pytest.raises(FeedbackError, match="a response id is an integer from 1 to"):
+            store.submit_feedback(Thumbs(bad, 1))
+    with pytest.raises(FeedbackError, match="response id"):
+        store.submit_feedback(Ranking((a.id, 2**70)))
+    futures = [store.submit_feedback(Rating(a.id, 1 + i % 5)) for i in range(1000)]
+    assert sorted(f.result() for f in futures) == list(range(1, 1001))
+    assert store.writing
+
+
+def test_a_cancelled_waiter_does_not_stop_the_writer(store: FeedbackStore) -> None:
+    a = make_response(store)
+    gate = threading.Event()
+    store._enqueue(lambda con: gate.wait(10))  # hold the writer while the waiter gives up
+    waiting = [store.submit_feedback(Thumbs(a.id, 1)) for _ in range(5)]
+    assert all(f.cancel() for f in waiting)
+    gate.set()
+    assert store.submit_feedback(Thumbs(a.id, -1)).result(timeout=10) >= 1
+    assert store.writing
+    store.close()
+    assert not store.writing
 
 
 def test_one_bad_item_in_a_batch_does_not_fail_the_others(store: FeedbackStore) -> None:

@@ -1,0 +1,85 @@
+"""Rate limits per account (chat, feedback) and per address (UI sign-in): token buckets in
+memory, answered with 429 and `Retry-After`.
+
+A bucket holds up to `per_minute` requests and refills at `per_minute / 60` a second, so a
+client may burst up to the limit and then goes at the limit's pace. Checks are O(1) under one
+lock; buckets of callers idle for an hour are dropped when the table grows.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import HTTPException
+
+from tuneloop.serve.errors import error_response
+
+_FORGET_AFTER_S = 3600.0
+_TIDY_AT = 10_000
+
+
+class RateLimiter:
+    def __init__(self, per_minute: int, what: str, clock: Callable[[], float] = time.monotonic):
+        self.per_minute, self.what, self._clock = per_minute, what, clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill)
+        self._lock = threading.Lock()
+
+    def wait_s(self, key: str) -> float:
+        """Take one request for `key`: 0.0 when allowed, else the seconds until it would be."""
+        if self.per_minute <= 0:
+            return 0.0
+        rate, now = self.per_minute / 60.0, self._clock()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (float(self.per_minute), now))
+            tokens = min(float(self.per_minute), tokens + (now - last) * rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                if len(self._buckets) > _TIDY_AT:
+                    self._tidy(now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / rate
+
+    def check(self, key: str) -> None:
+        """Raise a 429 with `Retry-After` when `key` is over the limit."""
+        wait = self.wait_s(key)
+        if wait > 0:
+            raise HTTPException(
+                429,
+                f"{key} is over the limit of {self.per_minute} {self.what} a minute; "
+                f"try again in {math.ceil(wait)} s",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
+
+    def _tidy(self, now: float) -> None:
+        idle = [k for k, (_, last) in self._buckets.items() if now - last > _FORGET_AFTER_S]
+        for key in idle:
+            del self._buckets[key]
+
+
+class LoginLimit:
+    """ASGI middleware: at most `limiter.per_minute` sign-in attempts (`POST /login`, Gradio's
+    form) per client address; more get a 429 before the password is checked."""
+
+    def __init__(self, app: Any, limiter: RateLimiter) -> None:
+        self.app, self.limiter = app, limiter
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"].rstrip("/") == "/login"
+        ):
+            address = (scope.get("client") or ("unknown",))[0]
+            wait = self.limiter.wait_s(address)
+            if wait > 0:
+                seconds = str(math.ceil(wait))
+                message = f"too many sign-in attempts from {address}; try again in {seconds} s"
+                response = error_response(429, message, {"Retry-After": seconds})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
