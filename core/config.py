@@ -6,7 +6,7 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuneloop.core.settings import GateSettings, LimitSettings, ScheduleSettings
+from tuneloop.core.settings import GateSettings, LimitSettings, ScheduleSettings, TrustSettings
 
 DEFAULT_DATA_DIR = Path("tuneloop-data")
 DEFAULT_HOST = "127.0.0.1"
@@ -103,4 +103,5 @@ class ServeConfig:
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
     gate: GateSettings = field(default_factory=GateSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    trust: TrustSettings = field(default_factory=TrustSettings)
     vllm: VllmSettings = field(default_factory=VllmSettings)

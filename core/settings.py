@@ -287,3 +287,17 @@ class LimitSettings:
     def __post_init__(self) -> None:
         if min(self.feedback_per_minute, self.chats_per_minute, self.logins_per_minute) < 0:
             raise SettingsError("a rate limit is a count per minute, 0 or more")
+
+
+@dataclass(frozen=True)
+class TrustSettings:
+    """Which feedback rows may train a model: those of enabled accounts and the operator's
+    imports; rows whose rater is no account (from before accounts existed, or tests) only when
+    `anonymous`. A disabled account's rows leave the next snapshot. Snapshots, and the
+    scheduler's count of new rows, apply it."""
+
+    anonymous: bool = setting(
+        False,
+        "also train on feedback whose rater is no account (rows from before accounts)",
+        option="trust_anonymous",
+    )

@@ -14,13 +14,15 @@ import json
 import os
 import secrets
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from tuneloop.core.files import write_atomic
-from tuneloop.feedback.store import FeedbackStore
+from tuneloop.core.settings import TrustSettings
+from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
+from tuneloop.feedback.trust import admitted
 
 # Every table that holds feedback data, in the order they are copied. Registry and bookkeeping
 # tables (model_versions, training_runs, snapshots, schema_migrations) are not training data.
@@ -54,8 +56,13 @@ def new_snapshot_id(now: datetime | None = None) -> str:
     return f"snap-{now.astimezone(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-def create_snapshot(store: FeedbackStore, snapshots_dir: Path) -> Snapshot:
-    """Copy the store's data tables to `snapshots_dir/<id>/` and record the snapshot."""
+def create_snapshot(
+    store: FeedbackStore, snapshots_dir: Path, trust: TrustSettings | None = None
+) -> Snapshot:
+    """Copy the store's data tables to `snapshots_dir/<id>/` and record the snapshot. Feedback
+    tables keep the rows `trust` admits (default: enabled accounts and imports); the manifest
+    says how many it left out."""
+    trust = trust or TrustSettings()
     created_at = datetime.now(UTC)
     snapshot_id = new_snapshot_id(created_at)
     snapshots_dir = Path(snapshots_dir).resolve()
@@ -64,11 +71,12 @@ def create_snapshot(store: FeedbackStore, snapshots_dir: Path) -> Snapshot:
     final_dir = snapshots_dir / snapshot_id
     tmp_dir.mkdir()
     try:
-        tables, migrations = _copy_tables(store, tmp_dir)
+        tables, migrations = _copy_tables(store, tmp_dir, trust)
         manifest = {
             "version": MANIFEST_VERSION,
             "id": snapshot_id,
             "created_at": created_at.isoformat(),
+            "trust": asdict(trust),
             "tables": tables,
             "schema_migrations": migrations,
         }
@@ -93,23 +101,36 @@ def create_snapshot(store: FeedbackStore, snapshots_dir: Path) -> Snapshot:
     return Snapshot(id=snapshot_id, path=final_dir, manifest=manifest)
 
 
-def _copy_tables(store: FeedbackStore, out_dir: Path) -> tuple[dict[str, Any], list[str]]:
-    """COPY every table inside one read transaction; returns per-table stats and migrations."""
+def _copy_tables(
+    store: FeedbackStore, out_dir: Path, trust: TrustSettings
+) -> tuple[dict[str, Any], list[str]]:
+    """COPY every table inside one read transaction; returns per-table stats and migrations.
+
+    `rows` counts what was copied; `max_id` is the largest id in the table at that moment,
+    copied or not (how far the snapshot reached: rows past it are new to the scheduler)."""
     tables: dict[str, Any] = {}
+    feedback = set(FEEDBACK_TABLES.values())
     with store.cursor() as cur:
         cur.execute("BEGIN TRANSACTION")
         try:
             for table in SNAPSHOT_TABLES:
                 file_name = f"{table}.parquet"
                 tmp = out_dir / f"{file_name}.tmp"
+                keep = admitted(trust) if table in feedback else "true"
                 cur.execute(
-                    f"COPY (SELECT * FROM {table}) TO '{_sql_str(tmp)}' (FORMAT parquet)"
+                    f"COPY (SELECT * FROM {table} WHERE {keep}) TO '{_sql_str(tmp)}' "
+                    "(FORMAT parquet)"
                 ).fetchall()
                 _fsync(tmp)
                 tmp.rename(out_dir / file_name)
                 max_id = "max(id)" if table in _INTEGER_ID_TABLES else "NULL"
-                rows, top = cur.execute(f"SELECT count(*), {max_id} FROM {table}").fetchall()[0]
+                rows, top, left_out = cur.execute(
+                    f"SELECT count(*) FILTER ({keep}), {max_id}, count(*) FILTER (NOT {keep}) "
+                    f"FROM {table}"
+                ).fetchall()[0]
                 tables[table] = {"file": file_name, "rows": int(rows), "max_id": top}
+                if table in feedback:
+                    tables[table]["left_out"] = int(left_out)
             migrations = [
                 name
                 for (name,) in cur.execute(

@@ -14,11 +14,18 @@ from typing import Any, Protocol
 
 from tuneloop.core.config import DataDir
 from tuneloop.core.records import ModelVersion
-from tuneloop.core.settings import GateSettings, JobSettings, ScheduleSettings, check_job
+from tuneloop.core.settings import (
+    GateSettings,
+    JobSettings,
+    ScheduleSettings,
+    TrustSettings,
+    check_job,
+)
 from tuneloop.feedback import registry
 from tuneloop.feedback.runs import fail_interrupted_runs
 from tuneloop.feedback.snapshot import latest_snapshot
 from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
+from tuneloop.feedback.trust import admitted_since
 from tuneloop.loop.pipeline import Pipeline
 from tuneloop.loop.promotion import Promotion
 
@@ -46,6 +53,7 @@ class LoopControl:
         *,
         schedule: ScheduleSettings | None = None,
         gate: GateSettings | None = None,
+        trust: TrustSettings | None = None,
         python: str | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
@@ -54,6 +62,7 @@ class LoopControl:
         self.serving = serving
         self.schedule = schedule or ScheduleSettings()
         self.gate = gate or GateSettings()
+        self.trust = trust or TrustSettings()
         self.python = python
         self.log = log or (lambda msg: print(f"[tuneloop] {msg}", flush=True))
         self.promotion = Promotion(store, serving.swap)
@@ -74,6 +83,7 @@ class LoopControl:
             self.store,
             promotion=self.promotion,
             gate=self.gate,
+            trust=self.trust,
             python=self.python,
             stop=self._stop,
             trigger=trigger,
@@ -137,15 +147,12 @@ class LoopControl:
     # ---- the scheduler -----------------------------------------------------------------------
 
     def new_feedback_rows(self) -> int:
-        """Feedback rows stored since the latest snapshot (all of them when there is none)."""
-        counts = self.store.feedback_counts()
-        total = sum(counts[kind] for kind in FEEDBACK_TABLES)
+        """Feedback rows the trust policy admits, stored since the latest snapshot (all of them
+        when there is none)."""
         snap = latest_snapshot(self.store)
-        if snap is None:
-            return total
-        tables = snap.manifest["tables"]
-        seen = sum(tables[table]["rows"] for table in FEEDBACK_TABLES.values())
-        return total - seen
+        tables = snap.manifest["tables"] if snap else {}
+        max_ids = {table: tables.get(table, {}).get("max_id") for table in FEEDBACK_TABLES.values()}
+        return admitted_since(self.store, max_ids, self.trust)
 
     def schedule_due(self) -> bool:
         s = self.schedule

@@ -22,7 +22,13 @@ from tuneloop.core.artifacts import add_manifest_metrics, base_model_path, is_ad
 from tuneloop.core.config import DataDir
 from tuneloop.core.job_spec import GateSpec, JobSpec
 from tuneloop.core.records import ModelVersion
-from tuneloop.core.settings import GateSettings, JobSettings, check_job, policy_jobs
+from tuneloop.core.settings import (
+    GateSettings,
+    JobSettings,
+    TrustSettings,
+    check_job,
+    policy_jobs,
+)
 from tuneloop.feedback import registry
 from tuneloop.feedback.datasets import build_datasets
 from tuneloop.feedback.runs import finish_run, start_run
@@ -72,6 +78,7 @@ class Pipeline:
         *,
         promotion: Promotion | None = None,
         gate: GateSettings | None = None,
+        trust: TrustSettings | None = None,
         python: str | None = None,
         stop: threading.Event | None = None,
         trigger: str = "operator",
@@ -81,6 +88,7 @@ class Pipeline:
         self.store = store
         self.promotion = promotion or Promotion(store)
         self.gate_settings = gate or GateSettings()
+        self.trust = trust or TrustSettings()
         self.python = python
         self.stop = stop
         self.trigger = trigger
@@ -131,7 +139,7 @@ class Pipeline:
         return result
 
     def snapshot(self) -> tuple[Snapshot, Path]:
-        snapshot = create_snapshot(self.store, self.dd.snapshots)
+        snapshot = create_snapshot(self.store, self.dd.snapshots, self.trust)
         built = build_datasets(snapshot.path)
         rows = {name: files.train_rows for name, files in built.items()}
         self.log(f"snapshot {snapshot.id}: train rows {rows}")

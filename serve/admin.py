@@ -78,7 +78,9 @@ def create_admin_router(
 
     @router.post("/snapshot")
     async def snapshot(account: Operator) -> dict[str, Any]:
-        snap = await run_in_threadpool(create_snapshot, service.store, data_dir.snapshots)
+        snap = await run_in_threadpool(
+            create_snapshot, service.store, data_dir.snapshots, control.trust
+        )
         await run_in_threadpool(audit, account, "snapshot", snap.id)
         return {"id": snap.id, "path": str(snap.path), "manifest": snap.manifest}
 

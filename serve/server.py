@@ -121,6 +121,7 @@ def create_control(config: ServeConfig, store: FeedbackStore, engine: Engine) ->
         log=log,
         schedule=config.schedule,
         gate=config.gate,
+        trust=config.trust,
     )
 
 

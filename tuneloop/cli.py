@@ -40,6 +40,7 @@ from tuneloop.core.settings import (
     LimitSettings,
     ScheduleSettings,
     SettingsError,
+    TrustSettings,
 )
 from tuneloop.models import ModelError, resolve_model
 from tuneloop.remote import ServerError, local_or_server
@@ -63,6 +64,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         schedule=settings_from_args(ScheduleSettings, args),
         gate=settings_from_args(GateSettings, args),
         limits=settings_from_args(LimitSettings, args),
+        trust=settings_from_args(TrustSettings, args),
     )
 
     def resolve(spec: str) -> str:
@@ -101,7 +103,7 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
     def local(store: Any) -> dict[str, Any]:
         from tuneloop.feedback.snapshot import create_snapshot
 
-        snap = create_snapshot(store, dd.snapshots)
+        snap = create_snapshot(store, dd.snapshots, settings_from_args(TrustSettings, args))
         return {"id": snap.id, "path": str(snap.path), "manifest": snap.manifest}
 
     result = local_or_server(dd, local, "POST", "/v1/admin/snapshot")
@@ -189,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(up, ScheduleSettings)
     add_options(up, GateSettings)
     add_options(up, LimitSettings)
+    add_options(up, TrustSettings)
 
     model = command(
         "model",
@@ -214,11 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     stats = command("stats", "feedback rows per kind", _cmd_stats)
     stats.add_argument("--json", action="store_true")
 
-    command(
+    snapshot = command(
         "snapshot",
-        "freeze the feedback into an immutable Parquet snapshot with a manifest",
+        "freeze the feedback into an immutable Parquet snapshot with a manifest (the rows the "
+        "trust policy admits; a running server applies its own)",
         _cmd_snapshot,
     )
+    add_options(snapshot, TrustSettings)
 
     ds = command(
         "datasets",

@@ -24,6 +24,7 @@ from tuneloop.core.settings import (
     CycleSettings,
     GateSettings,
     SettingsError,
+    TrustSettings,
 )
 from tuneloop.models import ModelError, resolve_model
 from tuneloop.remote import ask_server, follow_cycle, local_or_server
@@ -57,6 +58,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             dd,
             store,
             gate=settings_from_args(GateSettings, args),
+            trust=settings_from_args(TrustSettings, args),
             trigger="cli",
             log=lambda msg: print(f"tuneloop: {msg}", file=sys.stderr, flush=True),
         )
@@ -275,6 +277,7 @@ def register(command: Callable[..., Any]) -> None:
     add_options(train, CycleSettings)
     add_model_argument(train)
     add_options(train, GateSettings)
+    add_options(train, TrustSettings)
 
     promote = command("promote", "serve a version (hot-swaps a running server)", _cmd_promote)
     promote.add_argument("version")

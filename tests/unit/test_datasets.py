@@ -21,6 +21,7 @@ from tuneloop.core.records import (
     Thumbs,
     prompt_hash,
 )
+from tuneloop.core.settings import TrustSettings
 from tuneloop.feedback.datasets import (
     BUCKET_HEX_CHARS,
     DATASET_NAMES,
@@ -38,6 +39,10 @@ TRL_COLUMNS = {
     "kto": ["prompt", "completion", "label"],
     "sft": ["messages"],
 }
+
+
+# The rows here carry made-up rater names, not accounts: admit them.
+ANY_RATER = TrustSettings(anonymous=True)
 
 
 class Feed:
@@ -165,7 +170,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Feed, dict[str, Dat
             Rating(low, 2, reason="wrong play", rater_id="r1"),
             Rating(tied, 4, rater_id="r1"),  # mean 4: ties with hi, no pair between them
         )
-        snap = create_snapshot(store, tmp / "snapshots")
+        snap = create_snapshot(store, tmp / "snapshots", ANY_RATER)
     return f, build_datasets(snap.path, heldout_percent=0)
 
 
@@ -321,7 +326,7 @@ def test_split_by_prompt_hash_never_shares_a_prompt(tmp_path: Path) -> None:
                 Rating(b.id, 1),
             ]
         wait_all(store.submit_feedback(fb) for fb in feedback)
-        snap = create_snapshot(store, tmp_path / "snapshots")
+        snap = create_snapshot(store, tmp_path / "snapshots", ANY_RATER)
     out = tmp_path / "elsewhere"
     ds = build_datasets(snap.path, out, heldout_percent=50)
 

@@ -10,11 +10,14 @@ import pytest
 
 from tuneloop.core.config import DataDir
 from tuneloop.core.records import Message, Response, SamplingParams, Thumbs
-from tuneloop.core.settings import ScheduleSettings
+from tuneloop.core.settings import ScheduleSettings, TrustSettings
 from tuneloop.feedback.snapshot import create_snapshot
 from tuneloop.feedback.store import FeedbackStore
 from tuneloop.loop.control import LoopControl
 from tuneloop.serve.engine import EmbeddedEngine, ServedEngine
+
+# The rows here carry made-up rater names, not accounts: admit them.
+ANY_RATER = TrustSettings(anonymous=True)
 
 
 @pytest.fixture
@@ -23,7 +26,7 @@ def store(tmp_path: Path):
         yield s
 
 
-def thumbs(store: FeedbackStore, n: int) -> None:
+def thumbs(store: FeedbackStore, n: int, rater: str = "anonymous") -> None:
     rid = store.new_response_id()
     store.submit_response(
         Response(
@@ -39,15 +42,23 @@ def thumbs(store: FeedbackStore, n: int) -> None:
         )
     ).result()
     for _ in range(n):
-        store.record_feedback(Thumbs(rid, 1))
+        store.record_feedback(Thumbs(rid, 1, rater))
 
 
-def control(tmp_path: Path, store: FeedbackStore, model: Path, **schedule: object) -> LoopControl:
+def control(
+    tmp_path: Path,
+    store: FeedbackStore,
+    model: Path,
+    trust: TrustSettings = ANY_RATER,
+    **schedule: object,
+) -> LoopControl:
     # poll_seconds keeps the scheduler's own thread from acting during the test.
     settings = ScheduleSettings(poll_seconds=3600, **schedule)  # type: ignore[arg-type]
     engine = EmbeddedEngine(model, "policy-v1")
     serving = ServedEngine(engine, log=lambda _m: None)
-    return LoopControl(DataDir(tmp_path), store, serving, schedule=settings, log=lambda _m: None)
+    return LoopControl(
+        DataDir(tmp_path), store, serving, schedule=settings, trust=trust, log=lambda _m: None
+    )
 
 
 def test_due_after_enough_new_feedback_since_the_last_snapshot(
@@ -59,7 +70,7 @@ def test_due_after_enough_new_feedback_since_the_last_snapshot(
         assert (ctl.new_feedback_rows(), ctl.schedule_due()) == (2, False)
         thumbs(store, 1)
         assert (ctl.new_feedback_rows(), ctl.schedule_due()) == (3, True)
-        create_snapshot(store, tmp_path / "snapshots")
+        create_snapshot(store, tmp_path / "snapshots", ANY_RATER)
         assert (ctl.new_feedback_rows(), ctl.schedule_due()) == (0, False)
         thumbs(store, 3)
         assert ctl.schedule_due()
@@ -83,3 +94,20 @@ def test_not_due_when_off_or_too_soon(
         assert not soon.schedule_due()
     finally:
         soon.close()
+
+
+def test_only_rows_the_trust_policy_admits_count(
+    tmp_path: Path, store: FeedbackStore, tiny_model_dir: Path
+) -> None:
+    from tuneloop.feedback import accounts
+
+    accounts.add_account(store, "ann", "user", actor="admin")
+    strict = control(tmp_path, store, tiny_model_dir, TrustSettings(), enabled=True)
+    try:
+        thumbs(store, 300)  # no account's
+        thumbs(store, 2, rater="ann")
+        assert strict.new_feedback_rows() == 2 and not strict.schedule_due()  # 200 needed
+        accounts.set_disabled(store, "ann", True, actor="admin")
+        assert strict.new_feedback_rows() == 0
+    finally:
+        strict.close()

@@ -21,6 +21,7 @@ from tuneloop.core.records import (
     SamplingParams,
     Thumbs,
 )
+from tuneloop.core.settings import TrustSettings
 from tuneloop.feedback import snapshot as snapshot_mod
 from tuneloop.feedback.migrations import MIGRATIONS
 from tuneloop.feedback.snapshot import (
@@ -34,6 +35,10 @@ from tuneloop.feedback.snapshot import (
 from tuneloop.feedback.store import FeedbackStore
 
 ID_RE = re.compile(r"^snap-\d{8}T\d{6}Z-[0-9a-f]{6}$")
+
+
+# The rows here carry made-up rater names, not accounts: admit them.
+ANY_RATER = TrustSettings(anonymous=True)
 
 
 @pytest.fixture
@@ -105,7 +110,7 @@ def test_manifest_counts_max_ids_and_files(store: FeedbackStore, tmp_path: Path)
     ids = populate(store)
     snaps = tmp_path / "snapshots"
 
-    snap = create_snapshot(store, snaps)
+    snap = create_snapshot(store, snaps, ANY_RATER)
 
     assert ID_RE.match(snap.id)
     assert snap.path == (snaps / snap.id).resolve()
@@ -146,9 +151,9 @@ def test_snapshots_are_recorded_listed_and_sortable(store: FeedbackStore, tmp_pa
     assert recorded_snapshots(store) == []
     assert latest_snapshot(store) is None
     populate(store)
-    first = create_snapshot(store, tmp_path / "snaps")
+    first = create_snapshot(store, tmp_path / "snaps", ANY_RATER)
     store.record_feedback(Thumbs(1, -1, rater_id="dave"))
-    second = create_snapshot(store, tmp_path / "snaps")
+    second = create_snapshot(store, tmp_path / "snaps", ANY_RATER)
 
     listed = recorded_snapshots(store)
     assert [s.id for s in listed] == [first.id, second.id]
@@ -196,7 +201,7 @@ def test_snapshot_is_consistent_while_the_writer_inserts(
     try:
         snaps = []
         while len(snaps) < 4:
-            snaps.append(create_snapshot(store, tmp_path / "snaps"))
+            snaps.append(create_snapshot(store, tmp_path / "snaps", ANY_RATER))
     finally:
         stop.set()
         writer.join()
@@ -243,11 +248,52 @@ def test_failed_snapshot_leaves_no_directory_and_no_record(
     snaps = tmp_path / "snaps"
 
     with pytest.raises(duckdb.CatalogException):
-        create_snapshot(store, snaps)
+        create_snapshot(store, snaps, ANY_RATER)
 
     assert list(snaps.iterdir()) == []
     assert recorded_snapshots(store) == []
     # The cursor's read transaction was closed: the store still writes and snapshots.
     monkeypatch.undo()
     store.record_feedback(Thumbs(1, 1, rater_id="erin"))
-    assert create_snapshot(store, snaps).manifest["tables"]["thumbs"]["rows"] == 3
+    assert create_snapshot(store, snaps, ANY_RATER).manifest["tables"]["thumbs"]["rows"] == 3
+
+
+def test_the_trust_policy_keeps_accounts_and_imports_and_drops_the_rest(
+    store: FeedbackStore, tmp_path: Path
+) -> None:
+    """alice and bob have accounts; bob is disabled (a troll found out); carol and rater-1 are
+    no accounts. 500 edits from the disabled troll never reach a snapshot or a dataset."""
+    from tuneloop.feedback import accounts
+    from tuneloop.feedback.datasets import build_datasets
+
+    ids = populate(store)
+    for name in ("alice", "bob"):
+        accounts.add_account(store, name, "rater", actor="admin")
+    for i in range(500):
+        store.record_feedback(
+            Edit(ids["responses"][0], f"Visit http://spam.example/{i} for tea.", rater_id="bob")
+        )
+    accounts.set_disabled(store, "bob", True, actor="admin")
+    store.record_feedback(Thumbs(ids["responses"][3], 1, rater_id="import"))
+
+    strict = create_snapshot(store, tmp_path / "snaps")
+    tables = strict.manifest["tables"]
+    assert strict.manifest["trust"] == {"anonymous": False}
+    assert (tables["thumbs"]["rows"], tables["thumbs"]["left_out"]) == (2, 1)  # alice, import
+    assert (tables["edits"]["rows"], tables["edits"]["left_out"]) == (0, 501)
+    assert (tables["comparisons"]["rows"], tables["comparisons"]["left_out"]) == (0, 1)
+    assert tables["edits"]["max_id"] == 501  # how far it reached, kept rows or not
+    raters = parquet_rows(table_path(strict, "thumbs"), "SELECT DISTINCT rater_id FROM t")
+    assert sorted(raters) == [("alice",), ("import",)]
+    built = build_datasets(strict.path)
+    rows = [
+        parquet_rows(path, "SELECT * FROM t")
+        for files in built.values()
+        for path in (files.train, files.heldout)
+    ]
+    assert sum(map(len, rows)) > 0 and "spam.example" not in json.dumps(rows, default=str)
+
+    open_ = create_snapshot(store, tmp_path / "snaps", TrustSettings(anonymous=True))
+    tables = open_.manifest["tables"]
+    assert (tables["edits"]["rows"], tables["edits"]["left_out"]) == (1, 500)  # carol's only
+    assert tables["comparisons"]["rows"] == 1
