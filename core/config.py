@@ -58,8 +58,14 @@ class DataDir:
 
     @property
     def admin_token_file(self) -> Path:
-        """The bearer token for `/v1/admin/*`, readable by the owner of the data dir only."""
+        """The first admin's bearer token, readable by the owner of the data dir only."""
         return self.root / "admin.token"
+
+    @property
+    def inbox(self) -> Path:
+        """Files for a running server to read (imports, training configs): the CLI copies them
+        here, since the server reads files inside the data dir only (and `--allow-files`)."""
+        return self.root / "inbox"
 
 
 # vLLM's OpenAI server as a module: the CPU build's `vllm serve` script cannot find its own
@@ -104,4 +110,6 @@ class ServeConfig:
     gate: GateSettings = field(default_factory=GateSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     trust: TrustSettings = field(default_factory=TrustSettings)
+    # Folders besides the data dir whose files the admin API may read (imports, configs).
+    file_dirs: tuple[Path, ...] = ()
     vllm: VllmSettings = field(default_factory=VllmSettings)

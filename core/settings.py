@@ -4,8 +4,9 @@ and the arguments of a job process are all made from these."""
 
 from __future__ import annotations
 
+import difflib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,46 @@ class SettingsError(ValueError):
     """A setting given in a form that cannot be read; the message says which and how."""
 
 
+# The fields of TRL's configs (and `lora.` fields of PEFT's) that a job takes from an operator,
+# through `--set`, a config file or the admin API. Nothing else: a request to train must not
+# reach the network (hub uploads, report_to), other files (output or logging dirs, deepspeed
+# configs) or the job's own wiring.
+TRAINING_KEYS = frozenset(
+    {
+        # optimisation
+        "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+        "per_device_eval_batch_size", "gradient_accumulation_steps", "lr_scheduler_type",
+        "warmup_steps", "warmup_ratio", "weight_decay", "max_grad_norm", "optim", "adam_beta1",
+        "adam_beta2", "adam_epsilon", "seed", "data_seed", "bf16", "fp16",
+        "activation_checkpointing", "gradient_checkpointing", "logging_steps",
+        # the objectives
+        "beta", "loss_type", "label_smoothing", "rpo_alpha", "precompute_ref_log_probs",
+        "desirable_weight", "undesirable_weight", "center_rewards_coefficient",
+        "assistant_only_loss", "completion_only_loss", "packing",
+        # lengths and sampling
+        "max_length", "max_prompt_length", "max_completion_length", "truncation_mode",
+        "num_generations", "temperature", "top_p", "top_k", "epsilon", "num_iterations",
+        "scale_rewards",
+        # the LoRA adapter
+        "lora.r", "lora.lora_alpha", "lora.lora_dropout", "lora.target_modules",
+        "lora.use_rslora", "lora.use_dora", "lora.bias",
+    }
+)  # fmt: skip
+
+
+def check_training_keys(keys: Iterable[str]) -> None:
+    """SettingsError for the first key a job may not take from an operator, with the closest
+    one it may."""
+    for key in sorted(keys):
+        if key not in TRAINING_KEYS:
+            close = difflib.get_close_matches(key, TRAINING_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise SettingsError(
+                f"{key!r} is not a training setting a job takes{hint}; the ones it takes are "
+                "listed in the README (Training jobs)"
+            )
+
+
 @dataclass(frozen=True)
 class JobSettings:
     """How one job trains: a YAML/JSON file of TRL config fields, then overrides of single
@@ -187,16 +228,20 @@ class CycleSettings:
 
     def job_settings(self) -> JobSettings:
         """How the cycle's job trains."""
+        overrides = parse_overrides(self.overrides)
+        check_training_keys(overrides)
         return JobSettings(
             config_file=self.config_file,
-            overrides=parse_overrides(self.overrides),
+            overrides=overrides,
             full=self.full,
             seed=self.seed,
         )
 
     def reward_settings(self) -> JobSettings:
         """How the cycle's reward model trains, when it is retrained."""
-        return JobSettings(overrides=parse_overrides(self.reward_overrides), seed=self.seed)
+        overrides = parse_overrides(self.reward_overrides)
+        check_training_keys(overrides)
+        return JobSettings(overrides=overrides, seed=self.seed)
 
 
 @dataclass(frozen=True)

@@ -90,8 +90,10 @@ class LoopControl:
             log=self.log,
         )
 
-    def promote(self, version_id: str, reason: str = "promoted by the operator") -> ModelVersion:
-        return self.promotion.promote(version_id, reason=reason)
+    def promote(
+        self, version_id: str, reason: str = "promoted by the operator", *, force: bool = False
+    ) -> ModelVersion:
+        return self.promotion.promote(version_id, reason=reason, force=force)
 
     def rollback(self, reason: str = "rolled back by the operator") -> ModelVersion:
         return self.promotion.rollback(reason=reason)

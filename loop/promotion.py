@@ -21,10 +21,16 @@ class Promotion:
         self.swap = swap
         self._lock = threading.Lock()
 
-    def promote(self, version_id: str, *, reason: str) -> ModelVersion:
-        """Serve `version_id` (swap first), then record it as promoted."""
+    def promote(self, version_id: str, *, reason: str, force: bool = False) -> ModelVersion:
+        """Serve `version_id` (swap first), then record it as promoted. A version the gate or a
+        rollback rejected needs `force`."""
         with self._lock:
             version = registry.require_version(self.store, version_id)
+            if version.status == "rejected" and not force:
+                raise registry.RegistryError(
+                    f"{version_id} was rejected ({version.status_reason or 'no reason given'}); "
+                    "promote it with force to serve it anyway"
+                )
             served = registry.promoted_version(self.store, version.kind)
             if served is not None and served.id == version_id:
                 raise registry.RegistryError(f"{version_id} is already the promoted {version.kind}")

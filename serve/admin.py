@@ -12,7 +12,9 @@ Errors are answered in one shape, with the statuses of `serve.errors`.
 # name types made inside the router factories (the signed-in account's role, the train request).
 
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException
@@ -57,21 +59,38 @@ def request_fields(settings_class: type, *, optional: bool = False) -> dict[str,
 
 class PromoteIn(BaseModel):
     version: str
+    force: bool = Field(False, description="serve a version that was rejected, all the same")
 
 
 class ImportIn(BaseModel):
-    path: str = Field(description="a preference file on the server's machine")
-    rater: str = "import"
+    path: str = Field(description="a preference file in the data dir (or an --allow-files one)")
     limit: int | None = None
 
 
 def create_admin_router(
-    service: ChatService, control: LoopControl, data_dir: DataDir, principals: Principals
+    service: ChatService,
+    control: LoopControl,
+    data_dir: DataDir,
+    principals: Principals,
+    file_dirs: Sequence[Path] = (),
 ) -> APIRouter:
     """The operator routes; each takes an operator's (or an admin's) token, and each change is
-    written to the audit log under the caller's name."""
+    written to the audit log under the caller's name. Files named in a request (imports,
+    training configs) are read only inside the data dir and `file_dirs`."""
     router = APIRouter(prefix="/v1/admin")
     Operator = Annotated[Account, Depends(principals.require("operator"))]  # noqa: N806
+    readable_dirs = [Path(d).resolve() for d in (data_dir.root, *file_dirs)]
+
+    def readable(path: str) -> str:
+        resolved = Path(path).resolve()
+        if not any(resolved.is_relative_to(d) for d in readable_dirs):
+            raise HTTPException(
+                422,
+                f"{path} is outside the folders this server reads files from "
+                f"({', '.join(map(str, readable_dirs))}): copy it into {data_dir.inbox}, or "
+                "start the server with --allow-files DIR",
+            )
+        return str(resolved)
 
     def audit(account: Account, action: str, target: str | None, **detail: Any) -> None:
         accounts.audit(service.store, account.name, action, target, **detail)
@@ -101,6 +120,8 @@ def create_admin_router(
     @router.post("/train", status_code=202)
     async def train(body: train_in, account: Operator) -> dict[str, Any]:  # type: ignore[valid-type]
         given = body.model_dump()  # type: ignore[attr-defined]
+        if given["config_file"] is not None:
+            given["config_file"] = Path(readable(str(given["config_file"])))
         cycle = CycleSettings(**{f.name: given[key] for key, f in options(CycleSettings)})
         gate = replace(
             control.gate,
@@ -121,9 +142,10 @@ def create_admin_router(
     async def import_file(body: ImportIn, account: Operator) -> dict[str, Any]:
         from tuneloop.feedback.importer import import_preferences
 
+        path = readable(body.path)
         try:
             result = await run_in_threadpool(
-                import_preferences, service.store, body.path, rater_id=body.rater, limit=body.limit
+                import_preferences, service.store, path, limit=body.limit
             )
         except OSError as exc:  # the path names no readable file on the server's machine
             raise HTTPException(422, f"cannot read {body.path}: {exc.strerror}") from exc
@@ -132,13 +154,16 @@ def create_admin_router(
 
     @router.post("/promote")
     async def promote(body: PromoteIn, account: Operator) -> dict[str, Any]:
-        version = await run_in_threadpool(control.promote, body.version)
-        await run_in_threadpool(audit, account, "promote", version.id)
+        reason = f"promoted by {account.name}" + (" (forced)" if body.force else "")
+        version = await run_in_threadpool(
+            lambda: control.promote(body.version, reason, force=body.force)
+        )
+        await run_in_threadpool(audit, account, "promote", version.id, force=body.force)
         return to_json_dict(version)
 
     @router.post("/rollback")
     async def rollback(account: Operator) -> dict[str, Any]:
-        version = await run_in_threadpool(control.rollback)
+        version = await run_in_threadpool(control.rollback, f"rolled back by {account.name}")
         await run_in_threadpool(audit, account, "rollback", version.id)
         return to_json_dict(version)
 

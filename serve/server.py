@@ -8,6 +8,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -85,11 +86,12 @@ def build_app(
     *,
     with_ui: bool = True,
     limits: LimitSettings | None = None,
+    file_dirs: tuple[Path, ...] = (),
 ) -> FastAPI:
     limits = limits or LimitSettings()
     principals = Principals(service.store)
     app = create_api(service, principals, limits)
-    app.include_router(create_admin_router(service, control, data_dir, principals))
+    app.include_router(create_admin_router(service, control, data_dir, principals, file_dirs))
     app.include_router(create_users_router(service.store, principals))
     if with_ui:
         import gradio as gr
@@ -171,7 +173,14 @@ def run_server(
         service = ChatService(engine, store)
         control = create_control(config, store, engine)
         first_admin(store, dd)
-        app = build_app(service, control, dd, with_ui=config.ui, limits=config.limits)
+        app = build_app(
+            service,
+            control,
+            dd,
+            with_ui=config.ui,
+            limits=config.limits,
+            file_dirs=config.file_dirs,
+        )
         server = uvicorn.Server(
             uvicorn.Config(
                 app,

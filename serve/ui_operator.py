@@ -342,13 +342,14 @@ def operator_tab(service: ChatService, control: LoopControl, principals: Princip
         ]
 
     def act(
-        action: Callable[[], str], picked: str | None, request: gr.Request, audited: str
+        action: Callable[[str], str], picked: str | None, request: gr.Request, audited: str
     ) -> list[Any]:
+        """Run `action(operator's name)` for a signed-in operator, audited; say how it went."""
         account = signed_in(principals, request, "operator")
         if account is None:
             return [gr.skip()] * len(outputs)
         try:
-            gr.Info(action())
+            gr.Info(action(account.name))
             accounts.audit(store, account.name, audited, picked, via="ui")
         except (BusyError, ValueError) as exc:  # RegistryError is a ValueError
             gr.Warning(str(exc))
@@ -358,23 +359,24 @@ def operator_tab(service: ChatService, control: LoopControl, principals: Princip
         return view(None, picked, force=True)
 
     def on_train(job_kind: str, picked: str | None, request: gr.Request) -> list[Any]:
-        def start() -> str:
+        def start(_: str) -> str:
             control.train_now(job_kind)
             return f"Started a {job_kind} training cycle."
 
         return act(start, picked, request, f"train {job_kind}")
 
     def on_promote(picked: str | None, request: gr.Request) -> list[Any]:
-        def run() -> str:
+        def run(name: str) -> str:
             if not picked:
                 raise ValueError("Pick a version to promote first.")
-            return f"Promoted {control.promote(picked).id}; serving {control.serving.version}."
+            promoted = control.promote(picked, f"promoted by {name} in the UI")
+            return f"Promoted {promoted.id}; serving {control.serving.version}."
 
         return act(run, picked, request, "promote")
 
     def on_rollback(picked: str | None, request: gr.Request) -> list[Any]:
-        def run() -> str:
-            return f"Rolled back: serving {control.rollback().id}."
+        def run(name: str) -> str:
+            return f"Rolled back: serving {control.rollback(f'rolled back by {name}').id}."
 
         return act(run, picked, request, "rollback")
 

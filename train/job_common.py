@@ -22,6 +22,7 @@ import tuneloop
 from tuneloop.core.artifacts import base_model_path, is_adapter, read_manifest
 from tuneloop.core.files import write_json_atomic
 from tuneloop.core.job_spec import JobSpec
+from tuneloop.core.settings import check_training_keys
 from tuneloop.train.job_config import (
     LARGE_MODEL_PARAMS,
     JobError,
@@ -105,6 +106,7 @@ def job_settings(
     values."""
     given = spec.settings
     user = [read_config_file(given.config_file) if given.config_file else {}, given.overrides]
+    check_training_keys(key for layer in user for key in layer)
     seed = {"seed": given.seed, "data_seed": given.seed}
     params = count_parameters(spec.base)
     sized = (large_defaults or {}) if params >= LARGE_MODEL_PARAMS else {}

@@ -65,6 +65,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         gate=settings_from_args(GateSettings, args),
         limits=settings_from_args(LimitSettings, args),
         trust=settings_from_args(TrustSettings, args),
+        file_dirs=tuple(p.resolve() for p in args.allow_files),
     )
 
     def resolve(spec: str) -> str:
@@ -188,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="answers generated at once (default: %(default)s)",
     )
     up.add_argument("--no-ui", action="store_true", help="serve the API only, no Gradio UI")
+    up.add_argument(
+        "--allow-files",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a folder besides the data dir whose files operators may import or train with "
+        "through the API (repeatable)",
+    )
     add_options(up, ScheduleSettings)
     add_options(up, GateSettings)
     add_options(up, LimitSettings)

@@ -27,7 +27,7 @@ from tuneloop.core.settings import (
     TrustSettings,
 )
 from tuneloop.models import ModelError, resolve_model
-from tuneloop.remote import ask_server, follow_cycle, local_or_server
+from tuneloop.remote import ask_server, follow_cycle, local_or_server, stage_file
 from tuneloop.simulate import SimulationConfig
 
 
@@ -48,6 +48,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         store = FeedbackStore(dd.db)
     except StoreLockedError:
         _refuse_model_with_server(args)
+        if cycle.config_file is not None:
+            cycle = replace(cycle, config_file=stage_file(dd, cycle.config_file))
         body = {**to_json_dict(cycle), **option_values(GateSettings, args)}
         ask_server(dd, "POST", "/v1/admin/train", body)
         print(f"tuneloop: the server started a {cycle.kind} cycle", file=sys.stderr)
@@ -112,9 +114,11 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     def local(store: Any) -> dict[str, Any]:
         from tuneloop.loop.promotion import Promotion
 
-        return to_json_dict(Promotion(store).promote(args.version, reason=args.reason))
+        promotion = Promotion(store)
+        return to_json_dict(promotion.promote(args.version, reason=args.reason, force=args.force))
 
-    version = _registry_call(args, local, "/v1/admin/promote", {"version": args.version})
+    body = {"version": args.version, "force": args.force}
+    version = _registry_call(args, local, "/v1/admin/promote", body)
     print(f"promoted {version['id']} ({version['artifact_path']})")
     return 0
 
@@ -176,15 +180,19 @@ def _cmd_data_import(args: argparse.Namespace) -> int:
     from tuneloop.feedback.importer import ImportFormatError
     from tuneloop.feedback.store import FeedbackStore, StoreLockedError
 
-    body = {"path": str(path), "rater": args.rater, "limit": args.limit}
     try:
         store = FeedbackStore(DataDir(args.data_dir).db)
     except StoreLockedError:
         _refuse_model_with_server(args)
+        if args.rater != "import":
+            message = "through a server, imported rows are the 'import' rater's"
+            raise SystemExit(f"tuneloop: {message}") from None
         store = None
     try:
         if store is None:
-            result = ask_server(DataDir(args.data_dir), "POST", "/v1/admin/import", body)
+            dd = DataDir(args.data_dir)
+            body = {"path": str(stage_file(dd, path)), "limit": args.limit}
+            result = ask_server(dd, "POST", "/v1/admin/import", body)
         else:
             result = local(store)
     except (ImportFormatError, ModelError, OSError) as exc:
@@ -281,6 +289,9 @@ def register(command: Callable[..., Any]) -> None:
 
     promote = command("promote", "serve a version (hot-swaps a running server)", _cmd_promote)
     promote.add_argument("version")
+    promote.add_argument(
+        "--force", action="store_true", help="serve a version that was rejected, all the same"
+    )
     promote.add_argument("--reason", default="promoted by the operator")
 
     rollback = command(

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tuneloop.core.config import DataDir
@@ -55,6 +58,16 @@ def ask_server(dd: DataDir, method: str, route: str, body: dict[str, Any] | None
             message = resp.text
         raise ServerError(f"the server answered {resp.status_code}: {message}")
     return resp.json()
+
+
+def stage_file(dd: DataDir, path: Path) -> Path:
+    """A copy of `path` in the data dir's inbox (readable by its owner only), for a running
+    server to read: it reads no files outside the data dir (README: Security)."""
+    dd.inbox.mkdir(mode=0o700, parents=True, exist_ok=True)
+    staged = dd.inbox / f"{uuid.uuid4().hex[:8]}-{path.name}"
+    shutil.copyfile(path, staged)
+    os.chmod(staged, 0o600)
+    return staged
 
 
 def cli_token(dd: DataDir) -> str:

@@ -204,3 +204,50 @@ def test_sign_in_attempts_are_limited_per_address(tmp_path: Path, tiny_model_dir
         assert codes == [400, 400, 400, 429, 429]
         right = httpx.post(f"{ui.url}/login", data={"username": "admin", "password": ui.token})
         assert right.status_code == 429  # the address waits, whatever it sends
+
+
+def test_files_outside_the_data_dir_are_not_read_and_training_keys_are_an_allowlist(
+    server: LiveServer, tmp_path: Path
+) -> None:
+    url, auth = server.url, server.auth
+    outside = tmp_path / "pairs.jsonl"
+    outside.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    for path in (str(outside), "/etc/passwd", str(server.data_dir.root / ".." / "x.jsonl")):
+        refused = httpx.post(f"{url}/v1/admin/import", json={"path": path}, headers=auth)
+        assert refused.status_code == 422 and "outside the folders" in refused.text
+        train = {"kind": "dpo", "config_file": path}
+        refused = httpx.post(f"{url}/v1/admin/train", json=train, headers=auth)
+        assert refused.status_code == 422 and "outside the folders" in refused.text
+    inside = server.data_dir.inbox / "pairs.jsonl"
+    inside.parent.mkdir(exist_ok=True)
+    inside.write_text(outside.read_text())
+    ok = httpx.post(f"{url}/v1/admin/import", json={"path": str(inside)}, headers=auth)
+    assert ok.status_code == 200 and ok.json()["pairs"] == 1
+    for key in ("push_to_hub=true", "hub_token=x", "report_to=wandb", "output_dir=/tmp/x"):
+        train = {"kind": "dpo", "overrides": ["max_steps=1", key]}
+        refused = httpx.post(f"{url}/v1/admin/train", json=train, headers=auth)
+        assert refused.status_code == 422, key
+        assert "is not a training setting a job takes" in refused.text
+        train = {"kind": "dpo", "reward_overrides": [key]}
+        assert httpx.post(f"{url}/v1/admin/train", json=train, headers=auth).status_code == 422
+
+
+def test_a_rejected_version_is_served_only_with_force(server: LiveServer) -> None:
+    url, auth = server.url, server.auth
+    versions = httpx.get(f"{url}/v1/admin/versions", headers=auth).json()
+    served = next(v for v in versions if v["status"] == "promoted")
+    with duckdb.connect(str(server.data_dir.db)) as con:  # a candidate the gate turned down
+        con.execute(
+            "INSERT INTO model_versions SELECT 'policy-v9', kind, base, parent, artifact_path, "
+            "adapter, snapshot_id, config, metrics, 'rejected', now(), 'gate: win rate 0.3' "
+            "FROM model_versions WHERE id = ?",
+            [served["id"]],
+        )
+    refused = httpx.post(f"{url}/v1/admin/promote", json={"version": "policy-v9"}, headers=auth)
+    assert refused.status_code == 409 and "was rejected (gate: win rate 0.3)" in refused.text
+    forced = {"version": "policy-v9", "force": True}
+    assert httpx.post(f"{url}/v1/admin/promote", json=forced, headers=auth).status_code == 200
+    log = httpx.get(f"{url}/v1/admin/audit", headers=auth).json()
+    assert log[0]["action"] == "promote" and log[0]["detail"] == {"force": True}
+    back = httpx.post(f"{url}/v1/admin/rollback", headers=auth)
+    assert back.status_code == 200 and back.json()["id"] == served["id"]

@@ -65,7 +65,8 @@ def collect_feedback(server: LiveServer, tmp_path: Path, prompts: int = 4) -> in
         assert ack.status_code == 201, ack.text
     with admin(server) as api:
         imported = api.post(
-            "/v1/admin/import", json={"path": str(write_pairs(tmp_path / "p.jsonl", TRL_PAIRS))}
+            "/v1/admin/import",
+            json={"path": str(write_pairs(server.data_dir.root / "p.jsonl", TRL_PAIRS))},
         )
         assert imported.status_code == 200, imported.text
         assert imported.json()["pairs"] == len(TRL_PAIRS)
@@ -324,12 +325,18 @@ def test_a_failing_job_leaves_serving_alone(tmp_path: Path, tiny_model_dir: Path
             assert after["policy-v1"]["status"] == "promoted"
             assert (loop["served_version"], loop["registry_promoted"]) == ("policy-v1",) * 2
 
-            # An unknown config key fails before any training step, naming the key.
-            start_cycle(api, ["max_step=4"], kind="rm")
+            # A setting no job takes, or one that would reach outside the job, is refused
+            # before anything starts, naming the key.
+            for bad, hint in (("max_step=4", "did you mean 'max_steps'?"), ("push_to_hub=1", "")):
+                body = {"kind": "rm", "overrides": [bad]}
+                refused = api.post("/v1/admin/train", json=body)
+                assert refused.status_code == 422 and hint in refused.text
+                assert "is not a training setting a job takes" in refused.text
+            # A setting the reward model's config lacks fails the job before any step.
+            start_cycle(api, ["beta=0.2"], kind="rm")
             cycle = wait_for_cycle(api)["last_cycle"]
             assert cycle["status"] == "failed"
-            assert "unknown config key 'max_step' for RewardConfig" in cycle["error"]
-            assert "did you mean 'max_steps'?" in cycle["error"]
+            assert "unknown config key 'beta' for RewardConfig" in cycle["error"]
             assert runs_by_kind(api)["rm"]["error"] == cycle["error"]
 
         assert health(server) == "policy-v1"
