@@ -157,6 +157,8 @@ class ModelVersion:
     status: VersionStatus = "candidate"
     created_at: datetime | None = None
     status_reason: str | None = None
+    # Trained on rows of someone forgotten since (`tuneloop users forget`).
+    trained_on_forgotten: bool = False
 
 
 RunStatus = Literal["running", "done", "failed"]

@@ -77,7 +77,7 @@ def add_account(store: FeedbackStore, name: str, role: str, *, actor: str) -> tu
             "INSERT INTO accounts VALUES (?, ?, ?, false, ?, ?)",
             [name, role, token_sha256(token), now, now],
         )
-        _audit(con, actor, "account.add", name, {"role": role})
+        write_audit(con, actor, "account.add", name, {"role": role})
 
     store.write(insert)
     return get_account(store, name), token
@@ -145,7 +145,7 @@ def token_index(store: FeedbackStore) -> dict[str, Account]:
 
 def audit(store: FeedbackStore, actor: str, action: str, target: str | None, **detail: Any) -> None:
     """Record an operator's or admin's action."""
-    store.write(lambda con: _audit(con, actor, action, target, detail))
+    store.write(lambda con: write_audit(con, actor, action, target, detail))
 
 
 def audit_log(store: FeedbackStore, limit: int = 100) -> list[dict[str, Any]]:
@@ -170,13 +170,13 @@ def _update(
             f"UPDATE accounts SET {assignment}, updated_at = ? WHERE name = ?",
             [*params, datetime.now(UTC), name],
         )
-        _audit(con, actor, action, name, detail)
+        write_audit(con, actor, action, name, detail)
 
     store.write(update)
 
 
-def _audit(
-    con: duckdb.DuckDBPyConnection,
+def write_audit(
+    con: duckdb.DuckDBPyConnection,  # in the writer's transaction (`FeedbackStore.write`)
     actor: str,
     action: str,
     target: str | None,

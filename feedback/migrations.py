@@ -157,6 +157,8 @@ MIGRATIONS: list[tuple[str, str]] = [
             detail JSON,
             created_at TIMESTAMPTZ NOT NULL
         );
+        -- A version trained on a snapshot that held rows of someone forgotten since.
+        ALTER TABLE model_versions ADD COLUMN trained_on_forgotten BOOLEAN DEFAULT false;
         """,
     ),
 ]

@@ -26,6 +26,7 @@ def _from_row(row: dict[str, Any]) -> ModelVersion:
         status=row["status"],
         created_at=row["created_at"],
         status_reason=row["status_reason"],
+        trained_on_forgotten=bool(row["trained_on_forgotten"]),
     )
 
 

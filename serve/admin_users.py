@@ -4,6 +4,7 @@ disabled account or a replaced token stops working at once.
 
 - `GET /users`; `POST /users {"name", "role"}` -> the account and its token (shown once)
 - `POST /users/{name}/disable`, `/enable`, `/token` (a new token), `/role {"role"}`
+- `POST /users/{name}/forget`: delete the person's data everywhere (`feedback.forget`)
 - `GET /audit?limit=100`: the audit log, newest first
 """
 
@@ -11,6 +12,7 @@ disabled account or a replaced token stops working at once.
 # name types made inside the router factories (the signed-in account's role, the train request).
 
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
@@ -74,6 +76,13 @@ def create_users_router(store: FeedbackStore, principals: Principals) -> APIRout
         return to_json_dict(
             await change(lambda: accounts.set_role(store, name, body.role, actor=admin.name))
         )
+
+    @router.post("/users/{name}/forget")
+    async def forget_user(name: str, admin: Admin) -> dict[str, Any]:
+        from tuneloop.feedback.forget import forget
+
+        forgotten = await change(lambda: forget(store, name, actor=admin.name))
+        return asdict(forgotten)
 
     @router.get("/audit")
     async def audit(_: Admin, limit: int = 100) -> list[dict[str, Any]]:

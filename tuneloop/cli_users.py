@@ -93,6 +93,19 @@ def _change(action: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _cmd_forget(args: argparse.Namespace) -> int:
+    def local(store: Any) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        from tuneloop.feedback.forget import forget
+
+        return asdict(forget(store, args.name, actor=_local_actor()))
+
+    done = _call(args, local, "POST", f"/v1/admin/users/{args.name}/forget")
+    print(json.dumps(done, indent=2))
+    return 0
+
+
 def register(command: Callable[..., Any]) -> None:
     """Add `tuneloop users` and its actions (see `tuneloop.cli_loop.register` for `command`)."""
     users = command(
@@ -116,6 +129,14 @@ def register(command: Callable[..., Any]) -> None:
         ("token", "give an account a new token (the old one stops working) and print it"),
     ):
         command(action, help_text, _change(action), parent=sub).add_argument("name")
+    forget = command(
+        "forget",
+        "delete a person's conversations, answers and feedback from the database and every "
+        "snapshot, and their account; mark the model versions trained on them",
+        _cmd_forget,
+        parent=sub,
+    )
+    forget.add_argument("name")
     role = command("role", "change an account's role", _change("role"), parent=sub)
     role.add_argument("name")
     role.add_argument("role", choices=ACCOUNT_ROLES)
