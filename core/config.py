@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,16 @@ class DataDir:
     def admin_token_file(self) -> Path:
         """The first admin's bearer token, readable by the owner of the data dir only."""
         return self.root / "admin.token"
+
+    def restrict(self) -> None:
+        """Make the data dir its owner's alone (0700), and its token and log files (0600),
+        however they were created before."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        private = [self.admin_token_file, *self.root.glob("**/*.log")]
+        for path in private:
+            if path.is_file():
+                os.chmod(path, 0o600)
 
     @property
     def inbox(self) -> Path:

@@ -158,6 +158,7 @@ def run_server(
     import uvicorn
 
     dd = config.data_dir
+    dd.restrict()
     store = FeedbackStore(dd.db)
     control: LoopControl | None = None
     engine: Engine | None = None

@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     apply_openmp_defaults(os.environ)
+    # Conversations, feedback, tokens and logs are personal data: whatever this command (and
+    # the jobs it starts) creates is its user's alone.
+    os.umask(0o077)
     try:
         return args.fn(args)
     except SettingsError as exc:  # settings that parse but do not fit, e.g. --gate-prompts 0

@@ -251,3 +251,18 @@ def test_a_rejected_version_is_served_only_with_force(server: LiveServer) -> Non
     assert log[0]["action"] == "promote" and log[0]["detail"] == {"force": True}
     back = httpx.post(f"{url}/v1/admin/rollback", headers=auth)
     assert back.status_code == 200 and back.json()["id"] == served["id"]
+
+
+def test_the_data_dir_is_its_owners_alone_even_if_it_was_not(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    root = tmp_path / "data"
+    (root / "runs" / "r1").mkdir(parents=True)
+    old_log = root / "runs" / "r1" / "job.log"
+    old_log.write_text("an old job's output")
+    root.chmod(0o755)
+    old_log.chmod(0o644)
+    for server in live_server(root, tiny_model_dir, ui=False):
+        assert oct(root.stat().st_mode & 0o777) == "0o700"
+        assert oct(old_log.stat().st_mode & 0o777) == "0o600"
+        assert oct(server.data_dir.admin_token_file.stat().st_mode & 0o777) == "0o600"
