@@ -81,6 +81,7 @@ class ChatTurn:
             rater_id=self._rater_id,
         )
         self.saved = self._store.submit_response(response)
+        self.saved.add_done_callback(_report_failed_write)
         self.response = response
 
     def text(self) -> str:
@@ -91,6 +92,12 @@ class ChatTurn:
 
     def cancel(self) -> None:
         self._generation.cancel()
+
+
+def _report_failed_write(saved: Future) -> None:
+    """A streamed answer has no one waiting for its write: say so when it fails."""
+    if not saved.cancelled() and saved.exception() is not None:
+        print(f"[tuneloop] an answer was not stored: {saved.exception()!r}", flush=True)
 
 
 class ChatService:
