@@ -1,19 +1,20 @@
 """Benchmark: feedback writes through `POST /v1/feedback` under concurrent clients.
 
-Starts `tuneloop up --no-ui` in a separate process with a tiny random model and a fresh data dir,
-creates a few responses to one prompt through `/v1/chat/completions` (so that comparisons and
-rankings are valid), then runs `--clients` closed-loop clients for `--warmup` + `--seconds`
-seconds. Each client holds one keep-alive HTTP/1.1 connection (raw asyncio streams and
-pre-encoded requests: the client shares the machine's cores with the server, so it does as little
-as it can) and POSTs feedback of every kind (thumbs, rating, edit, comparison, ranking) one
-request after the other; every write must answer 201. Every request signs in with the first
-admin's bearer token, as every client of the API must (checked in memory, no database lookup).
+Starts `tuneloop up --no-ui` in a separate process with a tiny random model and a fresh data dir
+in which each of the `--clients` closed-loop clients has a rater account and `--answers` stored
+answers to one prompt (so that its thumbs, ratings and edits are on its own answers and its
+comparisons and rankings valid), then runs the clients for `--warmup` + `--seconds` seconds.
+Each client holds one keep-alive HTTP/1.1 connection (raw asyncio streams and pre-encoded
+requests: the client shares the machine's cores with the server, so it does as little as it
+can), signs in with its account's bearer token, and POSTs feedback of every kind (thumbs, rating,
+edit, comparison, ranking) one request after the other, each a vote on an item of its own (one
+vote per rater and item: a repeat would replace a row); every write must answer 201.
 
 Measured over the window after the warm-up: acknowledged writes per second (201s to requests
 sent and answered within the window / window length) and the latency of those requests (send to
 full response) at p50, p99 and max. Afterwards `GET /v1/feedback/stats` must count exactly the
-writes acknowledged over the whole run (warm-up and drain included), per kind. The CPU time of
-the server process and of this client over the whole load (from /proc) is printed per
+distinct votes acknowledged over the whole run (warm-up and drain included), per kind. The CPU
+time of the server process and of this client over the whole load (from /proc) is printed per
 acknowledged write: unlike writes/s, it barely moves when other work takes cores away.
 
 Goal: >= 1,000 writes/s with p99 < 20 ms.
@@ -30,7 +31,7 @@ import os
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,59 +52,93 @@ class Tally:
     """What the clients saw; latencies (seconds) only for requests completed in the window."""
 
     acked: Counter[str] = field(default_factory=Counter)  # 201s per kind, whole run
+    # (client, item) of each 201 per kind: a vote on the same item again replaced it.
+    votes: dict[str, set[tuple[int, str]]] = field(default_factory=lambda: defaultdict(set))
     errors: Counter[str] = field(default_factory=Counter)  # status or exception name
     window_acked: int = 0
     latencies: list[float] = field(default_factory=list)
 
 
-def create_responses(url: str, count: int, auth: dict[str, str]) -> list[int]:
-    """`count` stored responses to the same prompt (greedy, 4 tokens each); their ids."""
-    ids = []
-    with httpx.Client(base_url=url, timeout=60.0, headers=auth) as client:
-        for _ in range(count):
-            r = client.post(
-                "/v1/chat/completions",
-                json={"messages": PROMPT, "max_tokens": 4, "temperature": 0.0},
-            )
-            r.raise_for_status()
-            ids.append(int(r.json()["id"]))
-    return ids
+def prepare(data_dir: Path, clients: int, answers: int) -> list[tuple[str, list[int]]]:
+    """Before the server starts: one rater account per client, each with `answers` stored
+    answers to the same prompt written straight to the store (a feedback benchmark needs
+    answers to judge, not the time to generate them). Returns each client's token and ids."""
+    from tuneloop.core.records import Message, Response, SamplingParams
+    from tuneloop.feedback.accounts import add_account
+    from tuneloop.feedback.store import FeedbackStore
+
+    prompt = tuple(Message(m["role"], m["content"]) for m in PROMPT)
+    out = []
+    with FeedbackStore(data_dir / "feedback.duckdb") as store:
+        for k in range(clients):
+            name = f"bench-{k}"
+            token = add_account(store, name, "rater", actor="bench")[1]
+            conversation = store.new_conversation_id(name)
+            ids = [store.new_response_id() for _ in range(answers)]
+            futures = [
+                store.submit_response(
+                    Response(
+                        rid,
+                        conversation,
+                        prompt,
+                        f"answer {rid}",
+                        "bench",
+                        SamplingParams(),
+                        4,
+                        4,
+                        1.0,
+                        rater_id=name,
+                    )
+                )
+                for rid in ids
+            ]
+            for f in futures:
+                f.result()
+            out.append((token, ids))
+    return out
 
 
-def feedback_bodies(response_ids: list[int], n: int) -> list[tuple[str, bytes]]:
-    """`n` feedback bodies cycling through MIX, each naming responses from `response_ids`."""
-    ids = response_ids
+def feedback_bodies(ids: list[int], n: int) -> list[tuple[str, str, bytes]]:
+    """`n` votes cycling through MIX on the answers `ids` (the client's own), each on an item of
+    its own while `n` stays under the kinds' room (len(ids) thumbs, ...): one vote per rater
+    and item, and a repeat would replace a row, not add one."""
     k = len(ids)
+    seen: Counter[str] = Counter()
     bodies = []
     for i in range(n):
         kind = MIX[i % len(MIX)]
-        a, b = ids[i % k], ids[(i + 1 + i // k % (k - 1)) % k]
+        j = seen[kind]
+        seen[kind] += 1
+        one, step = ids[j % k], 1 + j // k
         body: dict[str, object]
         if kind == "thumbs":
-            body = {"kind": kind, "response_id": a, "value": 1 if i % 3 else -1}
+            body = {"kind": kind, "response_id": one, "value": 1 if j % 3 else -1}
         elif kind == "rating":
-            body = {"kind": kind, "response_id": a, "value": 1 + i % 5, "reason": f"reason {i}"}
+            body = {"kind": kind, "response_id": one, "value": 1 + j % 5, "reason": f"r{j}"}
         elif kind == "edit":
-            body = {"kind": kind, "response_id": a, "text": f"A better answer, take {i}."}
+            body = {"kind": kind, "response_id": one, "text": f"A better answer, take {j}."}
         elif kind == "comparison":
-            body = {"kind": kind, "response_ids": [a, b], "winner": ("a", "b", "tie")[i % 3]}
+            pair = [one, ids[(j + step) % k]]
+            body = {"kind": kind, "response_ids": pair, "winner": ("a", "b", "tie")[j % 3]}
         else:
-            body = {"kind": kind, "response_ids": [ids[(i + j) % k] for j in range(k)]}
-        bodies.append((kind, json.dumps(body).encode()))
+            body = {"kind": kind, "response_ids": [ids[(j + m * step) % k] for m in range(3)]}
+        ids_named = body.get("response_ids") or [body["response_id"]]
+        item = ",".join(map(str, sorted(ids_named)))  # what the store counts one vote on
+        bodies.append((kind, item, json.dumps(body).encode()))
     return bodies
 
 
 def encode_requests(
-    port: int, bodies: list[tuple[str, bytes]], auth: dict[str, str]
-) -> list[tuple[str, bytes]]:
-    """Whole HTTP/1.1 keep-alive requests, ready to write to a socket, signed in with `auth`."""
+    port: int, bodies: list[tuple[str, str, bytes]], token: str
+) -> list[tuple[str, str, bytes]]:
+    """Whole HTTP/1.1 keep-alive requests, ready to write to a socket, signed in with `token`."""
     head = (
         f"POST /v1/feedback HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: application/json\r\n"
-        f"Authorization: {auth['Authorization']}\r\n"
+        f"Authorization: Bearer {token}\r\n"
     )
     return [
-        (kind, f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        for kind, body in bodies
+        (kind, item, f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        for kind, item, body in bodies
     ]
 
 
@@ -121,18 +156,18 @@ async def read_response(reader: asyncio.StreamReader) -> int:
 
 async def client(
     port: int,
-    requests: list[tuple[str, bytes]],
-    offset: int,
+    requests: list[tuple[str, str, bytes]],
+    number: int,
     window: tuple[float, float],
     tally: Tally,
 ) -> None:
     """One connection, one request at a time, until the window's end (perf_counter time)."""
     start, end = window
     reader, writer = await asyncio.open_connection(HOST, port)
-    i = offset
+    i = 0
     try:
         while (now := time.perf_counter()) < end:
-            kind, req = requests[i % len(requests)]
+            kind, item, req = requests[i % len(requests)]
             i += 1
             writer.write(req)
             try:
@@ -147,6 +182,7 @@ async def client(
                 tally.errors[str(status)] += 1
                 continue
             tally.acked[kind] += 1
+            tally.votes[kind].add((number, item))
             if now >= start and done <= end:
                 tally.window_acked += 1
                 tally.latencies.append(done - now)
@@ -155,16 +191,14 @@ async def client(
 
 
 async def load(
-    port: int, requests: list[tuple[str, bytes]], clients: int, warmup: float, seconds: float
+    port: int, requests: list[list[tuple[str, str, bytes]]], warmup: float, seconds: float
 ) -> Tally:
-    """Run the clients through the warm-up and the window; fails after STALL_S more seconds."""
+    """Run one client per request list through the warm-up and the window; fails after
+    STALL_S more seconds."""
     tally = Tally()
     t0 = time.perf_counter()
     window = (t0 + warmup, t0 + warmup + seconds)
-    step = max(1, len(requests) // clients)
-    runs = asyncio.gather(
-        *(client(port, requests, c * step, window, tally) for c in range(clients))
-    )
+    runs = asyncio.gather(*(client(port, r, c, window, tally) for c, r in enumerate(requests)))
     await asyncio.wait_for(runs, warmup + seconds + STALL_S)
     return tally
 
@@ -179,14 +213,18 @@ class Usage:
 
 
 def run(args: argparse.Namespace, model: Path, data_dir: Path) -> int:
-    with ServerProcess(model, data_dir / "server") as server:
-        response_ids = create_responses(server.url, args.responses, server.auth)
-        bodies = feedback_bodies(response_ids, 200)
-        requests = encode_requests(server.port, bodies, server.auth)
+    clients = prepare(data_dir / "server", args.clients, args.answers)
+    # The store's ingest is measured, not the per-rater limits (README: Security): they are off.
+    unlimited = ["--feedback-per-minute", "0"]
+    with ServerProcess(model, data_dir / "server", args=unlimited) as server:
+        requests = [
+            encode_requests(server.port, feedback_bodies(ids, args.votes), token)
+            for token, ids in clients
+        ]
         before = httpx.get(f"{server.url}/v1/feedback/stats", headers=server.auth).json()
         cpu0 = cpu_seconds(server.pid), cpu_seconds(os.getpid())
         started = time.perf_counter()
-        tally = asyncio.run(load(server.port, requests, args.clients, args.warmup, args.seconds))
+        tally = asyncio.run(load(server.port, requests, args.warmup, args.seconds))
         usage = Usage(
             time.perf_counter() - started,
             cpu_seconds(server.pid) - cpu0[0],
@@ -195,7 +233,7 @@ def run(args: argparse.Namespace, model: Path, data_dir: Path) -> int:
         after = httpx.get(f"{server.url}/v1/feedback/stats", headers=server.auth).json()
     print(
         f"clients: {args.clients}  window: {args.seconds:g} s after {args.warmup:g} s warm-up  "
-        f"responses rated: {len(response_ids)}  cpus: {os.cpu_count()}"
+        f"answers per client: {args.answers}  cpus: {os.cpu_count()}"
     )
     return report(args, tally, usage, {k: after[k] - before[k] for k in KINDS})
 
@@ -208,7 +246,8 @@ def report(args: argparse.Namespace, tally: Tally, usage: Usage, stored: dict[st
     worst = lat[-1] * 1e3 if lat else float("nan")
     n_errors = sum(tally.errors.values())
     acked = sum(tally.acked.values())
-    count_ok = all(stored[k] == tally.acked[k] for k in KINDS)
+    votes = {k: len(tally.votes[k]) for k in KINDS}
+    count_ok = stored == votes
     per_write = 1e6 / max(acked, 1)
     print(
         f"CPU over the load ({usage.elapsed:.1f} s, {acked:,} writes): "
@@ -222,11 +261,11 @@ def report(args: argparse.Namespace, tally: Tally, usage: Usage, stored: dict[st
     print(f"latency ms: p50 {p50:.1f}  p99 {p99:.1f}  max {worst:.1f}")
     print(f"errors: {n_errors}" + (f"  {dict(tally.errors)}" if n_errors else ""))
     print()
-    print(f"{'kind':<12}{'acked':>10}{'stored':>10}")
+    print(f"{'kind':<12}{'acked':>10}{'votes':>10}{'stored':>10}")
     for k in KINDS:
-        print(f"{k:<12}{tally.acked[k]:>10,}{stored[k]:>10,}")
-    print(f"{'total':<12}{acked:>10,}{sum(stored.values()):>10,}")
-    print(f"stats match acknowledged writes: {'yes' if count_ok else 'NO'}")
+        print(f"{k:<12}{tally.acked[k]:>10,}{votes[k]:>10,}{stored[k]:>10,}")
+    print(f"{'total':<12}{acked:>10,}{sum(votes.values()):>10,}{sum(stored.values()):>10,}")
+    print(f"stats match the distinct votes acknowledged: {'yes' if count_ok else 'NO'}")
     print()
     met = rate >= GOAL_WRITES_PER_S and p99 < GOAL_P99_MS and n_errors == 0
     print(
@@ -247,12 +286,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured window")
     parser.add_argument("--warmup", type=float, default=2.0, help="load before the window")
     parser.add_argument(
-        "--responses", type=int, default=4, help="responses to one prompt to rate (>= 2)"
+        "--answers", type=int, default=400, help="stored answers per client to vote on (>= 3)"
+    )
+    parser.add_argument(
+        "--votes",
+        type=int,
+        default=1000,
+        help="distinct votes per client before its requests repeat (a repeat replaces a vote)",
     )
     parser.add_argument("--model", type=Path, help="model dir (default: a tiny random model)")
     args = parser.parse_args(argv)
-    if args.responses < 2:
-        parser.error("--responses must be at least 2")
+    if args.answers < 3:
+        parser.error("--answers must be at least 3")
     with tempfile.TemporaryDirectory(prefix="tuneloop-bench-") as tmp:
         model = args.model
         if model is None:

@@ -32,9 +32,9 @@ from typing import Any
 
 import duckdb
 
-from tuneloop.core.records import ROLES, Message, messages_to_json, prompt_hash
+from tuneloop.core.records import ROLES, Comparison, Message, messages_to_json, prompt_hash
 from tuneloop.feedback.store import FeedbackStore
-from tuneloop.feedback.validation import check_rater_id
+from tuneloop.feedback.validation import check_rater_id, vote_item
 
 IMPORT_MODEL_VERSION = "import"
 DEFAULT_BATCH_PAIRS = 500
@@ -307,6 +307,7 @@ def _rows_for(
                 "response_b": rids[1],
                 "winner": "a",
                 "rater_id": rater_id,
+                "item": vote_item(Comparison(rids[0], rids[1], "a")),
                 "created_at": now,
             }
         )

@@ -161,6 +161,41 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE model_versions ADD COLUMN trained_on_forgotten BOOLEAN DEFAULT false;
         """,
     ),
+    (
+        # One vote per rater and item (`validation.vote_item`): a repeat replaces the vote. Rows
+        # voted twice before keep the newest. DuckDB builds an index only on a table without
+        # uncommitted changes: the indexes come in the next migration.
+        "0004_vote_items",
+        """
+        ALTER TABLE thumbs ADD COLUMN item VARCHAR;
+        UPDATE thumbs SET item = CAST(response_id AS VARCHAR);
+        DELETE FROM thumbs WHERE id NOT IN (SELECT max(id) FROM thumbs GROUP BY rater_id, item);
+        ALTER TABLE ratings ADD COLUMN item VARCHAR;
+        UPDATE ratings SET item = CAST(response_id AS VARCHAR);
+        DELETE FROM ratings WHERE id NOT IN (SELECT max(id) FROM ratings GROUP BY rater_id, item);
+        ALTER TABLE edits ADD COLUMN item VARCHAR;
+        UPDATE edits SET item = CAST(response_id AS VARCHAR);
+        DELETE FROM edits WHERE id NOT IN (SELECT max(id) FROM edits GROUP BY rater_id, item);
+        ALTER TABLE comparisons ADD COLUMN item VARCHAR;
+        UPDATE comparisons
+            SET item = least(response_a, response_b) || ',' || greatest(response_a, response_b);
+        DELETE FROM comparisons
+            WHERE id NOT IN (SELECT max(id) FROM comparisons GROUP BY rater_id, item);
+        ALTER TABLE rankings ADD COLUMN item VARCHAR;
+        UPDATE rankings SET item = array_to_string(list_sort(response_ids), ',');
+        DELETE FROM rankings WHERE id NOT IN (SELECT max(id) FROM rankings GROUP BY rater_id, item);
+        """,
+    ),
+    (
+        "0005_one_vote_per_rater_and_item",
+        """
+        CREATE UNIQUE INDEX thumbs_one_vote ON thumbs (rater_id, item);
+        CREATE UNIQUE INDEX ratings_one_vote ON ratings (rater_id, item);
+        CREATE UNIQUE INDEX edits_one_vote ON edits (rater_id, item);
+        CREATE UNIQUE INDEX comparisons_one_vote ON comparisons (rater_id, item);
+        CREATE UNIQUE INDEX rankings_one_vote ON rankings (rater_id, item);
+        """,
+    ),
 ]
 
 

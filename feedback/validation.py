@@ -74,6 +74,17 @@ def check_feedback(fb: Feedback) -> None:
         raise FeedbackError(f"unknown feedback type {type(fb).__name__}")
 
 
+def vote_item(fb: Feedback) -> str:
+    """What a vote is about, as stored in the `item` column: one rater has one vote per item,
+    and a repeat replaces it. An answer's id; for a comparison or a ranking, the ids of the
+    answers it orders, sorted (the same two answers shown the other way round are one item)."""
+    if isinstance(fb, Comparison):
+        return ",".join(map(str, sorted((fb.response_a, fb.response_b))))
+    if isinstance(fb, Ranking):
+        return ",".join(map(str, sorted(fb.response_ids)))
+    return str(fb.response_id)
+
+
 def referenced_responses(fb: Feedback) -> tuple[int, ...]:
     if isinstance(fb, Comparison):
         return (fb.response_a, fb.response_b)

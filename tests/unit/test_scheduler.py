@@ -27,21 +27,22 @@ def store(tmp_path: Path):
 
 
 def thumbs(store: FeedbackStore, n: int, rater: str = "anonymous") -> None:
-    rid = store.new_response_id()
-    store.submit_response(
-        Response(
-            id=rid,
-            conversation_id=store.new_conversation_id(),
-            prompt=(Message("user", "hi"),),
-            text="hello",
-            model_version_id="policy-v1",
-            params=SamplingParams(8, 0.7),
-            prompt_tokens=3,
-            completion_tokens=1,
-            latency_ms=1.0,
-        )
-    ).result()
+    """`n` thumbs up by `rater`, each on an answer of its own (one vote per rater and item)."""
     for _ in range(n):
+        rid = store.new_response_id()
+        store.submit_response(
+            Response(
+                id=rid,
+                conversation_id=store.new_conversation_id(),
+                prompt=(Message("user", "hi"),),
+                text="hello",
+                model_version_id="policy-v1",
+                params=SamplingParams(8, 0.7),
+                prompt_tokens=3,
+                completion_tokens=1,
+                latency_ms=1.0,
+            )
+        ).result()
         store.record_feedback(Thumbs(rid, 1, rater))
 
 

@@ -170,7 +170,7 @@ def test_same_prompt_check_holds_when_prompt_hashes_fall_out_of_the_cache(
         assert s.record_feedback(Comparison(a.id, b.id, "a")) == 1
         with pytest.raises(FeedbackError, match="same prompt"):
             s.record_feedback(Comparison(a.id, other.id, "b"))
-        assert s.record_feedback(Comparison(b.id, a.id, "tie")) == 2
+        assert s.record_feedback(Comparison(b.id, a.id, "tie", "ben")) == 2
 
 
 @pytest.mark.parametrize("cache_size", [0, 200_000])
@@ -213,7 +213,7 @@ def test_out_of_range_ids_are_refused_before_the_writer_and_the_rest_commit(
             store.submit_feedback(Thumbs(bad, 1))
     with pytest.raises(FeedbackError, match="response id"):
         store.submit_feedback(Ranking((a.id, 2**70)))
-    futures = [store.submit_feedback(Rating(a.id, 1 + i % 5)) for i in range(1000)]
+    futures = [store.submit_feedback(Rating(a.id, 1 + i % 5, f"r{i}")) for i in range(1000)]
     assert sorted(f.result() for f in futures) == list(range(1, 1001))
     assert store.writing
 
@@ -233,7 +233,9 @@ def test_a_cancelled_waiter_does_not_stop_the_writer(store: FeedbackStore) -> No
 
 def test_one_bad_item_in_a_batch_does_not_fail_the_others(store: FeedbackStore) -> None:
     a = make_response(store)
-    futures = [store.submit_feedback(Thumbs(a.id if i % 10 else 12345, 1)) for i in range(200)]
+    futures = [
+        store.submit_feedback(Thumbs(a.id if i % 10 else 12345, 1, f"r{i}")) for i in range(200)
+    ]
     ok = [f for f in futures if f.exception() is None]
     failed = [f for f in futures if f.exception() is not None]
     assert len(failed) == 20 and all(
@@ -247,7 +249,7 @@ def test_concurrent_writers_get_unique_ids_and_all_rows_land(store: FeedbackStor
     a = make_response(store)
 
     def write(i: int) -> int:
-        return store.record_feedback(Rating(a.id, 1 + i % 5, rater_id=f"r{i % 7}"))
+        return store.record_feedback(Rating(a.id, 1 + i % 5, rater_id=f"r{i}"))
 
     with ThreadPoolExecutor(16) as pool:
         ids = list(pool.map(write, range(2000)))
@@ -259,7 +261,7 @@ def test_acknowledged_writes_are_on_disk_after_close_and_reopen(tmp_path: Path) 
     db = tmp_path / "f.duckdb"
     with FeedbackStore(db) as s:
         a = make_response(s)
-        acked = [s.record_feedback(Thumbs(a.id, 1)) for _ in range(50)]
+        acked = [s.record_feedback(Thumbs(a.id, 1, f"r{i}")) for i in range(50)]
     with FeedbackStore(db) as s:
         assert s.feedback_counts()["thumbs"] == len(acked)
         assert s.new_response_id() == a.id + 1  # counters continue after the stored ids
@@ -354,10 +356,59 @@ def test_after_a_burst_the_writer_waits_for_more_writes_but_no_longer_than_its_c
         release = threading.Event()
         blocked = threading.Thread(target=store.write, args=(lambda con: release.wait(10),))
         blocked.start()
-        burst = [store.submit_feedback(Thumbs(a.id, 1)) for _ in range(50)]  # queued behind it
+        burst = [store.submit_feedback(Thumbs(a.id, 1, f"r{i}")) for i in range(50)]  # queued
         release.set()
         blocked.join()
         assert len({f.result(timeout=5) for f in burst}) == 50  # one batch: the writer lingers
         lone = store.submit_feedback(Rating(a.id, 4))
         assert lone.result(timeout=5) == 1
         assert store.feedback_counts()["thumbs"] == 50
+
+
+def test_one_vote_per_rater_and_item_a_repeat_replaces_it(tmp_path: Path) -> None:
+    db = tmp_path / "f.duckdb"
+    with FeedbackStore(db) as store:
+        a, b = make_response(store, prompt="same"), make_response(store, prompt="same")
+        first = store.record_feedback(Thumbs(a.id, 1, "ann"))
+        assert store.record_feedback(Thumbs(a.id, -1, "ann")) == first  # the same row
+        assert store.record_feedback(Thumbs(a.id, 1, "ben")) != first  # another rater's
+        pair = store.record_feedback(Comparison(a.id, b.id, "a", "ann"))
+        # The same two answers the other way round are the same item; in one batch, the last
+        # of several votes on one item wins, and all are told its row.
+        again = [store.submit_feedback(Comparison(b.id, a.id, w, "ann")) for w in "ab" * 20]
+        assert {f.result() for f in again} == {pair}
+        ranked = store.record_feedback(Ranking((a.id, b.id), "ann"))
+        assert store.record_feedback(Ranking((b.id, a.id), "ann")) == ranked
+        assert store.read("SELECT count(*) AS n, min(value) AS v FROM thumbs") == [
+            {"n": 2, "v": -1}
+        ]
+        assert store.read("SELECT response_a, winner FROM comparisons") == [
+            {"response_a": b.id, "winner": "b"}
+        ]
+        assert store.read("SELECT response_ids FROM rankings") == [{"response_ids": [b.id, a.id]}]
+    with FeedbackStore(db) as store:  # after a restart, from the database's index
+        assert store.record_feedback(Thumbs(a.id, 1, "ann")) == first
+        assert store.feedback_counts()["thumbs"] == 2
+
+
+def test_votes_cast_twice_before_the_rule_keep_the_newest(tmp_path: Path) -> None:
+    """The migration to one vote per rater and item keeps each rater's newest vote."""
+    import duckdb
+
+    from tuneloop.feedback.migrations import apply_migrations
+
+    con = duckdb.connect(str(tmp_path / "old.duckdb"))
+    con.execute("CREATE TABLE schema_migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMPTZ)")
+    for name, sql in MIGRATIONS[:3]:
+        con.execute(sql)
+        con.execute("INSERT INTO schema_migrations VALUES (?, now())", [name])
+    con.execute(
+        "INSERT INTO comparisons VALUES (1, 1, 2, 'a', 'ann', now()), (2, 2, 1, 'a', 'ann', now()),"
+        " (3, 1, 2, 'tie', 'ben', now())"
+    )
+    assert apply_migrations(con) == ["0004_vote_items", "0005_one_vote_per_rater_and_item"]
+    assert con.execute("SELECT id, item FROM comparisons ORDER BY id").fetchall() == [
+        (2, "1,2"),
+        (3, "1,2"),
+    ]
+    con.close()
