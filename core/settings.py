@@ -258,8 +258,13 @@ class GateSettings:
         "the win rate's 95 % interval must clear the bar, not the win rate itself",
         option="gate_lower_bound",
     )
+    # On by default: a policy pulled far from its parent by a few hundred rows is more likely
+    # poisoned or degenerate than better. The demo and SmolLM2 runs promoted so far were at
+    # 0.06-0.51 nats per token (bench/RESULTS.md).
     max_kl: float | None = setting(
-        None, "reject a candidate further than this KL from its parent", option="gate_max_kl"
+        1.0,
+        "reject a candidate further than this KL (nats per token) from its parent",
+        option="gate_max_kl",
     )
     max_prompts: int = setting(
         128, "held-out prompts the gate compares on, at most", option="gate_prompts"

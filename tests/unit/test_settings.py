@@ -64,6 +64,7 @@ def test_the_gate_and_schedule_options_come_from_their_settings() -> None:
     parser = build_parser()
     up = parser.parse_args(["up", "--gate-prompts", "9", "--train-kind", "kto", "--schedule"])
     assert settings_from_args(GateSettings, up) == GateSettings(max_prompts=9)
+    assert GateSettings().max_kl == 1.0  # on unless set otherwise
     assert settings_from_args(ScheduleSettings, up) == ScheduleSettings(enabled=True, kind="kto")
     train = parser.parse_args(["train", "dpo", "--min-win-rate", "0.6", "--gate-max-kl", "0.2"])
     assert settings_from_args(GateSettings, train) == GateSettings(min_win_rate=0.6, max_kl=0.2)
