@@ -46,7 +46,7 @@ from tuneloop.feedback.validation import (
 from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService, ChatTurn
 from tuneloop.serve.errors import error_response, install_error_handlers
-from tuneloop.serve.limits import RateLimiter
+from tuneloop.serve.limits import Limits
 
 MAX_BODY_BYTES = 1_000_000
 # A streamed answer's tokens decoded within this many seconds of each other go out as one SSE
@@ -296,11 +296,9 @@ def _check_named(name: str | None, account: Account) -> None:
 
 
 def create_api(
-    service: ChatService, principals: Principals, limits: LimitSettings | None = None
+    service: ChatService, principals: Principals, limits: Limits | None = None
 ) -> FastAPI:
-    limits = limits or LimitSettings()
-    chat_limit = RateLimiter(limits.chats_per_minute, "answers")
-    feedback_limit = RateLimiter(limits.feedback_per_minute, "feedback rows")
+    limits = limits or Limits(LimitSettings())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -344,8 +342,7 @@ def create_api(
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(req: ChatCompletionRequest, account: SignedIn) -> Any:
         _check_named(req.user, account)
-        if not role_allows(account.role, "operator"):
-            chat_limit.check(account.name)
+        limits.check(limits.chat, account)
         messages = [Message(m.role, m.text()) for m in req.messages]
         # Inline, not in a worker thread: starting a turn is short CPU work that never blocks
         # (the chat template, tokenizing, ids held in memory); generation and the store's writes
@@ -396,8 +393,7 @@ def create_api(
     )
     async def post_feedback(body: FeedbackIn, account: SignedIn) -> Any:
         _check_named(body.rater, account)
-        if not role_allows(account.role, "operator"):
-            feedback_limit.check(account.name)
+        limits.check(limits.feedback, account)
         own_only = body.kind in OWN_ANSWER_KINDS or not role_allows(account.role, "rater")
         submitted = service.submit_feedback(body.record(account.name), own_answers_only=own_only)
         row_id = await asyncio.wrap_future(submitted)

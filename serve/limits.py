@@ -16,6 +16,8 @@ from typing import Any
 
 from fastapi import HTTPException
 
+from tuneloop.core.records import Account, role_allows
+from tuneloop.core.settings import LimitSettings
 from tuneloop.serve.errors import error_response
 
 _FORGET_AFTER_S = 3600.0
@@ -59,6 +61,27 @@ class RateLimiter:
         idle = [k for k, (_, last) in self._buckets.items() if now - last > _FORGET_AFTER_S]
         for key in idle:
             del self._buckets[key]
+
+
+class Limits:
+    """The per-account limits of one server, shared by the API and the UI: answers and feedback
+    rows a minute for users and raters; operators and admins are not limited."""
+
+    def __init__(self, settings: LimitSettings) -> None:
+        self.chat = RateLimiter(settings.chats_per_minute, "answers")
+        self.feedback = RateLimiter(settings.feedback_per_minute, "feedback rows")
+        self.logins = RateLimiter(settings.logins_per_minute, "sign-in attempts")
+
+    @staticmethod
+    def wait_s(limiter: RateLimiter, account: Account) -> float:
+        """Take one request of `account` from `limiter`: 0.0, or the seconds to wait."""
+        return 0.0 if role_allows(account.role, "operator") else limiter.wait_s(account.name)
+
+    @staticmethod
+    def check(limiter: RateLimiter, account: Account) -> None:
+        """`RateLimiter.check` for users and raters; operators and admins pass."""
+        if not role_allows(account.role, "operator"):
+            limiter.check(account.name)
 
 
 class LoginLimit:

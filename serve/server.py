@@ -27,7 +27,7 @@ from tuneloop.serve.api import create_api
 from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService
 from tuneloop.serve.engine import EmbeddedEngine, Engine, ServedEngine
-from tuneloop.serve.limits import LoginLimit, RateLimiter
+from tuneloop.serve.limits import Limits, LoginLimit
 
 
 def open_engine(config: ServeConfig, version: ModelVersion) -> Engine:
@@ -88,7 +88,7 @@ def build_app(
     limits: LimitSettings | None = None,
     file_dirs: tuple[Path, ...] = (),
 ) -> FastAPI:
-    limits = limits or LimitSettings()
+    limits = Limits(limits or LimitSettings())
     principals = Principals(service.store)
     app = create_api(service, principals, limits)
     app.include_router(create_admin_router(service, control, data_dir, principals, file_dirs))
@@ -100,14 +100,12 @@ def build_app(
 
         app = gr.mount_gradio_app(
             app,
-            build_ui(service, control, principals),
+            build_ui(service, control, principals, limits),
             path="/",
             auth=principals.check_password,
             auth_message="Sign in with your account's name and token (`tuneloop users add`).",
         )
-        app.add_middleware(
-            LoginLimit, limiter=RateLimiter(limits.logins_per_minute, "sign-in attempts")
-        )
+        app.add_middleware(LoginLimit, limiter=limits.logins)
     return app
 
 

@@ -10,14 +10,18 @@ import gradio as gr
 from tuneloop.loop.control import LoopControl
 from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService
+from tuneloop.serve.limits import Limits
 from tuneloop.serve.ui_chat import chat_tab
 from tuneloop.serve.ui_common import signed_in
 from tuneloop.serve.ui_judge import compare_tab, rank_tab
 from tuneloop.serve.ui_operator import operator_tab, operator_visibility
 
 
-def build_ui(service: ChatService, control: LoopControl, principals: Principals) -> gr.Blocks:
-    """The Blocks app; `server.build_app` mounts it next to the API with `principals`' sign-in."""
+def build_ui(
+    service: ChatService, control: LoopControl, principals: Principals, limits: Limits
+) -> gr.Blocks:
+    """The Blocks app; `server.build_app` mounts it next to the API with `principals`' sign-in,
+    and the same `limits`."""
     with gr.Blocks(title="tuneloop") as ui:
         with gr.Row():
             with gr.Column(scale=3):
@@ -29,13 +33,13 @@ def build_ui(service: ChatService, control: LoopControl, principals: Principals)
                 who = gr.Markdown(elem_id="signed-in-as")
         with gr.Tabs():
             with gr.Tab("Chat", id="chat"):
-                chat_tab(service, principals)
+                chat_tab(service, principals, limits)
             with gr.Tab("Compare", id="compare"):
                 gr.Markdown("Two answers to one prompt, shown blind. Which is better?")
-                compare_tab(service, principals)
+                compare_tab(service, principals, limits)
             with gr.Tab("Rank", id="rank"):
                 gr.Markdown("Several answers to one prompt: order them from best to worst.")
-                rank_tab(service, principals)
+                rank_tab(service, principals, limits)
             operator = operator_tab(service, control, principals)
 
         def greet(request: gr.Request) -> str:

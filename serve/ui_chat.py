@@ -12,6 +12,7 @@ import gradio as gr
 from tuneloop.core.records import Edit, Message, Rating, Thumbs
 from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService, ChatTurn
+from tuneloop.serve.limits import Limits
 from tuneloop.serve.ui_common import (
     CHAT_PARAMS,
     GENERATION_CONCURRENCY,
@@ -64,7 +65,7 @@ def _status(conv: Conversation, text: str = "") -> str:
     return f"{line} {text}".strip()
 
 
-def chat_tab(service: ChatService, principals: Principals) -> None:
+def chat_tab(service: ChatService, principals: Principals, limits: Limits) -> None:
     """Build the Chat tab's components and events inside the current Blocks context."""
     conv_state = gr.State(Conversation())
     chatbot = gr.Chatbot(
@@ -141,7 +142,7 @@ def chat_tab(service: ChatService, principals: Principals) -> None:
             yield (gr.skip(),) * 5
             return
         base = Conversation(conv.id, (*conv.messages, Message("user", text)), (*conv.answers, None))
-        turn = start_turn(service, list(base.messages), params(temp), account.name, conv.id)
+        turn = start_turn(service, limits, account, list(base.messages), params(temp), conv.id)
         if turn is None:
             yield (gr.skip(),) * 5
             return
@@ -161,7 +162,7 @@ def chat_tab(service: ChatService, principals: Principals) -> None:
             yield (gr.skip(),) * 4
             return
         base = Conversation(conv.id, conv.messages[:-1], conv.answers[:-1])
-        turn = start_turn(service, list(base.messages), params(temp), account.name, conv.id)
+        turn = start_turn(service, limits, account, list(base.messages), params(temp), conv.id)
         if turn is None:
             yield (gr.skip(),) * 4
             return
@@ -183,7 +184,7 @@ def chat_tab(service: ChatService, principals: Principals) -> None:
         if like.liked not in (True, False):
             return _status(conv, "Vote cleared here; the vote already stored stays.")
         value = 1 if like.liked else -1
-        row = record(service, Thumbs(a.response_id, value, rater_id=account.name))
+        row = record(service, limits, account, Thumbs(a.response_id, value, rater_id=account.name))
         if row is None:
             return gr.skip()
         thumb = "up" if value == 1 else "down"
@@ -203,7 +204,7 @@ def chat_tab(service: ChatService, principals: Principals) -> None:
             gr.Warning("Pick a score from 1 to 5.")
             return gr.skip(), gr.skip(), gr.skip()
         rating = Rating(last.response_id, int(value), why.strip() or None, rater_id=account.name)
-        if record(service, rating) is None:
+        if record(service, limits, account, rating) is None:
             return gr.skip(), gr.skip(), gr.skip()
         note = f"Rating {value}/5 stored for answer #{last.response_id}."
         return _status(conv, note), None, ""
@@ -216,7 +217,10 @@ def chat_tab(service: ChatService, principals: Principals) -> None:
         if last is None:
             gr.Warning("There is no answer to edit yet.")
             return gr.skip()
-        if record(service, Edit(last.response_id, text, rater_id=account.name)) is None:
+        if (
+            record(service, limits, account, Edit(last.response_id, text, rater_id=account.name))
+            is None
+        ):
             return gr.skip()
         return _status(conv, f"Edit stored for answer #{last.response_id}.")
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from tuneloop.feedback.validation import FeedbackError
 from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService, ChatTurn
 from tuneloop.serve.engine import PromptTooLongError
+from tuneloop.serve.limits import Limits, RateLimiter
 
 CHAT_PARAMS = SamplingParams(max_tokens=256, temperature=0.7)
 # Answers to be compared or ranked are sampled hotter, so that they differ.
@@ -24,14 +26,20 @@ GENERATION_CONCURRENCY = 8
 
 def start_turn(
     service: ChatService,
+    limits: Limits,
+    account: Account,
     messages: list[Message],
     params: SamplingParams,
-    rater_id: str,
     conversation_id: int | None = None,
 ) -> ChatTurn | None:
-    """Start an answer; or warn (bad name, unknown conversation, prompt too long), return None."""
+    """Start an answer for `account`; or warn (over its limit, unknown conversation, prompt too
+    long) and return None."""
+    if not _within(limits.chat, account):
+        return None
     try:
-        return service.chat(messages, params, conversation_id=conversation_id, rater_id=rater_id)
+        return service.chat(
+            messages, params, conversation_id=conversation_id, rater_id=account.name
+        )
     except (FeedbackError, PromptTooLongError) as exc:
         gr.Warning(str(exc))
         return None
@@ -52,11 +60,24 @@ def signed_in(principals: Principals, request: gr.Request, role: str = "user") -
     return account
 
 
-def record(service: ChatService, fb: Feedback, *, own_answers_only: bool = True) -> int | None:
-    """Store feedback; the new row's id, or None after warning the rater what was wrong. In the
-    UI everyone judges the answers given to them."""
+def _within(limiter: RateLimiter, account: Account) -> bool:
+    wait = Limits.wait_s(limiter, account)
+    if wait > 0:
+        gr.Warning(
+            f"Over the limit of {limiter.per_minute} {limiter.what} a minute: "
+            f"try again in {math.ceil(wait)} s."
+        )
+    return wait <= 0
+
+
+def record(service: ChatService, limits: Limits, account: Account, fb: Feedback) -> int | None:
+    """Store `account`'s feedback; the row's id, or None after warning the rater what was wrong
+    (over its limit, an answer not theirs: in the UI everyone judges the answers given to
+    them)."""
+    if not _within(limits.feedback, account):
+        return None
     try:
-        return service.record_feedback(fb, own_answers_only=own_answers_only)
+        return service.record_feedback(fb, own_answers_only=True)
     except FeedbackError as exc:
         gr.Warning(str(exc))
         return None

@@ -11,9 +11,10 @@ from typing import Any
 
 import gradio as gr
 
-from tuneloop.core.records import Comparison, Message, Ranking, Winner
+from tuneloop.core.records import Account, Comparison, Message, Ranking, Winner
 from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService, ChatTurn
+from tuneloop.serve.limits import Limits
 from tuneloop.serve.ui_common import (
     GENERATION_CONCURRENCY,
     JUDGE_PARAMS,
@@ -30,19 +31,19 @@ VERDICTS = (("A better", "a"), ("B better", "b"), ("Tie", "tie"), ("Both bad", "
 
 
 def _start_answers(
-    service: ChatService, prompt: str, k: int, rater_id: str
+    service: ChatService, limits: Limits, account: Account, prompt: str, k: int
 ) -> list[ChatTurn] | None:
     """k answers to `prompt` in one conversation, generating in parallel; None after a warning."""
     if not prompt.strip():
         gr.Warning("Type a prompt first.")
         return None
     messages = [Message("user", prompt)]
-    first = start_turn(service, messages, JUDGE_PARAMS, rater_id)
+    first = start_turn(service, limits, account, messages, JUDGE_PARAMS)
     if first is None:
         return None
     turns = [first]
     for _ in range(k - 1):
-        turn = start_turn(service, messages, JUDGE_PARAMS, rater_id, first.conversation_id)
+        turn = start_turn(service, limits, account, messages, JUDGE_PARAMS, first.conversation_id)
         if turn is None:
             for started in turns:
                 started.cancel()
@@ -51,7 +52,7 @@ def _start_answers(
     return turns
 
 
-def compare_tab(service: ChatService, principals: Principals) -> None:
+def compare_tab(service: ChatService, principals: Principals, limits: Limits) -> None:
     """Build the Compare tab inside the current Blocks context."""
     pair = gr.State(None)  # (response id of A, response id of B) once both are stored
     with gr.Row(equal_height=True):
@@ -67,7 +68,7 @@ def compare_tab(service: ChatService, principals: Principals) -> None:
 
     def on_generate(text: str, request: gr.Request) -> Iterator[tuple[Any, ...]]:
         account = signed_in(principals, request)
-        turns = _start_answers(service, text, 2, account.name) if account else None
+        turns = _start_answers(service, limits, account, text, 2) if account else None
         if turns is None:
             yield (gr.skip(),) * len(outputs)
             return
@@ -94,7 +95,9 @@ def compare_tab(service: ChatService, principals: Principals) -> None:
         if ids is None:
             gr.Warning("Get two answers first.")
             return (gr.skip(),) * (len(outputs) + 1)
-        row = record(service, Comparison(ids[0], ids[1], winner, rater_id=account.name))
+        row = record(
+            service, limits, account, Comparison(ids[0], ids[1], winner, rater_id=account.name)
+        )
         if row is None:
             return (gr.skip(),) * (len(outputs) + 1)
         label = next(label for label, w in VERDICTS if w == winner)
@@ -138,7 +141,7 @@ def rank_order(ranks: list[Any]) -> list[int]:
     return sorted(range(k), key=lambda i: given[i])
 
 
-def rank_tab(service: ChatService, principals: Principals) -> None:
+def rank_tab(service: ChatService, principals: Principals, limits: Limits) -> None:
     """Build the Rank tab inside the current Blocks context."""
     ranked = gr.State(None)  # the response ids shown, in display order, once stored
     with gr.Row(equal_height=True):
@@ -184,7 +187,7 @@ def rank_tab(service: ChatService, principals: Principals) -> None:
     def on_generate(text: str, k: int, request: gr.Request) -> Iterator[tuple[Any, ...]]:
         k = int(k)
         account = signed_in(principals, request)
-        turns = _start_answers(service, text, k, account.name) if account else None
+        turns = _start_answers(service, limits, account, text, k) if account else None
         if turns is None:
             yield (gr.skip(),) * len(outputs)
             return
@@ -216,7 +219,9 @@ def rank_tab(service: ChatService, principals: Principals) -> None:
         except ValueError as exc:
             gr.Warning(str(exc))
             return *(gr.skip(),) * (len(save_outputs) - 1), str(exc)
-        row = record(service, Ranking(tuple(ids[i] for i in order), rater_id=account.name))
+        row = record(
+            service, limits, account, Ranking(tuple(ids[i] for i in order), rater_id=account.name)
+        )
         if row is None:
             return (gr.skip(),) * len(save_outputs)
         best_first = ", ".join(f"answer {i + 1}" for i in order)
