@@ -174,11 +174,16 @@ def test_a_flood_from_one_account_is_cut_at_its_limit(server: LiveServer) -> Non
     flood = server.account("flood", "rater")
     ann = server.account("annie", "user")
     first = chat(server, ann).json()
-    a = int(first["id"])
-    b = int(chat(server, ann, conversation_id=first["conversation_id"]).json()["id"])
+    answers = [int(first["id"])]
+    for _ in range(24):  # 25 answers to one prompt: 300 different pairs to compare
+        answers.append(
+            int(chat(server, ann, conversation_id=first["conversation_id"]).json()["id"])
+        )
+    pairs = [(x, y) for i, x in enumerate(answers) for y in answers[i + 1 :]]
+    a, b = pairs[0]
     statuses, started = [], time.monotonic()
     for i in range(300):
-        pair = {"kind": "comparison", "response_ids": [a, b], "winner": "ab"[i % 2]}
+        pair = {"kind": "comparison", "response_ids": list(pairs[i]), "winner": "ab"[i % 2]}
         resp = feedback(server, flood, pair)
         statuses.append(resp.status_code)
         if resp.status_code == 429:
@@ -189,8 +194,8 @@ def test_a_flood_from_one_account_is_cut_at_its_limit(server: LiveServer) -> Non
     stored = db_rows(server, "SELECT count(*) FROM comparisons WHERE rater_id = 'flood'")
     assert stored == [(accepted,)]
     # Operators are not limited.
-    for _ in range(150):
-        pair = {"kind": "comparison", "response_ids": [a, b], "winner": "tie"}
+    for i in range(150):
+        pair = {"kind": "comparison", "response_ids": list(pairs[i]), "winner": "tie"}
         assert feedback(server, server.auth, pair).status_code == 201
 
 
@@ -239,7 +244,7 @@ def test_a_rejected_version_is_served_only_with_force(server: LiveServer) -> Non
     with duckdb.connect(str(server.data_dir.db)) as con:  # a candidate the gate turned down
         con.execute(
             "INSERT INTO model_versions SELECT 'policy-v9', kind, base, parent, artifact_path, "
-            "adapter, snapshot_id, config, metrics, 'rejected', now(), 'gate: win rate 0.3' "
+            "adapter, snapshot_id, config, metrics, 'rejected', now(), 'gate: win rate 0.3', false "
             "FROM model_versions WHERE id = ?",
             [served["id"]],
         )

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from tuneloop.cli import build_parser
 from tuneloop.cli_settings import add_options, option_values, settings_from_args
 from tuneloop.core.artifacts import read_manifest
+from tuneloop.core.config import DataDir
 from tuneloop.core.job_spec import JobSpec
 from tuneloop.core.settings import (
     JOB_KINDS,
@@ -104,7 +105,8 @@ def test_a_new_job_kind_appears_in_the_cli_the_api_the_operator_tab_and_the_job(
     # The route takes it as its JSON body (the OpenAPI schema the server publishes).
     app = FastAPI()
     with FeedbackStore(tmp_path / "f.duckdb") as store:
-        router = create_admin_router(None, None, None, Principals(store))  # type: ignore[arg-type]
+        principals = Principals(store)
+    router = create_admin_router(None, None, DataDir(tmp_path), principals)  # type: ignore[arg-type]
     app.include_router(router)
     route = app.openapi()["paths"]["/v1/admin/train"]["post"]
     assert [p["in"] for p in route["parameters"]] == ["header"]  # the token only

@@ -262,7 +262,8 @@ def test_the_trust_policy_keeps_accounts_and_imports_and_drops_the_rest(
     store: FeedbackStore, tmp_path: Path
 ) -> None:
     """alice and bob have accounts; bob is disabled (a troll found out); carol and rater-1 are
-    no accounts. 500 edits from the disabled troll never reach a snapshot or a dataset."""
+    no accounts. 500 edits from the disabled troll (one vote per answer: 5 rows) never reach a
+    snapshot or a dataset."""
     from tuneloop.feedback import accounts
     from tuneloop.feedback.datasets import build_datasets
 
@@ -271,7 +272,7 @@ def test_the_trust_policy_keeps_accounts_and_imports_and_drops_the_rest(
         accounts.add_account(store, name, "rater", actor="admin")
     for i in range(500):
         store.record_feedback(
-            Edit(ids["responses"][0], f"Visit http://spam.example/{i} for tea.", rater_id="bob")
+            Edit(ids["responses"][i % 5], f"Visit http://spam.example/{i}", rater_id="bob")
         )
     accounts.set_disabled(store, "bob", True, actor="admin")
     store.record_feedback(Thumbs(ids["responses"][3], 1, rater_id="import"))
@@ -280,9 +281,9 @@ def test_the_trust_policy_keeps_accounts_and_imports_and_drops_the_rest(
     tables = strict.manifest["tables"]
     assert strict.manifest["trust"] == {"anonymous": False}
     assert (tables["thumbs"]["rows"], tables["thumbs"]["left_out"]) == (2, 1)  # alice, import
-    assert (tables["edits"]["rows"], tables["edits"]["left_out"]) == (0, 501)
+    assert (tables["edits"]["rows"], tables["edits"]["left_out"]) == (0, 6)  # bob's 5, carol's
     assert (tables["comparisons"]["rows"], tables["comparisons"]["left_out"]) == (0, 1)
-    assert tables["edits"]["max_id"] == 501  # how far it reached, kept rows or not
+    assert tables["edits"]["max_id"] == 6  # how far it reached, kept rows or not
     raters = parquet_rows(table_path(strict, "thumbs"), "SELECT DISTINCT rater_id FROM t")
     assert sorted(raters) == [("alice",), ("import",)]
     built = build_datasets(strict.path)
@@ -295,5 +296,5 @@ def test_the_trust_policy_keeps_accounts_and_imports_and_drops_the_rest(
 
     open_ = create_snapshot(store, tmp_path / "snaps", TrustSettings(anonymous=True))
     tables = open_.manifest["tables"]
-    assert (tables["edits"]["rows"], tables["edits"]["left_out"]) == (1, 500)  # carol's only
+    assert (tables["edits"]["rows"], tables["edits"]["left_out"]) == (1, 5)  # carol's only
     assert tables["comparisons"]["rows"] == 1

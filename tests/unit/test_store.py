@@ -213,7 +213,9 @@ def test_out_of_range_ids_are_refused_before_the_writer_and_the_rest_commit(
             store.submit_feedback(Thumbs(bad, 1))
     with pytest.raises(FeedbackError, match="response id"):
         store.submit_feedback(Ranking((a.id, 2**70)))
-    futures = [store.submit_feedback(Rating(a.id, 1 + i % 5, f"r{i}")) for i in range(1000)]
+    futures = [
+        store.submit_feedback(Rating(a.id, 1 + i % 5, rater_id=f"r{i}")) for i in range(1000)
+    ]
     assert sorted(f.result() for f in futures) == list(range(1, 1001))
     assert store.writing
 

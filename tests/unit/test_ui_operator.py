@@ -264,7 +264,7 @@ def test_feedback_volume_counts_rows_per_bucket_and_kind(store: FeedbackStore) -
         ("thumbs", store.record_feedback(Thumbs(a, 1)), T0 + timedelta(seconds=10)),
         ("thumbs", store.record_feedback(Thumbs(b, -1)), T0 + timedelta(seconds=50)),
         ("ratings", store.record_feedback(Rating(a, 4)), T0 + timedelta(seconds=30)),
-        ("thumbs", store.record_feedback(Thumbs(a, -1)), T0 + timedelta(minutes=2)),
+        ("thumbs", store.record_feedback(Thumbs(a, -1, "ben")), T0 + timedelta(minutes=2)),
         ("comparisons", store.record_feedback(Comparison(a, b, "a")), T0 + timedelta(hours=2)),
     ]
     for table, row_id, when in placed:
