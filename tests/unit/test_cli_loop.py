@@ -199,7 +199,7 @@ def test_import_train_eval_and_promote_without_a_server(
         assert (run["status"], run["progress"], run["error"]) == ("done", 1.0, None), run
         assert run["trigger"] == "cli"
     assert [r["version_id"] for r in runs] == ["policy-v2", "policy-v2", "reward-v1"]
-    assert runs[1]["config"]["overrides"] == ["max_steps=4"]
+    assert runs[1]["config"]["overrides"] == {"max_steps": 4}
     table = run_cli(capsys, "runs", *dd)
     assert table.splitlines()[0].split() == ["id", "kind", "status", "progress", "version", "error"]
     assert len(table.splitlines()) == 4 and "100%" in table
