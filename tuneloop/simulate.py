@@ -35,6 +35,7 @@ from tuneloop.core.settings import (
     DEFAULT_MODEL,
     DEFAULT_POLICY_JOB,
     GateSettings,
+    LimitSettings,
     ScheduleSettings,
     check_job,
     setting,
@@ -269,6 +270,8 @@ def _server(dd: DataDir, model: str, config: SimulationConfig) -> Iterator[_Clie
         max_concurrency=config.concurrency,
         schedule=ScheduleSettings(kind=config.kind),
         gate=GateSettings(min_win_rate=config.min_win_rate),
+        # Simulated people ask and vote far faster than the limits a person gets.
+        limits=LimitSettings(feedback_per_minute=0, chats_per_minute=0),
     )
     with server_in_thread(serve, lambda _: model, stop_timeout=120) as url:
         token = dd.admin_token_file.read_text().strip()
