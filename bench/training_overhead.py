@@ -8,22 +8,22 @@ the way the product imports them: `import_preferences` into a fresh `FeedbackSto
 Model: a tiny random Llama of the demo model's shape (`build_tiny_model`, hidden size 96, 4
 layers, vocabulary 4096), or `--model DIR`.
 
-- tuneloop: `python -m tuneloop.train.run {dpo,rm} --datasets ... --set max_steps=N --set
-  max_length=L` as a process of its own, the product's path (data order, LoRA, reference model,
-  status-file callback with its NaN check, CPU thread picker, held-out evaluation, save,
-  manifest). Steps/s = the manifest's `steps` / `train_runtime_s` (`trainer.train()`'s own
-  runtime), so start-up, imports, data loading, evaluation and saving are left out.
-- bare TRL: what a TRL user writes by hand, also a process of its own (this file with
+- tuneloop: `python -m tuneloop.train.run SPEC.json` (a `JobSpec` of kind dpo or rm with the
+  overrides max_steps=N and max_length=L) as a process of its own, the product's path (data order,
+  LoRA, reference model, status-file callback with its NaN check, CPU thread picker, held-out
+  evaluation, save, manifest). Steps/s = the manifest's `steps` / `train_runtime_s`
+  (`trainer.train()`'s own runtime), so start-up, imports, data loading, evaluation and saving are
+  left out. - bare TRL: what a TRL user writes by hand, also a process of its own (this file with
   `--bare-child`): `Dataset.from_parquet`, the model and tokenizer with `from_pretrained`,
   `DPOTrainer`/`RewardTrainer` with a `LoraConfig` and the TRL config, `trainer.train()`,
-  `trainer.save_model()`. Steps/s = `global_step` / `TrainOutput.metrics["train_runtime"]`.
-  The TRL config gets every value tuneloop's job used that differs from the TRL config class's
-  default (read from the first tuneloop run's manifest: batch size, learning rate, max_steps,
-  max_length, seed, logging, scheduler, bf16 and activation checkpointing off, ...), and the LoRA
-  config tuneloop saved (r, alpha, dropout, targets, modules to save); the list is printed.
-  `--bare-config minimal` passes only batch size, learning rate, max_steps, max_length, seed,
-  use_cpu (and DPO's beta), leaving TRL's own defaults for the rest (on a CPU: bf16 autocast and
-  activation checkpointing on): what a first script would run, not a like-for-like comparison.
+  `trainer.save_model()`. Steps/s = `global_step` / `TrainOutput.metrics["train_runtime"]`. The TRL
+  config gets every value tuneloop's job used that differs from the TRL config class's default (read
+  from the first tuneloop run's manifest: batch size, learning rate, max_steps, max_length, seed,
+  logging, scheduler, bf16 and activation checkpointing off, ...), and the LoRA config tuneloop
+  saved (r, alpha, dropout, targets, modules to save); the list is printed. `--bare-config minimal`
+  passes only batch size, learning rate, max_steps, max_length, seed, use_cpu (and DPO's beta),
+  leaving TRL's own defaults for the rest (on a CPU: bf16 autocast and activation checkpointing on):
+  what a first script would run, not a like-for-like comparison.
 
 The sides alternate (tuneloop, bare, bare, tuneloop, ...), `--repeats` rounds per job, so that
 each pair runs back to back and the machine's noise hits both. Printed per round: steps/s of each
@@ -63,6 +63,9 @@ from pathlib import Path
 from typing import Any
 
 from common import PAIRS_FILE, cpu_seconds, preference_datasets
+
+from tuneloop.core.job_spec import JobSpec
+from tuneloop.core.settings import JobSettings
 
 GOAL_RATIO = 0.9
 CONFIG_CLASSES = {"dpo": "DPOConfig", "rm": "RewardConfig"}
@@ -163,25 +166,19 @@ def run_tuneloop(
 ) -> tuple[Run, dict[str, Any]]:
     """The job as the product runs it; returns the run and the version's manifest."""
     status = out.with_name(out.name + ".status.json")
-    job_args = [
+    spec = JobSpec(
         job,
-        "--datasets",
-        str(datasets),
-        "--base",
-        str(model),
-        "--out",
-        str(out),
-        "--version-id",
+        datasets,
+        model,
+        out,
         out.name,
-        "--status",
-        str(status),
-        "--set",
-        f"max_steps={args.max_steps}",
-        "--set",
-        f"max_length={args.max_length}",
-        "--seed",
-        str(args.seed),
-    ]
+        status=status,
+        settings=JobSettings(
+            overrides={"max_steps": args.max_steps, "max_length": args.max_length},
+            seed=args.seed,
+        ),
+    )
+    job_args = [str(spec.write(out.with_name(out.name + ".spec.json")))]
     if args.torch_threads:
         cmd = [sys.executable, "-c", TUNELOOP_FIXED_THREADS, str(args.torch_threads), *job_args]
     else:
