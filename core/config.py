@@ -7,7 +7,13 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuneloop.core.settings import GateSettings, LimitSettings, ScheduleSettings, TrustSettings
+from tuneloop.core.settings import (
+    GateSettings,
+    LimitSettings,
+    ScheduleSettings,
+    TaskSettings,
+    TrustSettings,
+)
 
 DEFAULT_DATA_DIR = Path("tuneloop-data")
 DEFAULT_HOST = "127.0.0.1"
@@ -121,6 +127,7 @@ class ServeConfig:
     gate: GateSettings = field(default_factory=GateSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     trust: TrustSettings = field(default_factory=TrustSettings)
+    tasks: TaskSettings = field(default_factory=TaskSettings)
     # Folders besides the data dir whose files the admin API may read (imports, configs).
     file_dirs: tuple[Path, ...] = ()
     vllm: VllmSettings = field(default_factory=VllmSettings)

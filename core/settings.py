@@ -351,3 +351,37 @@ class TrustSettings:
         "also train on feedback whose rater is no account (rows from before accounts)",
         option="trust_anonymous",
     )
+
+
+# Answers one rating task shows at most (the Rank tab has room for this many).
+MAX_TASK_ANSWERS = 8
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """Rating tasks (`tuneloop.feedback.tasks`): how many raters judge each, and how many the
+    server keeps waiting, made from new traffic as people chat."""
+
+    overlap: int = setting(
+        3, "raters who judge each rating task (never the prompt's author)", option="task_overlap"
+    )
+    answers: int = setting(
+        2,
+        "answers per task made from traffic: 2 is a comparison, more a ranking",
+        option="task_answers",
+    )
+    backlog: int = setting(
+        10,
+        "rating tasks the server keeps open, made from new traffic (0: only when an operator "
+        "asks, `tuneloop tasks make`)",
+        option="task_backlog",
+    )
+    gold_every: int = 10  # one fetch in this many offers a gold task first
+    refill_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.overlap < 1 or not 2 <= self.answers <= MAX_TASK_ANSWERS or self.backlog < 0:
+            raise SettingsError(
+                f"a task's overlap is 1 or more, its answers 2 to {MAX_TASK_ANSWERS}, the "
+                "backlog 0 or more"
+            )

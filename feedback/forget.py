@@ -81,6 +81,19 @@ def forget(store: FeedbackStore, name: str, *, actor: str) -> Forgotten:
             (n,) = con.execute(f"SELECT count(*) FROM {table} WHERE {theirs[table]}").fetchone()
             con.execute(f"DELETE FROM {table} WHERE {theirs[table]}")
             rows[table] = int(n)
+        # Rating tasks of their prompts or answers go too (judgments of them went above), and
+        # what they skipped or were held for.
+        resps_sql = f"[{', '.join(map(str, responses))}]::BIGINT[]"
+        con.execute(
+            "DELETE FROM task_skips WHERE rater_id = ? OR task_id IN (SELECT id FROM tasks "
+            f"WHERE author = ? OR list_has_any({resps_sql}, response_ids))",
+            [name, name],
+        )
+        con.execute(
+            f"DELETE FROM tasks WHERE author = ? OR list_has_any({resps_sql}, response_ids)",
+            [name],
+        )
+        con.execute("DELETE FROM quarantine WHERE rater_id = ?", [name])
         con.execute("DELETE FROM accounts WHERE name = ?", [name])
         marked = [
             vid

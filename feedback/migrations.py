@@ -196,6 +196,44 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE UNIQUE INDEX rankings_one_vote ON rankings (rater_id, item);
         """,
     ),
+    (
+        "0006_rating_tasks_and_quarantine",
+        """
+        -- Rating tasks (`feedback.tasks`): answers to one prompt, judged blind by `overlap`
+        -- raters, never by the prompt's author. A judgment is the rater's vote on `item` (the
+        -- comparison or ranking of these answers), so a task is done when `overlap` raters
+        -- other than its author voted on its item.
+        CREATE TABLE tasks (
+            id BIGINT PRIMARY KEY,
+            kind VARCHAR NOT NULL CHECK (kind IN ('comparison', 'ranking')),
+            prompt_hash VARCHAR NOT NULL,
+            response_ids BIGINT[] NOT NULL,
+            item VARCHAR NOT NULL UNIQUE,
+            author VARCHAR,
+            source VARCHAR NOT NULL,
+            overlap INTEGER NOT NULL CHECK (overlap >= 1),
+            priority INTEGER NOT NULL,
+            -- The answer a gold task's raters should prefer (its known answer), set by an
+            -- operator; gold tasks go to every rater once and score them.
+            gold_response_id BIGINT,
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        -- Tasks a rater passed on: never handed to them again.
+        CREATE TABLE task_skips (
+            task_id BIGINT NOT NULL,
+            rater_id VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (task_id, rater_id)
+        );
+        -- Raters whose rows no snapshot keeps until an operator reinstates them.
+        CREATE TABLE quarantine (
+            rater_id VARCHAR PRIMARY KEY,
+            reason VARCHAR,
+            actor VARCHAR NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL
+        );
+        """,
+    ),
 ]
 
 

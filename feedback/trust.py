@@ -1,7 +1,7 @@
 """The trust policy in SQL: which feedback rows a snapshot keeps and the scheduler counts
 (`tuneloop.core.settings.TrustSettings`). Rows are judged by their rater against the accounts
-table at the moment of the snapshot, so disabling an account takes its rows out of every later
-snapshot."""
+table at the moment of the snapshot, so disabling an account, or quarantining a rater
+(`feedback.raters`), takes its rows out of every later snapshot."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def admitted(trust: TrustSettings, column: str = "rater_id") -> str:
     ]
     if trust.anonymous:
         parts.append(f"{column} NOT IN (SELECT name FROM accounts)")
-    return "(" + " OR ".join(parts) + ")"
+    quarantined = f"{column} NOT IN (SELECT rater_id FROM quarantine)"
+    return "((" + " OR ".join(parts) + f") AND {quarantined})"
 
 
 def admitted_since(

@@ -34,7 +34,9 @@ class RoleIn(BaseModel):
     role: str
 
 
-def create_users_router(store: FeedbackStore, principals: Principals) -> APIRouter:
+def create_users_router(
+    store: FeedbackStore, principals: Principals, on_forget: Callable[[], None] = lambda: None
+) -> APIRouter:
     router = APIRouter(prefix="/v1/admin")
     Admin = Annotated[Account, Depends(principals.require("admin"))]  # noqa: N806
 
@@ -82,6 +84,7 @@ def create_users_router(store: FeedbackStore, principals: Principals) -> APIRout
         from tuneloop.feedback.forget import forget
 
         forgotten = await change(lambda: forget(store, name, actor=admin.name))
+        await run_in_threadpool(on_forget)  # their tasks left the database
         return asdict(forgotten)
 
     @router.get("/audit")

@@ -12,6 +12,9 @@ from tuneloop.feedback.store import FeedbackStore
 from tuneloop.feedback.validation import UnknownResponseError, check_rater_id
 from tuneloop.serve.engine import Engine, Generation
 
+# Answers to be compared or ranked are sampled hotter, so that they differ.
+JUDGE_PARAMS = SamplingParams(max_tokens=256, temperature=0.9)
+
 
 class UnknownConversationError(UnknownResponseError):
     """A request named a conversation this store never handed out."""

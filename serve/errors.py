@@ -18,10 +18,12 @@ from tuneloop.feedback.registry import RegistryError, UnknownVersionError
 from tuneloop.feedback.validation import FeedbackError, NotYoursError, UnknownResponseError
 from tuneloop.loop.control import BusyError
 from tuneloop.serve.engine import EngineLoadError, EngineUnavailableError, PromptTooLongError
+from tuneloop.serve.task_queue import NoSuchTaskError
 
 # Checked in order: a subclass before its base.
 STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (UnknownResponseError, 404),
+    (NoSuchTaskError, 404),
     (NotYoursError, 403),
     (UnknownAccountError, 404),
     (AccountError, 422),

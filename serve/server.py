@@ -28,6 +28,8 @@ from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService
 from tuneloop.serve.engine import EmbeddedEngine, Engine, ServedEngine
 from tuneloop.serve.limits import Limits, LoginLimit
+from tuneloop.serve.rating_desk import RatingDesk, TaskRefill
+from tuneloop.serve.tasks_api import create_raters_router, create_tasks_router
 
 
 def open_engine(config: ServeConfig, version: ModelVersion) -> Engine:
@@ -82,6 +84,7 @@ def open_engine(config: ServeConfig, version: ModelVersion) -> Engine:
 def build_app(
     service: ChatService,
     control: LoopControl,
+    desk: RatingDesk,
     data_dir: DataDir,
     *,
     with_ui: bool = True,
@@ -92,7 +95,9 @@ def build_app(
     principals = Principals(service.store)
     app = create_api(service, principals, limits)
     app.include_router(create_admin_router(service, control, data_dir, principals, file_dirs))
-    app.include_router(create_users_router(service.store, principals))
+    app.include_router(create_users_router(service.store, principals, desk.queue.reload))
+    app.include_router(create_tasks_router(desk, principals, limits))
+    app.include_router(create_raters_router(desk, principals, control.trust))
     if with_ui:
         import gradio as gr
 
@@ -100,7 +105,7 @@ def build_app(
 
         app = gr.mount_gradio_app(
             app,
-            build_ui(service, control, principals, limits),
+            build_ui(service, control, desk, principals, limits),
             path="/",
             auth=principals.check_password,
             auth_message="Sign in with your account's name and token (`tuneloop users add`).",
@@ -160,6 +165,7 @@ def run_server(
     store = FeedbackStore(dd.db)
     control: LoopControl | None = None
     engine: Engine | None = None
+    refill: TaskRefill | None = None
     try:
         version = ensure_served_policy(
             store,
@@ -172,9 +178,13 @@ def run_server(
         service = ChatService(engine, store)
         control = create_control(config, store, engine)
         first_admin(store, dd)
+        desk = RatingDesk(service, config.tasks)
+        if config.tasks.backlog:
+            refill = TaskRefill(desk, log)
         app = build_app(
             service,
             control,
+            desk,
             dd,
             with_ui=config.ui,
             limits=config.limits,
@@ -200,6 +210,8 @@ def run_server(
         server.run()
     finally:
         dd.server_file.unlink(missing_ok=True)
+        if refill is not None:
+            refill.close()
         if control is not None:
             control.close()
         if engine is not None:

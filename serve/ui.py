@@ -11,6 +11,7 @@ from tuneloop.loop.control import LoopControl
 from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService
 from tuneloop.serve.limits import Limits
+from tuneloop.serve.rating_desk import RatingDesk
 from tuneloop.serve.ui_chat import chat_tab
 from tuneloop.serve.ui_common import signed_in
 from tuneloop.serve.ui_judge import compare_tab, rank_tab
@@ -18,7 +19,11 @@ from tuneloop.serve.ui_operator import operator_tab, operator_visibility
 
 
 def build_ui(
-    service: ChatService, control: LoopControl, principals: Principals, limits: Limits
+    service: ChatService,
+    control: LoopControl,
+    desk: RatingDesk,
+    principals: Principals,
+    limits: Limits,
 ) -> gr.Blocks:
     """The Blocks app; `server.build_app` mounts it next to the API with `principals`' sign-in,
     and the same `limits`."""
@@ -35,12 +40,15 @@ def build_ui(
             with gr.Tab("Chat", id="chat"):
                 chat_tab(service, principals, limits)
             with gr.Tab("Compare", id="compare"):
-                gr.Markdown("Two answers to one prompt, shown blind. Which is better?")
-                compare_tab(service, principals, limits)
+                gr.Markdown(
+                    "Two answers to one prompt, shown blind. Which is better? Raters: **Next "
+                    "task** brings a prompt someone asked."
+                )
+                compare_tab(service, desk, principals, limits)
             with gr.Tab("Rank", id="rank"):
                 gr.Markdown("Several answers to one prompt: order them from best to worst.")
-                rank_tab(service, principals, limits)
-            operator = operator_tab(service, control, principals)
+                rank_tab(service, desk, principals, limits)
+            operator = operator_tab(service, control, desk, principals)
 
         def greet(request: gr.Request) -> str:
             account = signed_in(principals, request)

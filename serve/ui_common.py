@@ -18,8 +18,6 @@ from tuneloop.serve.engine import PromptTooLongError
 from tuneloop.serve.limits import Limits, RateLimiter
 
 CHAT_PARAMS = SamplingParams(max_tokens=256, temperature=0.7)
-# Answers to be compared or ranked are sampled hotter, so that they differ.
-JUDGE_PARAMS = SamplingParams(max_tokens=256, temperature=0.9)
 # Events that generate run this many at once (Gradio's default is one per event function).
 GENERATION_CONCURRENCY = 8
 
@@ -34,7 +32,7 @@ def start_turn(
 ) -> ChatTurn | None:
     """Start an answer for `account`; or warn (over its limit, unknown conversation, prompt too
     long) and return None."""
-    if not _within(limits.chat, account):
+    if not within(limits.chat, account):
         return None
     try:
         return service.chat(
@@ -60,7 +58,7 @@ def signed_in(principals: Principals, request: gr.Request, role: str = "user") -
     return account
 
 
-def _within(limiter: RateLimiter, account: Account) -> bool:
+def within(limiter: RateLimiter, account: Account) -> bool:
     wait = Limits.wait_s(limiter, account)
     if wait > 0:
         gr.Warning(
@@ -74,7 +72,7 @@ def record(service: ChatService, limits: Limits, account: Account, fb: Feedback)
     """Store `account`'s feedback; the row's id, or None after warning the rater what was wrong
     (over its limit, an answer not theirs: in the UI everyone judges the answers given to
     them)."""
-    if not _within(limits.feedback, account):
+    if not within(limits.feedback, account):
         return None
     try:
         return service.record_feedback(fb, own_answers_only=True)

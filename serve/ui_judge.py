@@ -1,7 +1,9 @@
 """The Compare and Rank tabs: several answers to one prompt, judged side by side.
 
-The answers to one prompt share a conversation (like regenerated answers) and are blind: the
-rater sees labels only, never which model version wrote what.
+A rater takes the next task from the queue (`serve.rating_desk`: real users' prompts, answered
+by the versions the task asks for), or types a prompt of their own; then the answers share a
+conversation (like regenerated answers). Either way they are blind: the rater sees labels only,
+never which model version wrote what.
 """
 
 from __future__ import annotations
@@ -12,20 +14,28 @@ from typing import Any
 import gradio as gr
 
 from tuneloop.core.records import Account, Comparison, Message, Ranking, Winner
+from tuneloop.core.settings import MAX_TASK_ANSWERS
 from tuneloop.serve.auth import Principals
-from tuneloop.serve.chat_service import ChatService, ChatTurn
+from tuneloop.serve.chat_service import JUDGE_PARAMS, ChatService, ChatTurn
 from tuneloop.serve.limits import Limits
+from tuneloop.serve.rating_desk import RatingDesk, TaskView
 from tuneloop.serve.ui_common import (
     GENERATION_CONCURRENCY,
-    JUDGE_PARAMS,
     record,
     shown,
     signed_in,
     start_turn,
     stream_together,
 )
+from tuneloop.serve.ui_tasks import (
+    judge_task,
+    next_task,
+    progress_markdown,
+    prompt_markdown,
+    skip_task,
+)
 
-MAX_RANKED = 5
+MAX_OWN_RANKED = 5  # answers to one's own prompt (tasks may show up to MAX_TASK_ANSWERS)
 DEFAULT_RANKED = 3
 VERDICTS = (("A better", "a"), ("B better", "b"), ("Tie", "tie"), ("Both bad", "both_bad"))
 
@@ -52,74 +62,141 @@ def _start_answers(
     return turns
 
 
-def compare_tab(service: ChatService, principals: Principals, limits: Limits) -> None:
-    """Build the Compare tab inside the current Blocks context."""
-    pair = gr.State(None)  # (response id of A, response id of B) once both are stored
+def compare_tab(
+    service: ChatService, desk: RatingDesk, principals: Principals, limits: Limits
+) -> None:
+    """Build the Compare tab inside the current Blocks context: the next task from the queue,
+    or two answers to a prompt of one's own."""
+    pair = gr.State(None)  # (response id of A, response id of B) of one's own prompt
+    task = gr.State(None)  # the id of the task being judged
     with gr.Row(equal_height=True):
-        prompt = gr.Textbox(placeholder="A prompt to answer twice", show_label=False, scale=5)
-        generate = gr.Button("Get two answers", variant="primary", scale=1, min_width=150)
+        next_button = gr.Button("Next task", variant="primary", scale=0, min_width=130)
+        skip = gr.Button("Skip", interactive=False, scale=0, min_width=90)
+        progress = gr.Markdown(elem_id="compare-progress")
+    question = gr.Markdown(visible=False, elem_id="compare-task-prompt")
+    with gr.Row(equal_height=True):
+        prompt = gr.Textbox(
+            placeholder="Or a prompt of your own, to answer twice", show_label=False, scale=5
+        )
+        generate = gr.Button("Get two answers", scale=1, min_width=150)
     with gr.Row(equal_height=True):
         boxes = [gr.Textbox(label=label, lines=10, interactive=False) for label in ("A", "B")]
     with gr.Row():
         buttons = [gr.Button(label, interactive=False) for label, _ in VERDICTS]
     status = gr.Markdown()
 
-    outputs = [*boxes, pair, *buttons, status]
+    def locked(note: str) -> dict[Any, Any]:
+        return {
+            **{b: gr.update(interactive=False) for b in buttons},
+            skip: gr.update(interactive=False),
+            status: note,
+        }
 
-    def on_generate(text: str, request: gr.Request) -> Iterator[tuple[Any, ...]]:
+    def show_task(account: Account, view: TaskView | None, note: str = "") -> dict[Any, Any]:
+        shown_now = {progress: progress_markdown(desk.progress(account)), pair: None}
+        if view is None:
+            return {
+                **shown_now,
+                **locked(f"{note} No task waits for you now.".strip()),
+                question: gr.update(visible=False),
+                task: None,
+                **{box: "" for box in boxes},
+            }
+        return {
+            **shown_now,
+            question: gr.update(value=prompt_markdown(view.prompt), visible=True),
+            task: view.task_id,
+            **{box: shown(text) for box, text in zip(boxes, view.answers, strict=True)},
+            **{b: gr.update(interactive=True) for b in buttons},
+            skip: gr.update(interactive=True),
+            status: f"{note} Which answer is better?".strip(),
+        }
+
+    def on_next(request: gr.Request) -> dict[Any, Any]:
+        found = next_task(desk, principals, request, "comparison")
+        return show_task(*found) if found else {}
+
+    def on_skip(task_id: int | None, request: gr.Request) -> dict[Any, Any]:
+        found = signed_in(principals, request, "rater")
+        if found is None or task_id is None or not skip_task(desk, found, task_id):
+            return {}
+        return show_task(found, desk.next(found, "comparison"), "Skipped.")
+
+    def on_generate(text: str, request: gr.Request) -> Iterator[dict[Any, Any]]:
         account = signed_in(principals, request)
         turns = _start_answers(service, limits, account, text, 2) if account else None
         if turns is None:
-            yield (gr.skip(),) * len(outputs)
+            yield {}
             return
-        locked = [gr.update(interactive=False)] * len(buttons)
-        yield "", "", None, *locked, "Answering…"
+        yield {
+            **locked("Answering…"),
+            **{box: "" for box in boxes},
+            pair: None,
+            task: None,
+            question: gr.update(visible=False),
+        }
         texts = ["", ""]
         try:
             for texts in stream_together(turns):
-                yield *texts, *(gr.skip(),) * (len(outputs) - 2)
+                yield dict(zip(boxes, texts, strict=True))
         except RuntimeError as exc:
             gr.Warning(str(exc))
-            yield gr.skip(), gr.skip(), None, *locked, "Generation failed; try again."
+            yield locked("Generation failed; try again.")
             return
-        unlocked = [gr.update(interactive=True)] * len(buttons)
-        ids = (turns[0].id, turns[1].id)
-        yield *map(shown, texts), ids, *unlocked, "Which answer is better?"
+        yield {
+            **{box: shown(t) for box, t in zip(boxes, texts, strict=True)},
+            pair: (turns[0].id, turns[1].id),
+            **{b: gr.update(interactive=True) for b in buttons},
+            status: "Which answer is better?",
+        }
 
     def on_verdict(
-        winner: Winner, ids: tuple[int, int] | None, request: gr.Request
-    ) -> tuple[Any, ...]:
+        winner: Winner, ids: tuple[int, int] | None, task_id: int | None, request: gr.Request
+    ) -> dict[Any, Any]:
         account = signed_in(principals, request)
         if account is None:
-            return (gr.skip(),) * (len(outputs) + 1)
+            return {}
+        label = next(label for label, w in VERDICTS if w == winner)
+        if task_id is not None:
+            row = judge_task(desk, limits, account, task_id, winner=winner)
+            if row is None:
+                return {}
+            return show_task(account, desk.next(account, "comparison"), f"Stored “{label}”.")
         if ids is None:
             gr.Warning("Get two answers first.")
-            return (gr.skip(),) * (len(outputs) + 1)
-        row = record(
-            service, limits, account, Comparison(ids[0], ids[1], winner, rater_id=account.name)
-        )
+            return {}
+        fb = Comparison(ids[0], ids[1], winner, rater_id=account.name)
+        row = record(service, limits, account, fb)
         if row is None:
-            return (gr.skip(),) * (len(outputs) + 1)
-        label = next(label for label, w in VERDICTS if w == winner)
-        locked = [gr.update(interactive=False)] * len(buttons)
-        return "", "", "", None, *locked, f"Stored “{label}” (comparison #{row}). Next prompt?"
+            return {}
+        return {
+            prompt: "",
+            **{box: "" for box in boxes},
+            pair: None,
+            **locked(f"Stored “{label}” (comparison #{row}). Next prompt?"),
+        }
 
+    everything = [prompt, question, *boxes, pair, task, *buttons, skip, status, progress]
     gr.on(
         [generate.click, prompt.submit],
         on_generate,
         [prompt],
-        outputs,
+        everything,
         concurrency_limit=GENERATION_CONCURRENCY,
     )
+    next_button.click(on_next, None, everything)
+    skip.click(on_skip, [task], everything)
 
     def verdict(winner: Winner) -> Any:
-        def on_click(ids: tuple[int, int] | None, request: gr.Request) -> tuple[Any, ...]:
-            return on_verdict(winner, ids, request)
+        def on_click(
+            ids: tuple[int, int] | None, task_id: int | None, request: gr.Request
+        ) -> dict[Any, Any]:
+            return on_verdict(winner, ids, task_id, request)
 
         return on_click
 
     for button, (_, winner) in zip(buttons, VERDICTS, strict=True):
-        button.click(verdict(winner), [pair], [prompt, *outputs])
+        button.click(verdict(winner), [pair, task], everything)
 
 
 def rank_order(ranks: list[Any]) -> list[int]:
@@ -141,23 +218,34 @@ def rank_order(ranks: list[Any]) -> list[int]:
     return sorted(range(k), key=lambda i: given[i])
 
 
-def rank_tab(service: ChatService, principals: Principals, limits: Limits) -> None:
-    """Build the Rank tab inside the current Blocks context."""
-    ranked = gr.State(None)  # the response ids shown, in display order, once stored
+def rank_tab(
+    service: ChatService, desk: RatingDesk, principals: Principals, limits: Limits
+) -> None:
+    """Build the Rank tab inside the current Blocks context: the next ranking task from the
+    queue, or several answers to a prompt of one's own."""
+    ranked = gr.State(None)  # the response ids shown (one's own prompt), in display order
+    task = gr.State(None)  # (id, number of answers) of the task being judged
+    with gr.Row(equal_height=True):
+        next_button = gr.Button("Next task", variant="primary", scale=0, min_width=130)
+        skip = gr.Button("Skip", interactive=False, scale=0, min_width=90)
+        progress = gr.Markdown(elem_id="rank-progress")
+    question = gr.Markdown(visible=False, elem_id="rank-task-prompt")
     with gr.Row(equal_height=True):
         prompt = gr.Textbox(
-            placeholder="A prompt to answer several times", show_label=False, scale=4
+            placeholder="Or a prompt of your own, to answer several times",
+            show_label=False,
+            scale=4,
         )
         k_box = gr.Dropdown(
-            list(range(3, MAX_RANKED + 1)),
+            list(range(3, MAX_OWN_RANKED + 1)),
             value=DEFAULT_RANKED,
             label="Answers",
             scale=1,
             min_width=100,
         )
-        generate = gr.Button("Get answers", variant="primary", scale=1, min_width=130)
+        generate = gr.Button("Get answers", scale=1, min_width=130)
     slots, texts, ranks = [], [], []
-    for i in range(MAX_RANKED):
+    for i in range(MAX_TASK_ANSWERS):
         with gr.Row(equal_height=True, visible=i < DEFAULT_RANKED) as slot:
             texts.append(gr.Textbox(label=f"Answer {i + 1}", lines=4, interactive=False, scale=5))
             ranks.append(
@@ -172,66 +260,107 @@ def rank_tab(service: ChatService, principals: Principals, limits: Limits) -> No
         slots.append(slot)
     save = gr.Button("Save ranking", variant="primary", interactive=False)
     status = gr.Markdown()
-    outputs = [ranked, *slots, *texts, *ranks, save, status]
 
-    def layout(k: int, answers: list[str], ids: list[int] | None, note: Any) -> tuple[Any, ...]:
-        return (
-            ids,
-            *(gr.update(visible=i < k) for i in range(MAX_RANKED)),
-            *(answers[i] if i < len(answers) else "" for i in range(MAX_RANKED)),
-            *(gr.update(choices=list(range(1, k + 1)), value=None) for _ in range(MAX_RANKED)),
-            gr.update(interactive=ids is not None),
-            note,
-        )
+    def layout(k: int, answers: list[str], ready: bool, note: str) -> dict[Any, Any]:
+        return {
+            **{slot: gr.update(visible=i < k) for i, slot in enumerate(slots)},
+            **{box: answers[i] if i < len(answers) else "" for i, box in enumerate(texts)},
+            **{r: gr.update(choices=list(range(1, k + 1)), value=None) for r in ranks},
+            save: gr.update(interactive=ready),
+            status: note,
+        }
 
-    def on_generate(text: str, k: int, request: gr.Request) -> Iterator[tuple[Any, ...]]:
+    def show_task(account: Account, view: TaskView | None, note: str = "") -> dict[Any, Any]:
+        shown_now = {progress: progress_markdown(desk.progress(account)), ranked: None}
+        if view is None:
+            return {
+                **shown_now,
+                **layout(DEFAULT_RANKED, [], False, f"{note} No task waits for you now.".strip()),
+                question: gr.update(visible=False),
+                task: None,
+                skip: gr.update(interactive=False),
+            }
+        k = len(view.answers)
+        return {
+            **shown_now,
+            **layout(k, [shown(a) for a in view.answers], True, f"{note} Rank them.".strip()),
+            question: gr.update(value=prompt_markdown(view.prompt), visible=True),
+            task: (view.task_id, k),
+            skip: gr.update(interactive=True),
+        }
+
+    def on_next(request: gr.Request) -> dict[Any, Any]:
+        found = next_task(desk, principals, request, "ranking")
+        return show_task(*found) if found else {}
+
+    def on_skip(held: tuple[int, int] | None, request: gr.Request) -> dict[Any, Any]:
+        found = signed_in(principals, request, "rater")
+        if found is None or held is None or not skip_task(desk, found, held[0]):
+            return {}
+        return show_task(found, desk.next(found, "ranking"), "Skipped.")
+
+    def on_generate(text: str, k: int, request: gr.Request) -> Iterator[dict[Any, Any]]:
         k = int(k)
         account = signed_in(principals, request)
         turns = _start_answers(service, limits, account, text, k) if account else None
         if turns is None:
-            yield (gr.skip(),) * len(outputs)
+            yield {}
             return
-        yield layout(k, [], None, "Answering…")
-        before = (gr.skip(),) * (1 + MAX_RANKED)  # the answers' texts come next
-        after = (gr.skip(),) * (len(outputs) - len(before) - k)
+        yield {
+            **layout(k, [], False, "Answering…"),
+            ranked: None,
+            task: None,
+            question: gr.update(visible=False),
+            skip: gr.update(interactive=False),
+        }
         answers = [""] * k
         try:
             for answers in stream_together(turns):
-                yield *before, *answers, *after
+                yield dict(zip(texts, answers, strict=False))
         except RuntimeError as exc:
             gr.Warning(str(exc))
-            yield layout(k, [], None, "Generation failed; try again.")
+            yield layout(k, [], False, "Generation failed; try again.")
             return
-        ids = [t.id for t in turns]
-        yield layout(k, [shown(a) for a in answers], ids, "Rank them: 1 is the best.")
+        yield {
+            **layout(k, [shown(a) for a in answers], True, "Rank them: 1 is the best."),
+            ranked: [t.id for t in turns],
+        }
 
-    save_outputs = [prompt, *outputs]
-
-    def on_save(ids: list[int] | None, k: int, request: gr.Request, *given: Any) -> tuple[Any, ...]:
+    def on_save(
+        ids: list[int] | None, held: tuple[int, int] | None, request: gr.Request, *given: Any
+    ) -> dict[Any, Any]:
         account = signed_in(principals, request)
         if account is None:
-            return (gr.skip(),) * len(save_outputs)
-        if ids is None:
+            return {}
+        if held is None and ids is None:
             gr.Warning("Get answers first.")
-            return (gr.skip(),) * len(save_outputs)
+            return {}
         try:
-            order = rank_order(list(given[: len(ids)]))
+            order = rank_order(list(given[: held[1] if held else len(ids)]))  # type: ignore[arg-type]
         except ValueError as exc:
             gr.Warning(str(exc))
-            return *(gr.skip(),) * (len(save_outputs) - 1), str(exc)
-        row = record(
-            service, limits, account, Ranking(tuple(ids[i] for i in order), rater_id=account.name)
-        )
-        if row is None:
-            return (gr.skip(),) * len(save_outputs)
+            return {status: str(exc)}
         best_first = ", ".join(f"answer {i + 1}" for i in order)
-        return "", *layout(int(k), [], None, f"Ranking #{row} stored ({best_first}). Next prompt?")
+        if held is not None:
+            if judge_task(desk, limits, account, held[0], ranking=order) is None:
+                return {}
+            return show_task(account, desk.next(account, "ranking"), f"Stored ({best_first}).")
+        fb = Ranking(tuple(ids[i] for i in order), rater_id=account.name)  # type: ignore[index]
+        row = record(service, limits, account, fb)
+        if row is None:
+            return {}
+        note = f"Ranking #{row} stored ({best_first}). Next prompt?"
+        return {prompt: "", ranked: None, **layout(len(order), [], False, note)}
 
+    everything = [prompt, question, ranked, task, *slots, *texts, *ranks, save, skip, status]
+    everything.append(progress)
     gr.on(
         [generate.click, prompt.submit],
         on_generate,
         [prompt, k_box],
-        outputs,
+        everything,
         concurrency_limit=GENERATION_CONCURRENCY,
     )
-    save.click(on_save, [ranked, k_box, *ranks], save_outputs)
+    next_button.click(on_next, None, everything)
+    skip.click(on_skip, [task], everything)
+    save.click(on_save, [ranked, task, *ranks], everything)

@@ -24,7 +24,9 @@ from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
 from tuneloop.loop.control import BusyError, LoopControl
 from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService
+from tuneloop.serve.rating_desk import RatingDesk
 from tuneloop.serve.ui_common import signed_in
+from tuneloop.serve.ui_raters import raters_panel
 
 TAB_LABEL = "Operator"
 TICK_SECONDS = 2.0
@@ -248,7 +250,9 @@ def promote_choices(versions: list[ModelVersion]) -> list[tuple[str, str]]:
 # ---- the tab -------------------------------------------------------------------------------------
 
 
-def operator_tab(service: ChatService, control: LoopControl, principals: Principals) -> gr.Tab:
+def operator_tab(
+    service: ChatService, control: LoopControl, desk: RatingDesk, principals: Principals
+) -> gr.Tab:
     """Build the Operator tab, hidden; call it inside the UI's `gr.Tabs`, whose selection turns
     the polling timer on (this tab) and off (any other), so chat users never poll. The page's
     load shows it to operators (`operator_visibility`); every handler checks the role again."""
@@ -305,6 +309,7 @@ def operator_tab(service: ChatService, control: LoopControl, principals: Princip
         volume_plot = gr.BarPlot(x="time", y="rows", color="kind", title="Feedback volume")
         timer = gr.Timer(TICK_SECONDS, active=False)
         seen = gr.State(None)  # what the heavy outputs were last built from
+        raters_panel(desk, principals, control.trust)
 
     live_out = [served, job, last, runs]
     full_out = [versions, chosen, rm_plot, gate_plot, volume_plot]

@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 
 from tuneloop.core.config import DataDir, ServeConfig
+from tuneloop.core.settings import TaskSettings
 from tuneloop.serve.server import server_in_thread
 
 
@@ -50,6 +51,8 @@ def live_server(data_root: Path, model_dir: Path | None, **config: object) -> It
     The test process may open the same DuckDB file with `duckdb.connect(path)`: within one
     process DuckDB shares the database instance, so the server's lock does not apply.
     """
+    # No rating tasks made in the background: tests count the answers they asked for.
+    config.setdefault("tasks", TaskSettings(backlog=0))
     cfg = ServeConfig(
         DataDir(data_root), model=str(model_dir) if model_dir else None, port=0, **config
     )

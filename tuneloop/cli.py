@@ -40,6 +40,7 @@ from tuneloop.core.settings import (
     LimitSettings,
     ScheduleSettings,
     SettingsError,
+    TaskSettings,
     TrustSettings,
 )
 from tuneloop.models import ModelError, resolve_model
@@ -65,6 +66,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         gate=settings_from_args(GateSettings, args),
         limits=settings_from_args(LimitSettings, args),
         trust=settings_from_args(TrustSettings, args),
+        tasks=settings_from_args(TaskSettings, args),
         file_dirs=tuple(p.resolve() for p in args.allow_files),
     )
 
@@ -202,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(up, GateSettings)
     add_options(up, LimitSettings)
     add_options(up, TrustSettings)
+    add_options(up, TaskSettings)
 
     model = command(
         "model",

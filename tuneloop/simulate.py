@@ -37,6 +37,7 @@ from tuneloop.core.settings import (
     GateSettings,
     LimitSettings,
     ScheduleSettings,
+    TaskSettings,
     check_job,
     setting,
     simulated_jobs,
@@ -272,6 +273,7 @@ def _server(dd: DataDir, model: str, config: SimulationConfig) -> Iterator[_Clie
         gate=GateSettings(min_win_rate=config.min_win_rate),
         # Simulated people ask and vote far faster than the limits a person gets.
         limits=LimitSettings(feedback_per_minute=0, chats_per_minute=0),
+        tasks=TaskSettings(backlog=0),  # the simulation asks for the answers it judges
     )
     with server_in_thread(serve, lambda _: model, stop_timeout=120) as url:
         token = dd.admin_token_file.read_text().strip()

@@ -1,0 +1,196 @@
+"""The raters' workbench behind the API and the UI: next task, judgment, skip, progress; and
+the making of tasks from real traffic or an operator's prompts.
+
+A task's answers are stored responses to one prompt. From traffic: the answer a person was
+given, plus fresh samples of the served version in the same conversation (like regenerated
+answers: forgetting the person forgets them too). From a prompt set: fresh samples only, in a
+conversation of the operator who loaded it. Raters see the prompt and the answers in an order
+drawn for them, never the versions or ids; a verdict names the answers by position.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from tuneloop.core.records import Account, Message, Winner, prompt_hash
+from tuneloop.core.settings import TaskSettings
+from tuneloop.feedback.tasks import NewTask, TaskKind, add_tasks, task_answers, traffic_prompts
+from tuneloop.serve.chat_service import JUDGE_PARAMS, ChatService, ChatTurn
+from tuneloop.serve.task_queue import Lease, TaskQueue
+
+# Answers generated at once while making tasks (the engine batches them).
+MAKE_BATCH = 8
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """A task as its rater sees it."""
+
+    task_id: int
+    kind: TaskKind
+    prompt: list[dict[str, Any]]  # the conversation so far, the last turn the user's
+    answers: list[str]  # in the order drawn for this rater: "A", "B", ... or 1, 2, ...
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "kind": self.kind,
+            "prompt": self.prompt,
+            "answers": self.answers,
+        }
+
+
+class RatingDesk:
+    def __init__(self, service: ChatService, settings: TaskSettings | None = None) -> None:
+        self.service = service
+        self.settings = settings or TaskSettings()
+        self.queue = TaskQueue(service.store, gold_every=self.settings.gold_every)
+
+    # ---- raters ------------------------------------------------------------------------------
+
+    def next(self, account: Account, kind: TaskKind | None = None) -> TaskView | None:
+        lease = self.queue.next(account.name, kind)
+        return self.view(lease) if lease is not None else None
+
+    def view(self, lease: Lease) -> TaskView:
+        prompt, texts = task_answers(self.service.store, lease.order)
+        return TaskView(lease.task_id, lease.kind, prompt, [texts[rid] for rid in lease.order])
+
+    def judge(
+        self,
+        account: Account,
+        task_id: int,
+        *,
+        winner: Winner | None = None,
+        ranking: list[int] | None = None,
+    ) -> Future:
+        """Store `account`'s verdict on a task they hold; the future resolves to the vote's
+        row id once committed. NoSuchTaskError, or FeedbackError for a verdict that does not
+        fit the task, are raised here."""
+        lease = self.queue.lease(account.name, task_id)
+        saved = self.service.submit_feedback(lease.feedback(winner=winner, ranking=ranking))
+
+        def done(f: Future) -> None:
+            if not f.cancelled() and f.exception() is None:
+                self.queue.judged(account.name, task_id)
+
+        saved.add_done_callback(done)
+        return saved
+
+    def skip(self, account: Account, task_id: int) -> None:
+        self.queue.skip(account.name, task_id)
+
+    def progress(self, account: Account) -> dict[str, int]:
+        return self.queue.progress(account.name)
+
+    # ---- making tasks ------------------------------------------------------------------------
+
+    def make_from_traffic(
+        self, limit: int, *, answers: int | None = None, overlap: int | None = None
+    ) -> list[int]:
+        """Tasks from the newest prompts people asked that no task holds yet: each with the
+        answer they were given and `answers - 1` fresh ones. Returns the new tasks' ids."""
+        answers = answers or self.settings.answers
+        overlap = overlap or self.settings.overlap
+        found = traffic_prompts(self.service.store, limit)
+        asks = [
+            (_messages(p.prompt), p.conversation_id, p.author, answers - 1, [p.response_id])
+            for p in found
+        ]
+        made = self._answer(asks)
+        new = [
+            NewTask(
+                tuple(ids), p.prompt_hash, p.author, "traffic", overlap or self.settings.overlap
+            )
+            for p, ids in zip(found, made, strict=True)
+        ]
+        return self._store(new)
+
+    def make_from_prompts(
+        self,
+        prompts: list[str],
+        owner: Account,
+        *,
+        answers: int | None = None,
+        overlap: int | None = None,
+    ) -> list[int]:
+        """Tasks from an operator's prompts: `answers` fresh answers each, in conversations of
+        `owner`'s. Returns the new tasks' ids."""
+        answers = answers or self.settings.answers
+        overlap = overlap or self.settings.overlap
+        asks = [([Message("user", p)], None, owner.name, answers, []) for p in prompts if p.strip()]
+        made = self._answer(asks)
+        new = [
+            NewTask(tuple(ids), prompt_hash(messages), None, "prompts", overlap)
+            for (messages, *_), ids in zip(asks, made, strict=True)
+        ]
+        return self._store(new)
+
+    def _answer(
+        self, asks: list[tuple[list[Message], int | None, str, int, list[int]]]
+    ) -> list[list[int]]:
+        """For each (messages, conversation, owner, how many, ids so far): the ids with that
+        many fresh answers added, generated `MAKE_BATCH` at a time."""
+        made = [list(ids) for *_, ids in asks]
+        pending: list[tuple[int, ChatTurn]] = []
+        for i, (messages, conversation_id, owner, count, _) in enumerate(asks):
+            for _ in range(count):
+                turn = self.service.chat(
+                    messages, JUDGE_PARAMS, conversation_id=conversation_id, rater_id=owner
+                )
+                conversation_id = turn.conversation_id  # the next answers go beside it
+                pending.append((i, turn))
+                if len(pending) >= MAKE_BATCH:
+                    _finish(pending, made)
+        _finish(pending, made)
+        return made
+
+    def _store(self, new: list[NewTask]) -> list[int]:
+        ids = add_tasks(self.service.store, new)
+        self.queue.add(ids)
+        return ids
+
+
+def _finish(pending: list[tuple[int, ChatTurn]], made: list[list[int]]) -> None:
+    for i, turn in pending:
+        turn.text()  # runs to the end and waits for the answer's commit
+        made[i].append(turn.id)
+    pending.clear()
+
+
+def _messages(prompt: list[dict[str, Any]]) -> list[Message]:
+    return [Message(m["role"], m["content"]) for m in prompt]
+
+
+class TaskRefill:
+    """Keeps `settings.backlog` tasks open, made from new traffic, checking every
+    `settings.refill_seconds`: a thread of the server, stopped with `close`."""
+
+    def __init__(self, desk: RatingDesk, log: Callable[[str], None]) -> None:
+        self._desk = desk
+        self._log = log
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tuneloop-tasks", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        settings = self._desk.settings
+        while not self._stop.wait(settings.refill_seconds):
+            wanted = settings.backlog - len(self._desk.queue)
+            if wanted <= 0:
+                continue
+            try:
+                made = self._desk.make_from_traffic(wanted)
+            except Exception as exc:  # noqa: BLE001 - the server goes on; the next round retries
+                self._log(f"making rating tasks failed: {exc!r}")
+                continue
+            if made:
+                self._log(f"made {len(made)} rating tasks from traffic")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
