@@ -251,10 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     versions.add_argument("--json", action="store_true")
 
-    from tuneloop import cli_loop, cli_users
+    from tuneloop import cli_loop, cli_raters, cli_users
 
     cli_loop.register(command)
     cli_users.register(command)
+    cli_raters.register(command)
     return parser
 
 

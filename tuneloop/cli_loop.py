@@ -27,7 +27,7 @@ from tuneloop.core.settings import (
     TrustSettings,
 )
 from tuneloop.models import ModelError, resolve_model
-from tuneloop.remote import ask_server, follow_cycle, local_or_server, stage_file
+from tuneloop.remote import ask_server, call, follow_cycle, local_or_server, stage_file
 from tuneloop.simulate import SimulationConfig
 
 
@@ -139,10 +139,7 @@ def _registry_call(
 ) -> dict[str, Any]:
     from tuneloop.feedback.registry import RegistryError
 
-    try:
-        return local_or_server(DataDir(args.data_dir), local, "POST", route, body)
-    except RegistryError as exc:
-        raise SystemExit(f"tuneloop: {exc}") from exc
+    return call(args.data_dir, local, "POST", route, body, refused=(RegistryError,))
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:

@@ -10,9 +10,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from tuneloop.core.config import DataDir
 from tuneloop.core.records import ACCOUNT_ROLES, to_json_dict
-from tuneloop.remote import ServerError, local_or_server
+from tuneloop.remote import call
 
 
 def _local_actor() -> str:
@@ -28,10 +27,7 @@ def _call(
 ) -> Any:
     from tuneloop.feedback.accounts import AccountError
 
-    try:
-        return local_or_server(DataDir(args.data_dir), local, method, route, body)
-    except (AccountError, ServerError) as exc:
-        raise SystemExit(f"tuneloop: {exc}") from exc
+    return call(args.data_dir, local, method, route, body, refused=(AccountError,))
 
 
 def _cmd_add(args: argparse.Namespace) -> int:

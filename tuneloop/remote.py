@@ -40,6 +40,23 @@ def local_or_server(
         store.close()
 
 
+def call(
+    data_dir: Path,
+    local: Callable[[Any], Any],
+    method: str,
+    route: str,
+    body: dict[str, Any] | None = None,
+    *,
+    refused: tuple[type[Exception], ...] = (),
+) -> Any:
+    """`local_or_server` for a command: the errors in `refused` (what the layers below raise
+    for a request that cannot be done, e.g. an unknown account) become its one-line message."""
+    try:
+        return local_or_server(DataDir(data_dir), local, method, route, body)
+    except refused as exc:
+        raise ServerError(str(exc).strip("'\"")) from exc
+
+
 def ask_server(dd: DataDir, method: str, route: str, body: dict[str, Any] | None = None) -> Any:
     """Call the running server's API (admin routes with the data dir's token)."""
     import httpx

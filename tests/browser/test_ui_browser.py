@@ -76,7 +76,7 @@ def test_chat_answer_streams_and_thumbs_up_is_stored_with_its_version(
 
 def test_compare_two_blind_answers_stores_a_comparison(page: Any, server: LiveServer) -> None:
     page.get_by_role("tab", name="Compare").click()
-    page.get_by_placeholder("A prompt to answer twice").fill("Explain sorting.")
+    page.get_by_placeholder("Or a prompt of your own, to answer twice").fill("Explain sorting.")
     page.get_by_role("button", name="Get two answers").click()
     page.get_by_text("Which answer is better?").wait_for()
     shown = [page.get_by_label(label, exact=True).input_value() for label in ("A", "B")]
@@ -106,7 +106,7 @@ def test_rank_refuses_a_non_permutation_then_stores_the_ranking(
     page: Any, server: LiveServer
 ) -> None:
     page.get_by_role("tab", name="Rank").click()
-    page.get_by_placeholder("A prompt to answer several times").fill("Name a loop.")
+    page.get_by_placeholder("Or a prompt of your own, to answer several times").fill("Name a loop.")
     page.get_by_role("button", name="Get answers").click()
     page.get_by_text("Rank them: 1 is the best.").wait_for()
     boxes = [page.get_by_label(f"Answer {i}", exact=True) for i in (1, 2, 3)]
