@@ -232,7 +232,7 @@ def register(command: Callable[..., Any]) -> None:
 
     board = command(
         "leaderboard",
-        "model versions ranked by human comparisons (Bradley-Terry, 95% bootstrap intervals)",
+        "model versions ranked by human comparisons: Bradley-Terry ratings, bootstrap intervals",
         _cmd_leaderboard,
     )
     board.add_argument("--json", action="store_true")

@@ -408,7 +408,11 @@ def test_votes_cast_twice_before_the_rule_keep_the_newest(tmp_path: Path) -> Non
         "INSERT INTO comparisons VALUES (1, 1, 2, 'a', 'ann', now()), (2, 2, 1, 'a', 'ann', now()),"
         " (3, 1, 2, 'tie', 'ben', now())"
     )
-    assert apply_migrations(con) == ["0004_vote_items", "0005_one_vote_per_rater_and_item"]
+    assert apply_migrations(con) == [
+        "0004_vote_items",
+        "0005_one_vote_per_rater_and_item",
+        "0006_rating_tasks_and_quarantine",
+    ]
     assert con.execute("SELECT id, item FROM comparisons ORDER BY id").fetchall() == [
         (2, "1,2"),
         (3, "1,2"),
