@@ -1,10 +1,11 @@
 """Benchmark: the raters' task queue through the API of a real server.
 
 Two runs of `tuneloop up --no-ui` (a tiny random model; answers are stored rows, so no text is
-generated here), each with `--raters` rater accounts fetching and judging at once, one thread
-and one HTTP client each:
+generated here), each with `--raters` rater accounts fetching and judging at once (one asyncio
+client each, one request at a time):
 1. `--tasks` comparison tasks queued (100,000 by default): every rater fetches and judges
-   `--judgments` tasks; the time of each `GET /v1/tasks/next` is recorded.
+   `--judgments` tasks; the time of each `GET /v1/tasks/next` is recorded (after each rater's
+   first WARMUP).
 2. `--drain` tasks: the raters fetch and judge until nothing is left for them.
 Then the database (the server stopped) says whether any rater judged a task twice, how many
 judgments each task got (at most the overlap; after the drain, exactly it).
@@ -18,20 +19,22 @@ judgments, a fetch takes < 50 ms p99 with 100,000 tasks queued.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+import aiohttp
 import duckdb
 import httpx
-from common import ServerProcess, percentile
+from common import ServerProcess, cpu_seconds, percentile
 
 from tuneloop.core.config import DataDir
 from tuneloop.feedback.store import FeedbackStore
 
 GOAL_P99_S = 0.050
+WARMUP = 5  # each rater's first fetches are not timed: the server's first requests are cold
 OVERLAP = 3
 
 
@@ -65,22 +68,44 @@ def queue_tasks(data: Path, n: int) -> None:
         store.write(fill)
 
 
-def rate(url: str, token: str, judgments: int | None, fetch_s: list[float], got: list[int]) -> None:
-    """Fetch and judge `judgments` tasks (None: until none is left)."""
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as http:
+async def rate(
+    url: str,
+    token: str,
+    judgments: int | None,
+    fetch_s: list[float],
+    judge_s: list[float],
+    got: list[int],
+) -> None:
+    """Fetch and judge `judgments` tasks (None: until none is left), one request at a time."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(url, headers=headers) as http:
         while judgments is None or len(got) < judgments:
             started = time.perf_counter()
-            resp = http.get("/v1/tasks/next")
-            fetch_s.append(time.perf_counter() - started)
-            resp.raise_for_status()
-            task = resp.json()["task"]
+            async with http.get("/v1/tasks/next") as resp:
+                resp.raise_for_status()
+                task = (await resp.json())["task"]
+            if len(got) >= WARMUP:
+                fetch_s.append(time.perf_counter() - started)
             if task is None:
                 return
             winner = "a" if task["task_id"] % 3 else "b"
-            http.post(
-                f"/v1/tasks/{task['task_id']}/judgment", json={"winner": winner}
-            ).raise_for_status()
+            judged = f"/v1/tasks/{task['task_id']}/judgment"
+            started = time.perf_counter()
+            async with http.post(judged, json={"winner": winner}) as resp:
+                resp.raise_for_status()
+            judge_s.append(time.perf_counter() - started)
             got.append(task["task_id"])
+
+
+async def rate_all(
+    url: str, tokens: dict[str, str], judgments: int | None, fetch_s, judge_s, got
+) -> None:
+    await asyncio.gather(
+        *(
+            rate(url, token, judgments, fetch_s, judge_s, got[rater])
+            for rater, token in tokens.items()
+        )
+    )
 
 
 def run(model: Path, tmp: Path, name: str, tasks: int, raters: int, judgments: int | None):
@@ -90,6 +115,7 @@ def run(model: Path, tmp: Path, name: str, tasks: int, raters: int, judgments: i
     filled_s = time.perf_counter() - started
     args = ["--feedback-per-minute", "0", "--task-backlog", "0", "--task-overlap", "3"]
     fetch_s: list[float] = []
+    judge_s: list[float] = []
     got: dict[str, list[int]] = {}
     with ServerProcess(model, data, args=args) as server:
         tokens = {}
@@ -100,19 +126,11 @@ def run(model: Path, tmp: Path, name: str, tasks: int, raters: int, judgments: i
                 headers=server.auth,
             )
             tokens[f"rater{i}"] = made.raise_for_status().json()["token"]
-        threads = []
-        for rater, token in tokens.items():
-            got[rater] = []
-            threads.append(
-                threading.Thread(
-                    target=rate, args=(server.url, token, judgments, fetch_s, got[rater])
-                )
-            )
+        got = {rater: [] for rater in tokens}
         started = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        cpu = cpu_seconds(server.pid)
+        asyncio.run(rate_all(server.url, tokens, judgments, fetch_s, judge_s, got))
+        server_cpu = cpu_seconds(server.pid) - cpu
         wall = time.perf_counter() - started
     with duckdb.connect(str(DataDir(data).db), read_only=True) as con:
         per_task = dict(
@@ -127,6 +145,7 @@ def run(model: Path, tmp: Path, name: str, tasks: int, raters: int, judgments: i
         ).fetchall()[0][0]
     twice = sum(len(ids) - len(set(ids)) for ids in got.values())
     fetch_s.sort()
+    judge_s.sort()
     judged = sum(len(ids) for ids in got.values())
     print(
         f"{name}: {tasks:,} tasks queued ({filled_s:.1f} s to fill), {raters} raters, "
@@ -135,7 +154,9 @@ def run(model: Path, tmp: Path, name: str, tasks: int, raters: int, judgments: i
     print(
         f"  fetch: p50 {percentile(fetch_s, 50) * 1000:.1f} ms, "
         f"p99 {percentile(fetch_s, 99) * 1000:.1f} ms, max {fetch_s[-1] * 1000:.1f} ms "
-        f"over {len(fetch_s):,} fetches"
+        f"over {len(fetch_s):,} fetches; judgment: p50 {percentile(judge_s, 50) * 1000:.1f} ms, "
+        f"p99 {percentile(judge_s, 99) * 1000:.1f} ms; server CPU "
+        f"{server_cpu / max(1, len(fetch_s) + judged) * 1000:.2f} ms per request"
     )
     print(
         f"  judgments per task: {dict(sorted(per_task.items()))}; a task given to one rater "

@@ -190,15 +190,23 @@ def judgments_by_rater(store: FeedbackStore) -> dict[str, int]:
 
 
 def task_answers(
-    store: FeedbackStore, response_ids: Sequence[int]
-) -> tuple[list[dict[str, Any]], dict[int, str]]:
-    """The prompt's messages (as stored) that these answers answer, and each answer's text."""
+    store: FeedbackStore, tasks: dict[int, Sequence[int]]
+) -> dict[int, tuple[list[dict[str, Any]], dict[int, str]]]:
+    """For each task (its id: its response ids), the prompt's messages as stored and each
+    answer's text, in one query (a query costs ~1 ms however few rows it reads)."""
+    wanted = sorted({rid for ids in tasks.values() for rid in ids})
     rows = store.read(
         "SELECT id, prompt, text FROM responses WHERE id IN (SELECT unnest(?::BIGINT[]))",
-        [list(response_ids)],
+        [wanted],
     )
-    prompt = json.loads(rows[0]["prompt"]) if rows else []
-    return prompt, {r["id"]: r["text"] for r in rows}
+    found = {r["id"]: r for r in rows}
+    answers = {}
+    for task_id, ids in tasks.items():
+        present = [found[rid] for rid in ids if rid in found]
+        if present:
+            prompt = json.loads(present[0]["prompt"])
+            answers[task_id] = (prompt, {r["id"]: r["text"] for r in present})
+    return answers
 
 
 def task_detail(store: FeedbackStore, task_id: int) -> dict[str, Any] | None:
@@ -212,7 +220,7 @@ def task_detail(store: FeedbackStore, task_id: int) -> dict[str, Any] | None:
         "WHERE id IN (SELECT unnest(?::BIGINT[])) ORDER BY id",
         [list(task.response_ids)],
     )
-    prompt, _ = task_answers(store, task.response_ids)
+    prompt = task_answers(store, {task.id: task.response_ids})[task.id][0]
     return {
         "id": task.id,
         "kind": task.kind,

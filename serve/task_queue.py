@@ -16,6 +16,7 @@ A restart forgets the leases (their slots come free) and keeps judgments and ski
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 import time
@@ -254,6 +255,17 @@ class TaskQueue:
         self._holding.setdefault(rater, {})[entry.task.id] = None
         self._see(entry, rater)
         return lease
+
+    def upcoming(self, n: int) -> list[tuple[int, tuple[int, ...]]]:
+        """(task id, response ids) of up to `n` tasks not begun, next in line."""
+        found: list[tuple[int, tuple[int, ...]]] = []
+        with self._lock:
+            for priority in sorted(self._fresh, reverse=True):
+                for tid in itertools.islice(self._fresh[priority], n - len(found)):
+                    found.append((tid, self._open[tid].task.response_ids))
+                if len(found) >= n:
+                    break
+        return found
 
     # ---- answers -------------------------------------------------------------------------------
 

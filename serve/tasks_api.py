@@ -81,7 +81,7 @@ def create_tasks_router(desk: RatingDesk, principals: Principals, limits: Limits
     async def next_task(
         account: Rater, kind: Literal["comparison", "ranking"] | None = None
     ) -> dict[str, Any]:
-        view = await run_in_threadpool(desk.next, account, kind)
+        view = await desk.anext(account, kind)
         return {
             "task": view.to_dict() if view else None,
             "progress": desk.progress(account),
