@@ -2,7 +2,7 @@
 
 Agreement is read from the store: every comparison or ranking item judged by two raters or more
 is a unit, and each rater's value on it is the answer they put first (a comparison's winner,
-or `tie` / `both_bad`; a ranking's best). From those: Krippendorff's alpha over everyone and per
+or `tie` / `both_bad`; a ranking's best), named by its place among the item's answers. From those: Krippendorff's alpha over everyone and per
 rater, Cohen's kappa per pair, and accuracy on gold tasks (`feedback.tasks`). Quarantined
 raters' rows leave every later snapshot (`feedback.trust`) until they are reinstated; their
 votes still count here, so that an operator sees whether they improved.
@@ -24,14 +24,19 @@ from tuneloop.feedback.store import FeedbackStore
 # Pairs of raters with fewer items in common get no kappa: it would say nothing.
 MIN_COMMON_FOR_KAPPA = 5
 
-# Each vote's first choice, by item. Comparisons store the answers in the order shown.
+# Each vote's first choice, by item, as the answer's place among the item's answers sorted by
+# id ('1', '2', ...; or 'tie', 'both_bad'): the same few values on every item, as agreement
+# needs (an answer's id, unique to its item, would make any two raters look alike by chance
+# never, and a random rater look good). Comparisons store the answers in the order shown.
 _VOTES = """
     SELECT 'comparison' AS kind, item, rater_id,
-           CASE winner WHEN 'a' THEN response_a::VARCHAR WHEN 'b' THEN response_b::VARCHAR
-                ELSE winner END AS value
+           CASE WHEN winner IN ('tie', 'both_bad') THEN winner
+                WHEN (winner = 'a') = (response_a < response_b) THEN '1' ELSE '2' END AS value
     FROM comparisons
     UNION ALL
-    SELECT 'ranking', item, rater_id, response_ids[1]::VARCHAR FROM rankings
+    SELECT 'ranking', item, rater_id,
+           list_position(list_sort(response_ids), response_ids[1])::VARCHAR
+    FROM rankings
 """
 
 
@@ -86,7 +91,8 @@ def gold_answers(store: FeedbackStore) -> list[tuple[str, str, str]]:
     rows = store.read(
         f"""
         WITH v AS ({_VOTES})
-        SELECT v.rater_id, v.value, t.gold_response_id::VARCHAR AS gold
+        SELECT v.rater_id, v.value,
+               list_position(list_sort(t.response_ids), t.gold_response_id)::VARCHAR AS gold
         FROM tasks t JOIN v ON v.kind = t.kind AND v.item = t.item
         WHERE t.gold_response_id IS NOT NULL AND v.rater_id IS DISTINCT FROM t.author
         """

@@ -260,3 +260,26 @@ def test_the_leaderboard_matches_a_hand_computed_case(store) -> None:
     raters.quarantine(store, ["bob"], "", actor="otto")
     assert version_leaderboard(store, OPEN, rounds=10) == []  # bob's votes no longer count
     assert json.dumps([s.version for s in board])
+
+
+def test_simulated_raters_agreement_finds_and_quarantines_the_random_one(store) -> None:
+    """Three raters flip 10 % of true verdicts, one answers at random: its alpha is the lowest
+    by far, and quarantining those below 0.2 takes it (and only it) out."""
+    import random
+
+    rng = random.Random(7)
+    make_tasks(store, 150, overlap=4, author="nobody")
+    queue = TaskQueue(store, gold_every=0, seed=2)
+    truth = {t.id: rng.choice(t.response_ids) for t in load_tasks(store)}  # the better one
+    for rater, flip in (("ann", 0.1), ("bob", 0.1), ("cid", 0.1), ("rnd", 0.5)):
+        while (lease := queue.next(rater)) is not None:
+            right = rng.random() >= flip
+            winner = "a" if (lease.order[0] == truth[lease.task_id]) == right else "b"
+            store.submit_feedback(lease.feedback(winner=winner)).result()
+            queue.judged(rater, lease.task_id)
+    report = raters.rater_report(store)
+    alpha = {r.name: r.alpha for r in report.raters}
+    assert min(alpha, key=alpha.get) == "rnd" and alpha["rnd"] < 0.15
+    assert all(alpha[name] > 0.3 for name in ("ann", "bob", "cid"))
+    assert raters.below(report, alpha=0.2) == ["rnd"]
+    assert {(p.a, p.b) for p in report.pairs} >= {("ann", "bob"), ("bob", "rnd")}
