@@ -272,6 +272,28 @@ class GateSettings:
     max_tokens: int = setting(
         48, "length of the gate's answers, in tokens", option="gate_max_tokens"
     )
+    # The human gate (`tuneloop.loop.canary`): after the reward model's gate, people decide.
+    human: bool = setting(
+        False,
+        "hold a candidate that passes in canary, answering a share of chats and judged by raters "
+        "against the served version; promote it only if people prefer it",
+        option="human_gate",
+    )
+    canary_share: float = setting(
+        0.10, "the share of conversations a canary answers", option="canary_share"
+    )
+    human_judgments: int = setting(
+        385,
+        "human judgments (canary against served) before the human gate decides; 385 tell a 55 "
+        "percent win rate from 50 at 95 percent confidence",
+        option="human_gate_judgments",
+    )
+    human_min_win_rate: float = setting(
+        0.5,
+        "the human gate's bar: the lower end of the canary's win rate's 95 percent interval "
+        "must clear it",
+        option="human_gate_win_rate",
+    )
     temperature: float = 0.7
     top_p: float = 0.95
     seed: int = 0
@@ -284,6 +306,10 @@ class GateSettings:
             raise SettingsError("the gate needs at least 1 prompt and 1 token per answer")
         if self.max_kl is not None and self.max_kl < 0:
             raise SettingsError(f"a KL limit is never negative, got {self.max_kl}")
+        if not 0 < self.canary_share <= 1 or self.human_judgments < 1:
+            raise SettingsError(
+                "a canary's share is above 0 and at most 1, and the human gate needs a judgment"
+            )
 
 
 @dataclass(frozen=True)

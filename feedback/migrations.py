@@ -234,6 +234,26 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0007_canaries",
+        """
+        -- A candidate held in canary (`feedback.canary`): it answers `share` of conversations
+        -- beside `baseline_id` (what served when it began) until people decide.
+        CREATE TABLE canaries (
+            id BIGINT PRIMARY KEY,
+            version_id VARCHAR NOT NULL,
+            baseline_id VARCHAR NOT NULL,
+            share DOUBLE NOT NULL,
+            min_judgments INTEGER NOT NULL,
+            min_win_rate DOUBLE NOT NULL,
+            status VARCHAR NOT NULL
+                CHECK (status IN ('running', 'promoted', 'rejected', 'stopped')),
+            result JSON,
+            started_at TIMESTAMPTZ NOT NULL,
+            ended_at TIMESTAMPTZ
+        );
+        """,
+    ),
 ]
 
 

@@ -2,8 +2,9 @@
 
 Agreement is read from the store: every comparison or ranking item judged by two raters or more
 is a unit, and each rater's value on it is the answer they put first (a comparison's winner,
-or `tie` / `both_bad`; a ranking's best), named by its place among the item's answers. From those: Krippendorff's alpha over everyone and per
-rater, Cohen's kappa per pair, and accuracy on gold tasks (`feedback.tasks`). Quarantined
+or `tie` / `both_bad`; a ranking's best), named by its place among the item's answers. From
+those: Krippendorff's alpha over everyone and per rater, Cohen's kappa per pair, and accuracy
+on gold tasks (`feedback.tasks`). Quarantined
 raters' rows leave every later snapshot (`feedback.trust`) until they are reinstated; their
 votes still count here, so that an operator sees whether they improved.
 """

@@ -27,10 +27,10 @@ from tuneloop.feedback.trust import TRUSTED_SOURCES, admitted
 from tuneloop.feedback.validation import FeedbackError, vote_item
 
 TaskKind = Literal["comparison", "ranking"]
-TASK_SOURCES = ("traffic", "prompts")
 DEFAULT_OVERLAP = 3
-# Tasks with a larger priority are handed out first.
+# Tasks with a larger priority are handed out first: a canary's, which the human gate waits for.
 PRIORITY_NORMAL = 0
+PRIORITY_CANARY = 10
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,12 @@ from tuneloop.core.settings import (
     check_job,
 )
 from tuneloop.feedback import registry
+from tuneloop.feedback.canary import human_verdict, running_canary
 from tuneloop.feedback.runs import fail_interrupted_runs
 from tuneloop.feedback.snapshot import latest_snapshot
 from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
 from tuneloop.feedback.trust import admitted_since
+from tuneloop.loop.canary import Canaries
 from tuneloop.loop.pipeline import Pipeline
 from tuneloop.loop.promotion import Promotion
 
@@ -66,6 +68,14 @@ class LoopControl:
         self.python = python
         self.log = log or (lambda msg: print(f"[tuneloop] {msg}", flush=True))
         self.promotion = Promotion(store, serving.swap)
+        # The human gate, where the server can serve a canary beside the served version.
+        self.canaries = (
+            Canaries(store, serving, self.promotion, self.trust, self.log)
+            if hasattr(serving, "start_canary")
+            else None
+        )
+        if self.canaries is not None:
+            self.canaries.resume()
         self._cycle_lock = threading.Lock()
         self._stop = threading.Event()
         self._cycle: threading.Thread | None = None
@@ -88,6 +98,7 @@ class LoopControl:
             stop=self._stop,
             trigger=trigger,
             log=self.log,
+            canaries=self.canaries,
         )
 
     def promote(
@@ -166,6 +177,11 @@ class LoopControl:
 
     def _schedule_loop(self) -> None:
         while not self._stop.wait(self.schedule.poll_seconds):
+            if self.canaries is not None:
+                try:
+                    self.canaries.check()
+                except Exception as exc:  # noqa: BLE001 - the next poll tries again
+                    self.log(f"human gate: {exc}")
             try:
                 if self.schedule_due():
                     self.log("scheduler: enough new feedback, starting a training cycle")
@@ -189,6 +205,23 @@ class LoopControl:
                 "kind": self.schedule.kind,
             },
             "new_feedback_rows": self.new_feedback_rows(),
+            "canary": self.canary_status(),
+        }
+
+    def canary_status(self) -> dict[str, Any] | None:
+        """The running canary and what people say of it so far."""
+        canary = running_canary(self.store)
+        if canary is None:
+            return None
+        found = human_verdict(self.store, canary, self.trust)
+        return {
+            "version": canary.version_id,
+            "baseline": canary.baseline_id,
+            "share": canary.share,
+            "min_judgments": canary.min_judgments,
+            "min_win_rate": canary.min_win_rate,
+            "started_at": canary.started_at.isoformat(),
+            "verdict": found.to_dict(),
         }
 
     def close(self) -> None:

@@ -30,10 +30,12 @@ from tuneloop.core.settings import (
     policy_jobs,
 )
 from tuneloop.feedback import registry
+from tuneloop.feedback.canary import CanaryError
 from tuneloop.feedback.datasets import build_datasets
 from tuneloop.feedback.runs import finish_run, start_run
 from tuneloop.feedback.snapshot import Snapshot, create_snapshot
 from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
+from tuneloop.loop.canary import Canaries
 from tuneloop.loop.job_runner import JobFailed, JobProcess, job_command, run_job
 from tuneloop.loop.promotion import Promotion
 
@@ -51,6 +53,7 @@ class CycleResult:
     candidate: ModelVersion | None = None
     gate: dict[str, Any] = field(default_factory=dict)
     promoted: bool = False
+    canary: bool = False  # held in canary for the human gate
     reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,6 +63,7 @@ class CycleResult:
             "candidate_version": self.candidate.id if self.candidate else None,
             "gate": self.gate,
             "promoted": self.promoted,
+            "canary": self.canary,
             "reason": self.reason,
         }
 
@@ -83,8 +87,10 @@ class Pipeline:
         stop: threading.Event | None = None,
         trigger: str = "operator",
         log: Callable[[str], None] | None = None,
+        canaries: Canaries | None = None,
     ) -> None:
         self.dd = data_dir
+        self.canaries = canaries
         self.store = store
         self.promotion = promotion or Promotion(store)
         self.gate_settings = gate or GateSettings()
@@ -128,9 +134,12 @@ class Pipeline:
         if not gate:
             result.reason = "not gated: left as a candidate"
             return result
+        gate_settings = gate_settings or self.gate_settings
         result.gate = self.run_gate(candidate, reward, datasets_dir, gate_settings)
         result.reason = result.gate["reason"]
-        if result.gate["promote"]:
+        if result.gate["promote"] and gate_settings.human:
+            result.canary, result.reason = self._hold_in_canary(candidate, gate_settings)
+        elif result.gate["promote"]:
             self.promotion.promote(candidate.id, reason=f"gate: {result.reason}")
             result.promoted = True
         else:
@@ -304,6 +313,18 @@ class Pipeline:
             run_dir / "job.log",
         )
         run_job(self.store, run_id, process, stop=self.stop)
+
+    def _hold_in_canary(self, candidate: ModelVersion, gate: GateSettings) -> tuple[bool, str]:
+        """Hand a candidate that passed to the human gate; it stays a candidate when no server
+        can serve it beside the served version."""
+        passed = "passed the reward model's gate"
+        if self.canaries is None:
+            return False, f"{passed}; the human gate needs a running server: left a candidate"
+        try:
+            self.canaries.start(candidate.id, gate)
+        except (CanaryError, RuntimeError) as exc:  # RuntimeError: it failed to load
+            return False, f"{passed}; no canary ({exc}): left a candidate"
+        return True, f"{passed}; held in canary until people judge it"
 
     def _served_policy(self) -> ModelVersion:
         served = registry.promoted_version(self.store, "policy")

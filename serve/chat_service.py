@@ -6,11 +6,12 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from contextlib import aclosing
+from dataclasses import dataclass
 
 from tuneloop.core.records import DEFAULT_RATER, Feedback, Message, Response, SamplingParams
 from tuneloop.feedback.store import FeedbackStore
 from tuneloop.feedback.validation import UnknownResponseError, check_rater_id
-from tuneloop.serve.engine import Engine, Generation
+from tuneloop.serve.engine import Engine, EngineUnavailableError, Generation
 
 # Answers to be compared or ranked are sampled hotter, so that they differ.
 JUDGE_PARAMS = SamplingParams(max_tokens=256, temperature=0.9)
@@ -103,14 +104,47 @@ def _report_failed_write(saved: Future) -> None:
         print(f"[tuneloop] an answer was not stored: {saved.exception()!r}", flush=True)
 
 
+@dataclass(frozen=True)
+class CanaryRoute:
+    """A second engine, serving a candidate to `share` of conversations (`serve.canary`)."""
+
+    engine: Engine
+    share: float
+
+
+def in_share(conversation_id: int, share: float) -> bool:
+    """Whether a conversation is among `share` of them: a multiplicative hash of its id, so a
+    conversation stays with one version, and consecutive ids spread evenly."""
+    return (conversation_id * 2654435761) % 2**32 < share * 2**32
+
+
 class ChatService:
     def __init__(self, engine: Engine, store: FeedbackStore) -> None:
         self.engine = engine
         self.store = store
+        self.canary: CanaryRoute | None = None
 
     @property
     def version(self) -> str:
         return self.engine.version
+
+    @property
+    def canary_version(self) -> str | None:
+        canary = self.canary
+        return canary.engine.version if canary is not None else None
+
+    def engine_for(self, conversation_id: int, version: str | None = None) -> Engine:
+        """The engine that answers this conversation: the canary's for its share of them, else
+        the served one; or the one serving `version` (EngineUnavailableError if neither)."""
+        canary = self.canary
+        if version is None:
+            if canary is not None and in_share(conversation_id, canary.share):
+                return canary.engine
+            return self.engine
+        for engine in (self.engine, canary.engine if canary else None):
+            if engine is not None and engine.version == version:
+                return engine
+        raise EngineUnavailableError(f"{version} is not served any more")
 
     def chat(
         self,
@@ -119,15 +153,17 @@ class ChatService:
         *,
         conversation_id: int | None = None,
         rater_id: str = DEFAULT_RATER,
+        version: str | None = None,
     ) -> ChatTurn:
-        """Start an answer to `messages` (the whole conversation so far, last turn the user's)."""
+        """Start an answer to `messages` (the whole conversation so far, last turn the user's),
+        from the engine `engine_for` picks."""
         check_rater_id(rater_id)
         if conversation_id is None:
             conversation_id = self.store.new_conversation_id(rater_id)
         elif self.store.conversation_owner(conversation_id) != rater_id:
             # Someone else's conversation is as unknown to the caller as one never started.
             raise UnknownConversationError(f"unknown conversation id: {conversation_id}")
-        generation = self.engine.stream(messages, params)
+        generation = self.engine_for(conversation_id, version).stream(messages, params)
         return ChatTurn(self.store, generation, conversation_id, messages, params, rater_id)
 
     def submit_feedback(self, fb: Feedback, *, own_answers_only: bool = False) -> Future:

@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 
 from tuneloop.core.settings import SettingsError
 from tuneloop.feedback.accounts import AccountError, UnknownAccountError
+from tuneloop.feedback.canary import CanaryError
 from tuneloop.feedback.importer import ImportFormatError
 from tuneloop.feedback.registry import RegistryError, UnknownVersionError
 from tuneloop.feedback.validation import FeedbackError, NotYoursError, UnknownResponseError
@@ -33,6 +34,7 @@ STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
     (ImportFormatError, 422),
     (PromptTooLongError, 400),
     (BusyError, 409),
+    (CanaryError, 409),
     (RegistryError, 409),
     (EngineLoadError, 500),
     (EngineUnavailableError, 503),

@@ -21,7 +21,15 @@ from starlette.concurrency import run_in_threadpool
 
 from tuneloop.core.records import Account, Message, Winner, prompt_hash
 from tuneloop.core.settings import TaskSettings
-from tuneloop.feedback.tasks import NewTask, TaskKind, add_tasks, task_answers, traffic_prompts
+from tuneloop.feedback.tasks import (
+    PRIORITY_CANARY,
+    PRIORITY_NORMAL,
+    NewTask,
+    TaskKind,
+    add_tasks,
+    task_answers,
+    traffic_prompts,
+)
 from tuneloop.serve.chat_service import JUDGE_PARAMS, ChatService, ChatTurn
 from tuneloop.serve.task_queue import Lease, TaskQueue
 
@@ -31,6 +39,18 @@ MAKE_BATCH = 8
 TEXTS_CACHED = 4096
 # Tasks about to be handed out whose texts are read along with a task's (see `view`).
 READ_AHEAD = 64
+
+
+@dataclass(frozen=True)
+class _Ask:
+    """Answers to make for one task: one per entry of `versions` (None: whichever version
+    answers the conversation), added to `ids`."""
+
+    messages: list[Message]
+    conversation_id: int | None
+    owner: str
+    versions: list[str | None]
+    ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -160,19 +180,28 @@ class RatingDesk:
         self, limit: int, *, answers: int | None = None, overlap: int | None = None
     ) -> list[int]:
         """Tasks from the newest prompts people asked that no task holds yet: each with the
-        answer they were given and `answers - 1` fresh ones. Returns the new tasks' ids."""
+        answer they were given and `answers - 1` fresh ones. While a canary runs, the fresh
+        answers come from the version that did not answer (canary or served), so that each
+        task pits one against the other for the human gate, ahead of other tasks. Returns the
+        new tasks' ids."""
         answers = answers or self.settings.answers
         overlap = overlap or self.settings.overlap
         found = traffic_prompts(self.service.store, limit)
-        asks = [
-            (_messages(p.prompt), p.conversation_id, p.author, answers - 1, [p.response_id])
-            for p in found
-        ]
+        canary, served = self.service.canary_version, self.service.version
+        asks = []
+        for p in found:
+            versions: list[str | None] = [None] * (answers - 1)
+            given = [p.response_id]
+            if canary is not None and p.version_id in (canary, served):
+                other = served if p.version_id == canary else canary
+                versions = [other if i % 2 == 0 else p.version_id for i in range(answers - 1)]
+            elif canary is not None:  # an older version's answer: two fresh ones instead
+                given, versions = [], [(canary, served)[i % 2] for i in range(answers)]
+            asks.append(_Ask(_messages(p.prompt), p.conversation_id, p.author, versions, given))
         made = self._answer(asks)
+        source, priority = ("canary", PRIORITY_CANARY) if canary else ("traffic", PRIORITY_NORMAL)
         new = [
-            NewTask(
-                tuple(ids), p.prompt_hash, p.author, "traffic", overlap or self.settings.overlap
-            )
+            NewTask(tuple(ids), p.prompt_hash, p.author, source, overlap, priority)
             for p, ids in zip(found, made, strict=True)
         ]
         return self._store(new)
@@ -186,28 +215,38 @@ class RatingDesk:
         overlap: int | None = None,
     ) -> list[int]:
         """Tasks from an operator's prompts: `answers` fresh answers each, in conversations of
-        `owner`'s. Returns the new tasks' ids."""
+        `owner`'s (while a canary runs, from it and the served version in turn). Returns the
+        new tasks' ids."""
         answers = answers or self.settings.answers
         overlap = overlap or self.settings.overlap
-        asks = [([Message("user", p)], None, owner.name, answers, []) for p in prompts if p.strip()]
+        canary, served = self.service.canary_version, self.service.version
+        versions: list[str | None] = [None] * answers
+        if canary is not None:
+            versions = [(canary, served)[i % 2] for i in range(answers)]
+        asks = [
+            _Ask([Message("user", p)], None, owner.name, versions, []) for p in prompts if p.strip()
+        ]
         made = self._answer(asks)
+        source, priority = ("canary", PRIORITY_CANARY) if canary else ("prompts", PRIORITY_NORMAL)
         new = [
-            NewTask(tuple(ids), prompt_hash(messages), None, "prompts", overlap)
-            for (messages, *_), ids in zip(asks, made, strict=True)
+            NewTask(tuple(ids), prompt_hash(ask.messages), None, source, overlap, priority)
+            for ask, ids in zip(asks, made, strict=True)
         ]
         return self._store(new)
 
-    def _answer(
-        self, asks: list[tuple[list[Message], int | None, str, int, list[int]]]
-    ) -> list[list[int]]:
-        """For each (messages, conversation, owner, how many, ids so far): the ids with that
-        many fresh answers added, generated `MAKE_BATCH` at a time."""
-        made = [list(ids) for *_, ids in asks]
+    def _answer(self, asks: list[_Ask]) -> list[list[int]]:
+        """Each ask's ids with its fresh answers added, generated `MAKE_BATCH` at a time."""
+        made = [list(ask.ids) for ask in asks]
         pending: list[tuple[int, ChatTurn]] = []
-        for i, (messages, conversation_id, owner, count, _) in enumerate(asks):
-            for _ in range(count):
+        for i, ask in enumerate(asks):
+            conversation_id = ask.conversation_id
+            for version in ask.versions:
                 turn = self.service.chat(
-                    messages, JUDGE_PARAMS, conversation_id=conversation_id, rater_id=owner
+                    ask.messages,
+                    JUDGE_PARAMS,
+                    conversation_id=conversation_id,
+                    rater_id=ask.owner,
+                    version=version,
                 )
                 conversation_id = turn.conversation_id  # the next answers go beside it
                 pending.append((i, turn))

@@ -25,8 +25,10 @@ from tuneloop.serve.admin import create_admin_router
 from tuneloop.serve.admin_users import create_users_router
 from tuneloop.serve.api import create_api
 from tuneloop.serve.auth import Principals
+from tuneloop.serve.canary import CanaryServing
+from tuneloop.serve.canary_api import create_canary_router
 from tuneloop.serve.chat_service import ChatService
-from tuneloop.serve.engine import EmbeddedEngine, Engine, ServedEngine
+from tuneloop.serve.engine import EmbeddedEngine, Engine, EngineLoadError
 from tuneloop.serve.limits import Limits, LoginLimit
 from tuneloop.serve.rating_desk import RatingDesk, TaskRefill
 from tuneloop.serve.tasks_api import create_raters_router, create_tasks_router
@@ -98,6 +100,7 @@ def build_app(
     app.include_router(create_users_router(service.store, principals, desk.queue.reload))
     app.include_router(create_tasks_router(desk, principals, limits))
     app.include_router(create_raters_router(desk, principals, control.trust))
+    app.include_router(create_canary_router(control, principals))
     if with_ui:
         import gradio as gr
 
@@ -118,11 +121,25 @@ def log(message: str) -> None:
     print(f"[tuneloop] {message}", flush=True)
 
 
-def create_control(config: ServeConfig, store: FeedbackStore, engine: Engine) -> LoopControl:
+def open_canary_engine(config: ServeConfig) -> Callable[[ModelVersion], Engine]:
+    """How a canary gets an engine of its own beside the served one."""
+
+    def open_canary(version: ModelVersion) -> Engine:
+        if config.engine != "embedded":
+            raise EngineLoadError(
+                "a canary needs the embedded engine: tuneloop's vLLM engine serves one version "
+                "at a time"
+            )
+        return open_engine(config, version)
+
+    return open_canary
+
+
+def create_control(config: ServeConfig, service: ChatService) -> LoopControl:
     return LoopControl(
         config.data_dir,
-        store,
-        ServedEngine(engine, log),
+        service.store,
+        CanaryServing(service, log, open_canary_engine(config)),
         log=log,
         schedule=config.schedule,
         gate=config.gate,
@@ -176,7 +193,7 @@ def run_server(
         )
         engine = open_engine(config, version)
         service = ChatService(engine, store)
-        control = create_control(config, store, engine)
+        control = create_control(config, service)
         first_admin(store, dd)
         desk = RatingDesk(service, config.tasks)
         if config.tasks.backlog:

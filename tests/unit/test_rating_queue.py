@@ -283,3 +283,28 @@ def test_simulated_raters_agreement_finds_and_quarantines_the_random_one(store) 
     assert all(alpha[name] > 0.3 for name in ("ann", "bob", "cid"))
     assert raters.below(report, alpha=0.2) == ["rnd"]
     assert {(p.a, p.b) for p in report.pairs} >= {("ann", "bob"), ("bob", "rnd")}
+
+
+def test_the_human_gates_verdict_by_hand() -> None:
+    """9 wins, 1 tie, 2 losses: mean 0.7917, sample sd 0.3965, margin 1.96 * 0.3965 / sqrt(12)
+    = 0.2243: [0.567, 1.0]; over the bar of 0.5 once 12 judgments are in."""
+    from tuneloop.feedback.canary import verdict
+
+    scores = [1.0] * 9 + [0.5] + [0.0] * 2
+    early = verdict(scores, min_judgments=13, min_win_rate=0.5)
+    assert early.decision is None and early.judgments == 12
+    found = verdict(scores, min_judgments=12, min_win_rate=0.5)
+    assert found.decision == "promote"
+    assert math.isclose(found.win_rate, 0.79167, abs_tol=1e-4)
+    assert math.isclose(found.lower, 0.5673, abs_tol=1e-3) and found.upper == 1.0
+    assert verdict(scores, 12, 0.6).decision == "reject"  # the lower bound misses 0.6
+    assert verdict([], 1, 0.5).decision is None
+
+
+def test_a_canary_answers_its_share_of_conversations() -> None:
+    from tuneloop.serve.chat_service import in_share
+
+    for share in (0.1, 0.25, 0.5):
+        hits = sum(in_share(cid, share) for cid in range(1, 2001))
+        assert abs(hits / 2000 - share) <= 0.01
+    assert all(in_share(7, 0.1) == in_share(7, 0.1) for _ in range(3))  # sticky
