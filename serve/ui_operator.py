@@ -44,6 +44,7 @@ VERSION_COLUMNS = [
     "win rate",
     "95% CI",
     "KL to parent",
+    "people",
     "created (UTC)",
 ]
 RUN_COLUMNS = [
@@ -58,7 +59,9 @@ RUN_COLUMNS = [
     "took",
     "error",
 ]
-VERSION_WIDTHS = ["8%", "6%", "4%", "7%", "16%", "7%", "10%", "11%", "6%", "5%", "7%", "5%", "8%"]
+VERSION_WIDTHS = [
+    "8%", "5%", "4%", "7%", "14%", "7%", "9%", "9%", "5%", "5%", "7%", "5%", "8%", "7%",
+]  # fmt: skip
 RUN_WIDTHS = ["18%", "5%", "6%", "7%", "6%", "7%", "7%", "10%", "5%", "29%"]
 # Volume buckets: the finest whose count over the feedback's time span stays readable.
 BUCKETS = (("minute", timedelta(hours=3)), ("hour", timedelta(days=7)), ("day", None))
@@ -99,6 +102,14 @@ def status_markdown(status: dict[str, Any]) -> str:
     else:
         lines.append("Scheduled training is off.")
     lines.append(f"**{status['new_feedback_rows']}** feedback rows since the last snapshot.")
+    canary = status.get("canary")
+    if canary:
+        v = canary["verdict"]
+        so_far = "" if v["win_rate"] is None else f", win rate so far **{v['win_rate']:.2f}**"
+        lines.append(
+            f"Canary **{canary['version']}** answers {canary['share']:.0%} of conversations: "
+            f"{v['judgments']} of {canary['min_judgments']} human judgments{so_far}."
+        )
     return "\n\n".join(lines)
 
 
@@ -167,10 +178,19 @@ def versions_frame(versions: list[ModelVersion]) -> pd.DataFrame:
                 _num(gate.get("win_rate")),
                 ci,
                 kl,
+                _people(v.metrics.get("human_gate")),
                 _utc(v.created_at, "%Y-%m-%d %H:%M"),
             ]
         )
     return pd.DataFrame(rows, columns=VERSION_COLUMNS)
+
+
+def _people(human: dict[str, Any] | None) -> str:
+    """The human gate's verdict beside the reward model's: win rate [95% CI] over n."""
+    if not human or human.get("win_rate") is None:
+        return ""
+    rate, low, high, n = (human[k] for k in ("win_rate", "lower", "upper", "judgments"))
+    return f"{rate:.2f} [{low:.2f}, {high:.2f}] of {n}"
 
 
 def runs_frame(runs: list[TrainingRun]) -> pd.DataFrame:

@@ -1,5 +1,5 @@
-"""`tuneloop tasks`, `tuneloop raters` and `tuneloop leaderboard`: the raters' workbench for
-operators. On the DuckDB file when no server runs, else through the server's admin routes;
+"""`tuneloop tasks`, `raters`, `leaderboard` and `canary`: the raters' workbench and the human
+gate, for operators. On the DuckDB file when no server runs, else through the server's admin routes;
 making tasks needs the server (its engine writes the answers)."""
 
 from __future__ import annotations
@@ -186,6 +186,70 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _needs_server(what: str) -> Callable[[Any], Any]:
+    def local(_: Any) -> Any:
+        raise ServerError(f"{what} needs a running server, which serves the canary")
+
+    return local
+
+
+def _cmd_canary_status(args: argparse.Namespace) -> int:
+    def local(store: Any) -> dict[str, Any]:
+        from tuneloop.feedback.canary import list_canaries
+
+        return {"running": None, "history": [asdict(c) for c in list_canaries(store)]}
+
+    found = _call(args, local, "GET", "/v1/admin/canary")
+    if args.json:
+        print(json.dumps(found, indent=2, default=str))
+        return 0
+    running = found["running"]
+    if running:
+        v = running["verdict"]
+        rate = "-" if v["win_rate"] is None else f"{v['win_rate']:.3f}"
+        bounds = "" if v["lower"] is None else f" [{v['lower']:.3f}, {v['upper']:.3f}]"
+        print(
+            f"canary {running['version']} against {running['baseline']} on "
+            f"{running['share']:.0%} of conversations: {v['judgments']} of "
+            f"{running['min_judgments']} judgments, win rate {rate}{bounds}, bar "
+            f"{running['min_win_rate']}"
+        )
+    else:
+        print("no canary is running")
+    for c in found["history"]:
+        if c["status"] != "running":
+            result = c["result"] or {}
+            rate = result.get("win_rate")
+            shown = "-" if rate is None else f"{rate:.3f}"
+            print(f"  {c['version_id']}: {c['status']} (win rate {shown})")
+    return 0
+
+
+def _cmd_canary_start(args: argparse.Namespace) -> int:
+    body = {
+        "version": args.version,
+        "share": args.share,
+        "judgments": args.judgments,
+        "win_rate": args.win_rate,
+    }
+    _call(args, _needs_server("a canary"), "POST", "/v1/admin/canary", body)
+    print(f"{args.version} is in canary")
+    return 0
+
+
+def _cmd_canary_check(args: argparse.Namespace) -> int:
+    found = _call(args, _needs_server("the human gate"), "POST", "/v1/admin/canary/check")
+    print(json.dumps(found["verdict"], indent=2))
+    return 0
+
+
+def _cmd_canary_stop(args: argparse.Namespace) -> int:
+    body = {"reason": args.reason}
+    stopped = _call(args, _needs_server("a canary"), "POST", "/v1/admin/canary/stop", body)
+    print(f"stopped the canary of {stopped['version_id']}; it stays a candidate")
+    return 0
+
+
 def register(command: Callable[..., Any]) -> None:
     """Add `tasks`, `raters` and `leaderboard` (see `tuneloop.cli_loop.register`)."""
     tasks = command(
@@ -237,3 +301,25 @@ def register(command: Callable[..., Any]) -> None:
     )
     board.add_argument("--json", action="store_true")
     board.add_argument("--rounds", type=int, default=1000, help="bootstrap rounds")
+
+    canary = command(
+        "canary", "the human gate: a candidate served to a share of chats, judged by people",
+        None, group=True,
+    )  # fmt: skip
+    csub = canary.add_subparsers(dest="canary_command", required=True, metavar="ACTION")
+    status = command(
+        "status", "the running canary, its verdict so far, and those before", _cmd_canary_status,
+        parent=csub,
+    )  # fmt: skip
+    status.add_argument("--json", action="store_true")
+    start = command(
+        "start", "hold a candidate in canary (the running server loads it)", _cmd_canary_start,
+        parent=csub,
+    )  # fmt: skip
+    start.add_argument("version")
+    start.add_argument("--share", type=float, help="of conversations (default: the server's)")
+    start.add_argument("--judgments", type=int, help="before people decide")
+    start.add_argument("--win-rate", type=float, help="the bar for the lower bound")
+    command("check", "decide now if enough people judged", _cmd_canary_check, parent=csub)
+    stop = command("stop", "end the canary without a decision", _cmd_canary_stop, parent=csub)
+    stop.add_argument("--reason", default="stopped by the operator")
