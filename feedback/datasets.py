@@ -4,7 +4,10 @@ Every dataset is conversational (lists of `{role, content}` messages), in the co
 trainers read:
 
 - `preference` (DPOTrainer, reward model): `prompt`, `chosen`, `rejected`, plus `source` naming
-  the kind of feedback the pair came from (trainers drop columns they do not use).
+  the kind of feedback the pair came from (trainers drop columns they do not use): an explicit
+  `comparison` or `ranking`; or implicit, from `thumbs` (up beats down on one prompt), `rating`,
+  `edit` (the edit beats the answer) and `regenerate` (the answer a person went on from beats
+  the one they regenerated).
 - `kto` (KTOTrainer): `prompt`, `completion`, `label`.
 - `sft` (SFTTrainer): `messages`.
 
@@ -50,7 +53,10 @@ CREATE TEMP TABLE prompts AS
            from_json(any_value(prompt), '{messages_type}') AS prompt,
            ('0x' || prompt_hash[:{hex_chars}])::UBIGINT % 100 < {heldout_percent} AS heldout
     FROM responses GROUP BY prompt_hash;
-CREATE TEMP TABLE resp AS SELECT id, ('0x' || prompt_hash)::UBIGINT AS pkey, text FROM responses;
+CREATE TEMP TABLE resp AS
+    SELECT id, ('0x' || prompt_hash)::UBIGINT AS pkey, text, conversation_id,
+           json_array_length(prompt) AS turns, prompt
+    FROM responses;
 CREATE TEMP TABLE net_thumbs AS
     SELECT r.id, r.pkey, r.text, t.net
     FROM (SELECT response_id, sum(value) AS net FROM thumbs GROUP BY response_id) t
@@ -100,6 +106,20 @@ rating_pairs AS (
     SELECT 'rating' AS source, hi.pkey, hi.text AS chosen, lo.text AS rejected
     FROM mean_ratings hi
     JOIN mean_ratings lo ON lo.pkey = hi.pkey AND lo.mean < hi.mean
+),
+-- Answers to one prompt given again in one conversation (the chat's regenerate): the one the
+-- person went on from (a later turn's history holds it) beats the ones they left.
+kept AS (
+    SELECT DISTINCT r.id, r.conversation_id, r.pkey, r.text
+    FROM resp r
+    JOIN resp later ON later.conversation_id = r.conversation_id AND later.turns > r.turns
+    WHERE json_extract_string(later.prompt, '$[' || r.turns || '].content') = r.text
+),
+regenerate_pairs AS (
+    SELECT 'regenerate' AS source, k.pkey, k.text AS chosen, o.text AS rejected
+    FROM kept k
+    JOIN resp o ON o.conversation_id = k.conversation_id AND o.pkey = k.pkey AND o.id <> k.id
+    WHERE o.id NOT IN (SELECT id FROM kept)
 )
 SELECT * FROM (
     SELECT * FROM comparison_pairs
@@ -107,6 +127,7 @@ SELECT * FROM (
     UNION ALL SELECT * FROM thumbs_pairs
     UNION ALL SELECT * FROM edit_pairs
     UNION ALL SELECT * FROM rating_pairs
+    UNION ALL SELECT * FROM regenerate_pairs
 )
 WHERE chosen <> rejected;
 """

@@ -10,6 +10,9 @@ The win rate is judged with the preference itself on held-out questions that no 
 baseline's and the new version's answers, `samples` of each per question with the same sampling
 settings, are scored; a question is won when the new version's mean score is higher (ties count
 half). When the gate rejected the candidate, it is scored in-process with the embedded engine.
+With `human_gate`, a candidate that passes is held in canary and simulated people decide on live
+traffic (`tuneloop.simulate_human`); `invert` trains on the opposite preference, so that people
+should reject what the reward model's gate, trained on the same votes, let through.
 """
 
 from __future__ import annotations
@@ -81,6 +84,25 @@ class SimulationConfig:
         "the gate's bar: win rate against the served policy",
         option="min_win_rate",
     )
+    human_gate: bool = setting(
+        False,
+        "hold the candidate that passes in canary, and let simulated raters judge it on live "
+        "traffic against the served version: they promote or reject it",
+        option="human_gate",
+    )
+    invert: bool = setting(
+        False,
+        "the raters whose votes train the candidate prefer the opposite (a candidate people "
+        "should reject)",
+        option="invert",
+    )
+    human_judgments: int = setting(
+        100, "judgments the human gate waits for", option="human_judgments"
+    )
+    canary_share: float = setting(
+        GateSettings.canary_share, "the share of conversations the canary answers",
+        option="canary_share",
+    )  # fmt: skip
     engine: str = "embedded"
     vllm: VllmSettings = field(default_factory=VllmSettings)
     log: Callable[[str], None] = field(
@@ -142,6 +164,7 @@ def run_simulation(config: SimulationConfig) -> dict[str, Any]:
 
     started = time.perf_counter()
     preference = resolve(config.preference)
+    taught = _opposite(preference) if config.invert else preference
     dd = DataDir(config.data_dir)
     if dd.db.exists():
         raise ValueError(f"{dd.root} already holds a database: simulate wants a fresh data dir")
@@ -160,15 +183,20 @@ def run_simulation(config: SimulationConfig) -> dict[str, Any]:
             batch = [train[(round_no * per_round + i) % len(train)] for i in range(per_round)]
             config.log(f"round {round_no + 1}: {len(batch)} comparisons")
             with stages("collect"):
-                _collect(client, batch, preference, config, rng)
+                _collect(client, batch, taught, config, rng)
             with stages("cycle"):
                 cycle = _train(client, config)
             config.log(f"round {round_no + 1}: {cycle.get('reason') or cycle.get('error')}")
         if cycle.get("status") != "done":
             raise RuntimeError(f"the training cycle failed: {cycle.get('error')}")
         new_version = cycle["candidate_version"]
+        human: dict[str, Any] | None = None
+        if cycle.get("canary"):
+            with stages("human_gate"):
+                human = _human_gate(client, train[::-1], preference, config, rng)
+        promoted = bool(cycle["promoted"]) or (human or {}).get("status") == "promoted"
         with stages("new_answers"):
-            if cycle["promoted"]:
+            if promoted:
                 after = _answers(client, heldout, config)
             else:
                 artifact = next(
@@ -191,12 +219,41 @@ def run_simulation(config: SimulationConfig) -> dict[str, Any]:
         "new_mean_score": round(wins["new_mean"], 4),
         "baseline_version": baseline,
         "new_version": new_version,
-        "promoted": bool(cycle["promoted"]),
+        "promoted": promoted,
         "gate": cycle.get("gate", {}),
+        "human_gate": human,
         "feedback_rows": sum(counts[kind] for kind in FEEDBACK_TABLES),
         "seconds": round(time.perf_counter() - started, 1),
         "seconds_by_stage": stages.seconds | job_seconds,
     }
+
+
+def _opposite(preference: Preference) -> Preference:
+    return lambda prompt, response: -preference(prompt, response)
+
+
+def _human_gate(
+    client: _Client,
+    questions: list[str],
+    preference: Preference,
+    config: SimulationConfig,
+    rng: random.Random,
+) -> dict[str, Any]:
+    """The canary judged by simulated people (`tuneloop.simulate_human`); its outcome."""
+    from tuneloop.simulate_human import judge_canary
+
+    decided = judge_canary(
+        client,
+        questions,
+        preference,
+        noise=config.noise,
+        max_tokens=config.max_tokens,
+        temperature=config.temperature,
+        concurrency=config.concurrency,
+        rng=rng,
+        log=config.log,
+    )
+    return {"status": decided["status"], **(decided["result"] or {})}
 
 
 class _Stopwatch:
@@ -270,7 +327,12 @@ def _server(dd: DataDir, model: str, config: SimulationConfig) -> Iterator[_Clie
         ui=False,
         max_concurrency=config.concurrency,
         schedule=ScheduleSettings(kind=config.kind),
-        gate=GateSettings(min_win_rate=config.min_win_rate),
+        gate=GateSettings(
+            min_win_rate=config.min_win_rate,
+            human=config.human_gate,
+            canary_share=config.canary_share,
+            human_judgments=config.human_judgments,
+        ),
         # Simulated people ask and vote far faster than the limits a person gets.
         limits=LimitSettings(feedback_per_minute=0, chats_per_minute=0),
         tasks=TaskSettings(backlog=0),  # the simulation asks for the answers it judges

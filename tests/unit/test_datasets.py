@@ -364,3 +364,25 @@ def test_heldout_bucket_matches_the_documented_rule() -> None:
 def test_heldout_percent_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="0 to 100"):
         build_datasets(tmp_path, heldout_percent=101)
+
+
+def test_a_regenerated_answer_the_person_went_on_from_beats_the_one_they_left(
+    tmp_path: Path,
+) -> None:
+    """Regenerate gives a second answer to the same prompt in the same conversation; the next
+    turn's history holds the answer kept. An answer nobody went on from says nothing."""
+    with FeedbackStore(tmp_path / "feedback.duckdb") as store:
+        f = Feed(store)
+        first_ask = user("Name a prime.")
+        left, kept = f.answers(first_ask, "Nine.", "Seven.")
+        conv = f.conversations[first_ask]
+        went_on = (*first_ask, Message("assistant", "Seven."), Message("user", "Another?"))
+        f.conversations[went_on] = conv  # the same conversation, one turn on
+        f.answer(went_on, "Eleven.")
+        alone = user("Name a colour.")
+        f.answers(alone, "Red.", "Blue.")  # regenerated, but the person did not go on
+        snap = create_snapshot(store, tmp_path / "snapshots", ANY_RATER)
+    preference = build_datasets(snap.path, heldout_percent=0)["preference"]
+    assert pairs_for(preference, first_ask) == {("regenerate", "Seven.", "Nine.")}
+    assert pairs_for(preference, alone) == set()
+    assert {r["source"] for r in rows(preference)} == {"regenerate"}
