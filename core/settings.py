@@ -299,7 +299,13 @@ class GateSettings:
     seed: int = 0
     batch_size: int = 16  # answers generated at once
     device: str | None = None  # default: cuda when available, else cpu
-    mt_bench: Path | None = None  # default: the questions shipped with tuneloop.train
+    # The operator's own prompts, which come first: poisoned traffic cannot crowd them out.
+    mt_bench: Path | None = setting(
+        None,
+        "the gate's fixed prompts, first: JSON lines with `prompt` (or MT-bench's `turns`); "
+        "default: MT-bench's questions, shipped with tuneloop",
+        option="gate_prompt_file",
+    )
 
     def __post_init__(self) -> None:
         if self.max_prompts < 1 or self.max_tokens < 1:

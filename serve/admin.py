@@ -120,8 +120,9 @@ def create_admin_router(
     @router.post("/train", status_code=202)
     async def train(body: train_in, account: Operator) -> dict[str, Any]:  # type: ignore[valid-type]
         given = body.model_dump()  # type: ignore[attr-defined]
-        if given["config_file"] is not None:
-            given["config_file"] = Path(readable(str(given["config_file"])))
+        for key in ("config_file", "gate_prompt_file"):  # read only inside allowed folders
+            if given[key] is not None:
+                given[key] = Path(readable(str(given[key])))
         cycle = CycleSettings(**{f.name: given[key] for key, f in options(CycleSettings)})
         gate = replace(
             control.gate,

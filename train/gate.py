@@ -185,9 +185,11 @@ def gate_prompts(
     *,
     limit: int | None = None,
 ) -> list[list[dict]]:
-    """Unique prompts for the gate: those of the held-out dataset splits (preference and kto rows'
-    `prompt`, sft rows' `messages` without the final answer), then the first turn of each
-    MT-bench question; the first `limit` of them."""
+    """Unique prompts for the gate: the operator's fixed set first (JSON lines, each a `prompt`
+    or MT-bench's `turns`, whose first turn is taken), then those of the held-out dataset splits
+    (preference and kto rows' `prompt`, sft rows' `messages` without the final answer), which
+    come from traffic; the first `limit` of them. The fixed set comes first so that no flood of
+    traffic can crowd it out."""
     import pyarrow.parquet as pq
 
     found: dict[str, list[dict]] = {}
@@ -197,6 +199,12 @@ def gate_prompts(
         if prompt and prompt[-1]["role"] == "user":
             found.setdefault(json.dumps(prompt, ensure_ascii=False), prompt)
 
+    if mt_bench_path is not None:
+        with open(mt_bench_path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    add([{"role": "user", "content": row.get("prompt") or row["turns"][0]}])
     for path in heldout_parquet_paths:
         table = pq.read_table(path)
         if "prompt" in table.column_names:
@@ -207,11 +215,6 @@ def gate_prompts(
                 add(messages[:-1] if messages and messages[-1]["role"] == "assistant" else [])
         else:
             raise ValueError(f"{path}: no prompt or messages column")
-    if mt_bench_path is not None:
-        with open(mt_bench_path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    add([{"role": "user", "content": json.loads(line)["turns"][0]}])
     prompts = list(found.values())
     return prompts if limit is None else prompts[:limit]
 

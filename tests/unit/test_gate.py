@@ -277,7 +277,7 @@ def test_decide_gives_its_reason() -> None:
     assert not decide(_result(0.7, 0.6, 0.8, kl=None), max_kl=0.2)[0]
 
 
-def test_gate_prompts_from_heldout_splits_and_mt_bench(tmp_path: Path) -> None:
+def test_gate_prompts_the_fixed_set_first_then_heldout_splits(tmp_path: Path) -> None:
     def msgs(*turns: str) -> list[dict]:
         roles = ["user", "assistant"]
         return [{"role": roles[i % 2], "content": t} for i, t in enumerate(turns)]
@@ -303,8 +303,12 @@ def test_gate_prompts_from_heldout_splits_and_mt_bench(tmp_path: Path) -> None:
     paths = [tmp_path / f"{n}.heldout.parquet" for n in ("preference", "kto", "sft")]
 
     prompts = gate_prompts(paths, mt_bench)
-    assert prompts == [msgs("q1"), msgs("q2", "a", "q3"), msgs("q4"), msgs("Write.")]
-    assert gate_prompts(paths, limit=2) == prompts[:2]
+    # The fixed set first: a flood of traffic cannot crowd it out.
+    assert prompts == [msgs("Write."), msgs("q1"), msgs("q2", "a", "q3"), msgs("q4")]
+    assert gate_prompts(paths, limit=2) == [msgs("q1"), msgs("q2", "a", "q3")]
+    own = tmp_path / "own.jsonl"
+    own.write_text(json.dumps({"prompt": "Name a prime."}) + "\n")
+    assert gate_prompts(paths, own, limit=2) == [msgs("Name a prime."), msgs("q1")]
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     assert gate.load_prompts(path) == prompts
