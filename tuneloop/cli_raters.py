@@ -5,7 +5,6 @@ making tasks needs the server (its engine writes the answers)."""
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 from collections.abc import Callable
 from dataclasses import asdict
@@ -13,11 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.core.settings import MAX_TASK_ANSWERS, TrustSettings
-from tuneloop.remote import ServerError, call
-
-
-def _actor() -> str:
-    return f"local:{getpass.getuser()}"
+from tuneloop.remote import ServerError, call, local_actor
 
 
 def _call(
@@ -89,7 +84,7 @@ def _cmd_gold(args: argparse.Namespace) -> int:
     def local(store: Any) -> None:
         from tuneloop.feedback.tasks import set_gold
 
-        set_gold(store, args.task, answer, actor=_actor())
+        set_gold(store, args.task, answer, actor=local_actor())
 
     _call(args, local, "POST", f"/v1/admin/tasks/{args.task}/gold", {"response_id": answer})
     print(f"task {args.task}: " + (f"gold, best answer {answer}" if answer else "not gold"))
@@ -136,7 +131,7 @@ def _cmd_quarantine(args: argparse.Namespace) -> int:
                 gold_accuracy=args.below_gold,
                 min_judgments=args.min_judgments,
             )
-        held = raters.quarantine(store, sorted(set(names)), args.reason, actor=_actor())
+        held = raters.quarantine(store, sorted(set(names)), args.reason, actor=local_actor())
         return {"quarantined": held}
 
     body = {
@@ -155,7 +150,7 @@ def _cmd_reinstate(args: argparse.Namespace) -> int:
     def local(store: Any) -> dict[str, str]:
         from tuneloop.feedback.raters import reinstate
 
-        if not reinstate(store, args.name, actor=_actor()):
+        if not reinstate(store, args.name, actor=local_actor()):
             raise KeyError(f"{args.name} is not quarantined")
         return {"reinstated": args.name}
 

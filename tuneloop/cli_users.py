@@ -5,17 +5,12 @@ server's `/v1/admin/users` routes with an admin's token."""
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 from collections.abc import Callable
 from typing import Any
 
 from tuneloop.core.records import ACCOUNT_ROLES, to_json_dict
-from tuneloop.remote import call
-
-
-def _local_actor() -> str:
-    return f"local:{getpass.getuser()}"
+from tuneloop.remote import call, local_actor
 
 
 def _call(
@@ -34,7 +29,7 @@ def _cmd_add(args: argparse.Namespace) -> int:
     def local(store: Any) -> dict[str, Any]:
         from tuneloop.feedback.accounts import add_account
 
-        account, token = add_account(store, args.name, args.role, actor=_local_actor())
+        account, token = add_account(store, args.name, args.role, actor=local_actor())
         return {**to_json_dict(account), "token": token}
 
     made = _call(args, local, "POST", "/v1/admin/users", {"name": args.name, "role": args.role})
@@ -65,7 +60,7 @@ def _change(action: str) -> Callable[[argparse.Namespace], int]:
         def local(store: Any) -> dict[str, Any]:
             from tuneloop.feedback import accounts
 
-            actor = _local_actor()
+            actor = local_actor()
             if action == "token":
                 return {
                     "name": args.name,
@@ -95,7 +90,7 @@ def _cmd_forget(args: argparse.Namespace) -> int:
 
         from tuneloop.feedback.forget import forget
 
-        return asdict(forget(store, args.name, actor=_local_actor()))
+        return asdict(forget(store, args.name, actor=local_actor()))
 
     done = _call(args, local, "POST", f"/v1/admin/users/{args.name}/forget")
     print(json.dumps(done, indent=2))

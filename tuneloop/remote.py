@@ -3,6 +3,7 @@ that holds the DuckDB file (one read-write process at a time), signed in with `c
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import shutil
@@ -38,6 +39,12 @@ def local_or_server(
         return local(store)
     finally:
         store.close()
+
+
+def local_actor() -> str:
+    """Who acts on the database file directly: whoever may open it is its owner, and the audit
+    log names them by login."""
+    return f"local:{getpass.getuser()}"
 
 
 def call(

@@ -90,3 +90,38 @@ def test_simulate_learns_the_raters_preference_end_to_end(
     manifest = json.loads((data_dir / "models" / "policy-v2" / "manifest.json").read_text())
     assert (manifest["job"], manifest["parent"]) == ("dpo", "policy-v1")
     assert manifest["data"]["preference"]["train"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("invert", [False, True], ids=["better", "inverted"])
+def test_simulated_people_promote_a_better_canary_and_reject_a_worse_one(
+    tmp_path: Path, demo: Path, invert: bool
+) -> None:
+    """`--human-gate`: the candidate that passes the reward model's gate answers a share of live
+    traffic; simulated raters judge it against the served version from the task queue. Trained
+    on the raters' preference, people promote it; trained on its opposite (`--invert`: the
+    reward model, trained on the same votes, lets it through), people reject it."""
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "tuneloop.cli", "simulate",
+            "--data-dir", str(tmp_path / "sim"), "--model", str(demo),
+            "--preference", "concise", "--comparisons", "400", "--heldout", "16",
+            "--samples", "2", "--human-gate", "--human-judgments", "60",
+            *(["--invert"] if invert else []),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["gate"]["promote"] is True, summary  # the reward model's gate let it through
+    human = summary["human_gate"]
+    assert human["judgments"] >= 60 and human["baseline"] == "policy-v1"
+    if invert:
+        assert human["status"] == "rejected" and human["win_rate"] < 0.5, human
+        assert summary["promoted"] is False and summary["win_rate"] < 0.5
+    else:
+        assert human["status"] == "promoted" and human["lower"] > 0.5, human
+        assert summary["promoted"] is True and summary["win_rate_ci"][0] > 0.5
+    assert summary["seconds_by_stage"]["human_gate"] > 0
