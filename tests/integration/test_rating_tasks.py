@@ -4,6 +4,7 @@ the leaderboard for operators; roles checked on every route."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import duckdb
@@ -151,3 +152,21 @@ def test_operators_see_agreement_gold_and_the_leaderboard_and_quarantine(
     assert "r3" not in kept and "r2" in kept
     assert call(server, "POST", "/v1/admin/raters/r3/reinstate", people["otto"]).status_code == 200
     assert call(server, "POST", "/v1/admin/raters/r3/reinstate", people["otto"]).status_code == 404
+
+
+def test_the_server_keeps_its_backlog_of_tasks_from_new_traffic(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from tuneloop.core.settings import TaskSettings
+
+    tasks = TaskSettings(backlog=3, refill_seconds=0.2)
+    for server in live_server(tmp_path / "data", tiny_model_dir, ui=False, tasks=tasks):
+        user = server.account("una")
+        for i in range(5):
+            ask(server, user, f"una asks {i}")
+        deadline = time.monotonic() + 60
+        while len(db(server, "SELECT id FROM tasks")) < 3:
+            assert time.monotonic() < deadline, "no tasks were made"
+            time.sleep(0.2)
+        time.sleep(1.0)  # refills come while fewer than 3 are open: none now
+        assert db(server, "SELECT count(*), min(source) FROM tasks") == [(3, "traffic")]
