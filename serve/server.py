@@ -28,7 +28,7 @@ from tuneloop.serve.auth import Principals
 from tuneloop.serve.canary import CanaryServing
 from tuneloop.serve.canary_api import create_canary_router
 from tuneloop.serve.chat_service import ChatService
-from tuneloop.serve.engine import EmbeddedEngine, Engine, EngineLoadError
+from tuneloop.serve.engine import EmbeddedEngine, Engine
 from tuneloop.serve.limits import Limits, LoginLimit
 from tuneloop.serve.rating_desk import RatingDesk, TaskRefill
 from tuneloop.serve.tasks_api import create_raters_router, create_tasks_router
@@ -121,16 +121,14 @@ def log(message: str) -> None:
     print(f"[tuneloop] {message}", flush=True)
 
 
-def open_canary_engine(config: ServeConfig) -> Callable[[ModelVersion], Engine]:
-    """How a canary gets an engine of its own beside the served one."""
+def open_canary_engine(config: ServeConfig, served: Engine) -> Callable[[ModelVersion], Engine]:
+    """How a canary gets an engine of its own beside the served one: another embedded engine,
+    or on vLLM, another adapter on the same server (`VllmEngine.canary`)."""
 
     def open_canary(version: ModelVersion) -> Engine:
-        if config.engine != "embedded":
-            raise EngineLoadError(
-                "a canary needs the embedded engine: tuneloop's vLLM engine serves one version "
-                "at a time"
-            )
-        return open_engine(config, version)
+        if config.engine == "embedded":
+            return open_engine(config, version)
+        return served.canary(version.id, version.artifact_path)  # type: ignore[attr-defined]
 
     return open_canary
 
@@ -139,7 +137,7 @@ def create_control(config: ServeConfig, service: ChatService) -> LoopControl:
     return LoopControl(
         config.data_dir,
         service.store,
-        CanaryServing(service, log, open_canary_engine(config)),
+        CanaryServing(service, log, open_canary_engine(config, service.engine)),
         log=log,
         schedule=config.schedule,
         gate=config.gate,

@@ -118,6 +118,7 @@ class VllmEngine:
         self._swap_lock = threading.Lock()  # one swap (or adapter unload) at a time
         self._adapters: dict[str, _Route] = {}  # loaded in vLLM, by adapter name
         self._active: set[_Route] = set()  # routes with requests in flight
+        self._canaries: set[_Route] = set()  # adapters served beside the current version
         self._current = _Route("", self._base_name, self._weights)
         self._current.ready.set()
         self.last_swap_seconds = 0.0
@@ -136,10 +137,16 @@ class VllmEngine:
         return self._server.wait_ready(0)
 
     def stream(self, messages: list[Message], params: SamplingParams) -> VllmGeneration:
+        return self._stream(None, messages, params)
+
+    def _stream(
+        self, pinned: _Route | None, messages: list[Message], params: SamplingParams
+    ) -> VllmGeneration:
+        """An answer from `pinned` (a canary's route), else from the current version."""
         ids, room = encode_prompt(self._tokenizer, messages, self.max_context)
         prompt_tokens = len(ids)
         with self._cond:
-            route = self._current
+            route = pinned or self._current
             route.inflight += 1
             self._active.add(route)
         body = {
@@ -175,6 +182,33 @@ class VllmEngine:
     def close(self) -> None:
         self._server.close()
         self._client.close()
+
+    def canary(self, version_id: str, path: str | Path) -> VllmCanary:
+        """`version_id`, a LoRA adapter over the weights served now, loaded beside the served
+        version on the same vLLM server, as an engine of its own (`serve.canary`): vLLM serves
+        several adapters at once. Full weights cannot: one server holds one set."""
+        path = str(path)
+        if not is_adapter(path) or not _same_path(base_model_path(path), self._weights):
+            raise VllmError(
+                f"{version_id} is not a LoRA adapter over the served weights: vLLM serves one "
+                "set of weights at a time, so it cannot be a canary"
+            )
+        if not self._server.wait_ready(_WAIT_FOR_SERVER_S):
+            raise VllmError("the vLLM server is not ready; no canary was loaded")
+        with self._swap_lock:
+            route = self._adapter_route(version_id, path)
+            with self._cond:
+                route.retired = False
+                self._canaries.add(route)
+            route.ready.set()
+        return VllmCanary(self, route)
+
+    def _end_canary(self, route: _Route) -> None:
+        with self._cond:
+            self._canaries.discard(route)
+            if route is not self._current:  # a canary promoted serves on
+                route.retired = True
+                self._unload_if_idle(route)
 
     # --- swaps ---
 
@@ -268,9 +302,10 @@ class VllmEngine:
             current = self._current
             if not _same_path(current.weights, self._weights):
                 self._reload(current.weights)
-            if current.adapter_path:
-                self._load_adapter(current.model, current.adapter_path)
-                self._adapters[current.model] = current
+            for route in (current, *self._canaries):
+                if route.adapter_path and route.model not in self._adapters:
+                    self._load_adapter(route.model, route.adapter_path)
+                    self._adapters[route.model] = route
 
     # --- requests ---
 
@@ -313,6 +348,38 @@ class VllmEngine:
         r = self._client.post(route, json=body, timeout=120.0)
         if r.status_code != 200:
             raise VllmError(f"vLLM {route} answered {r.status_code}: {r.text[:300]}")
+
+
+class VllmCanary:
+    """A canary on the served engine's vLLM server (`VllmEngine.canary`), as the Engine
+    protocol: its answers come from its adapter; `close` unloads it once idle, unless it has
+    been promoted meanwhile."""
+
+    last_swap_seconds = 0.0
+
+    def __init__(self, engine: VllmEngine, route: _Route) -> None:
+        self._engine = engine
+        self._route = route
+
+    @property
+    def version(self) -> str:
+        return self._route.version_id
+
+    @property
+    def ready(self) -> bool:
+        return self._engine.ready
+
+    def stream(self, messages: list[Message], params: SamplingParams) -> VllmGeneration:
+        return self._engine._stream(self._route, messages, params)
+
+    def load(self, version_id: str, path: str | Path) -> None:
+        raise VllmError("a canary serves one version; start another canary instead")
+
+    async def aclose(self) -> None:
+        """Its connections are the served engine's."""
+
+    def close(self) -> None:
+        self._engine._end_canary(self._route)
 
 
 class VllmGeneration:

@@ -271,6 +271,29 @@ def test_lora_and_merged_swaps_and_rollback_under_streams(server: LiveServer) ->
     assert {next(iter(a.models)) for a in log.answers} == {"policy-v1", "policy-v2", "policy-v3"}
 
 
+def test_a_lora_canary_answers_its_share_beside_the_served_version(server: LiveServer) -> None:
+    """The human gate on vLLM: a LoRA candidate loaded beside the served base on the same vLLM
+    server answers its share of conversations, each stored under the version that answered;
+    full weights of their own cannot be a canary; after the canary stops, one version again."""
+    if httpx.get(f"{server.url}/health").json()["model_version"] != "policy-v3":
+        promote(server, "policy-v3")  # the base
+    with admin(server) as api:
+        refused = api.post("/v1/admin/canary", json={"version": "policy-v1"})
+        assert refused.status_code in (409, 500) and "LoRA" in refused.text
+        started = api.post("/v1/admin/canary", json={"version": "policy-v2", "share": 0.5})
+        assert started.status_code == 201, started.text
+    client = openai_client(server)
+    replies = [ask(client, p, max_tokens=4) for p in PROMPTS * 8]
+    answered = [r.model for r in replies]
+    assert set(answered) == {"policy-v2", "policy-v3"}
+    assert 0.25 <= answered.count("policy-v2") / len(answered) <= 0.75
+    stored = stored_versions(server.data_dir, [int(r.id) for r in replies])
+    assert [stored[int(r.id)] for r in replies] == answered
+    with admin(server) as api:
+        assert api.post("/v1/admin/canary/stop", json={}).status_code == 200
+    assert {ask(client, p, max_tokens=4).model for p in PROMPTS * 4} == {"policy-v3"}
+
+
 def test_a_version_vllm_cannot_load_leaves_serving_alone(server: LiveServer) -> None:
     served, before = health(server), answers(server)
     with admin(server) as api:
