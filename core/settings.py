@@ -371,18 +371,47 @@ class LimitSettings:
             raise SettingsError("a rate limit is a count per minute, 0 or more")
 
 
+# Where a preference pair can come from (`tuneloop.feedback.datasets`): explicit judgments, then
+# implicit signals.
+PAIR_SOURCES = ("comparison", "ranking", "thumbs", "rating", "edit", "regenerate")
+
+
 @dataclass(frozen=True)
 class TrustSettings:
     """Which feedback rows may train a model: those of enabled accounts and the operator's
     imports; rows whose rater is no account (from before accounts existed, or tests) only when
     `anonymous`. A disabled account's rows leave the next snapshot. Snapshots, and the
-    scheduler's count of new rows, apply it."""
+    scheduler's count of new rows, apply it; the preference dataset of a snapshot takes the pairs
+    of `pair_sources` only (the implicit ones are weaker evidence)."""
 
     anonymous: bool = setting(
         False,
         "also train on feedback whose rater is no account (rows from before accounts)",
         option="trust_anonymous",
     )
+    pair_sources: str = setting(
+        "all",
+        "the kinds of preference pairs training takes, comma-separated: explicit comparison, "
+        "ranking; implicit thumbs, rating, edit, regenerate; or all",
+        option="pair_sources",
+    )
+
+    def __post_init__(self) -> None:
+        unknown = set(self.sources()) - set(PAIR_SOURCES)
+        if unknown:
+            raise SettingsError(
+                f"unknown pair source(s) {', '.join(sorted(unknown))}; choose from "
+                f"{', '.join(PAIR_SOURCES)}, or all"
+            )
+
+    def sources(self) -> tuple[str, ...]:
+        """The pair sources admitted, in PAIR_SOURCES' order."""
+        given = {s.strip() for s in self.pair_sources.split(",") if s.strip()}
+        if given in ({"all"}, set()):
+            return PAIR_SOURCES
+        return tuple(s for s in PAIR_SOURCES if s in given) + tuple(
+            sorted(given - set(PAIR_SOURCES))
+        )
 
 
 # Answers one rating task shows at most (the Rank tab has room for this many).

@@ -7,7 +7,8 @@ trainers read:
   the kind of feedback the pair came from (trainers drop columns they do not use): an explicit
   `comparison` or `ranking`; or implicit, from `thumbs` (up beats down on one prompt), `rating`,
   `edit` (the edit beats the answer) and `regenerate` (the answer a person went on from beats
-  the one they regenerated).
+  the one they regenerated). A snapshot's trust policy names the sources its preference
+  dataset takes (`TrustSettings.pair_sources`).
 - `kto` (KTOTrainer): `prompt`, `completion`, `label`.
 - `sft` (SFTTrainer): `messages`.
 
@@ -27,6 +28,7 @@ import datasets
 import duckdb
 import pyarrow.parquet as pq
 
+from tuneloop.core.settings import TrustSettings
 from tuneloop.feedback.snapshot import load_manifest
 
 DATASETS_DIRNAME = "datasets"
@@ -188,6 +190,10 @@ def build_datasets(
             )
         )
         con.execute(_PAIRS_SQL)
+        sources = _trusted_sources(manifest)
+        con.execute(
+            "DELETE FROM pairs WHERE NOT list_contains(?::VARCHAR[], source)", [list(sources)]
+        )
         built = {}
         for name, select in _DATASET_SQL.items():
             # One query per split: cheaper than materializing the dataset (the held-out
@@ -216,6 +222,12 @@ def load_split(path: Path, *, cache_dir: Path | None = None) -> datasets.Dataset
     return datasets.Dataset.from_parquet(
         str(path), cache_dir=str(cache_dir) if cache_dir is not None else None
     )
+
+
+def _trusted_sources(manifest: dict) -> tuple[str, ...]:
+    """The pair sources the snapshot's trust policy admits (all, for snapshots from before)."""
+    trust = manifest.get("trust") or {}
+    return TrustSettings(pair_sources=trust.get("pair_sources", "all")).sources()
 
 
 def _split_sql(select: str, *, heldout: bool) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from tuneloop.core.records import Account, Message, Winner, prompt_hash
+from tuneloop.core.records import Account, Feedback, Message, Winner, prompt_hash
 from tuneloop.core.settings import TaskSettings
 from tuneloop.feedback.tasks import (
     PRIORITY_CANARY,
@@ -30,6 +30,7 @@ from tuneloop.feedback.tasks import (
     task_answers,
     traffic_prompts,
 )
+from tuneloop.feedback.validation import FeedbackError
 from tuneloop.serve.chat_service import JUDGE_PARAMS, ChatService, ChatTurn
 from tuneloop.serve.task_queue import Lease, TaskQueue
 
@@ -80,6 +81,13 @@ class RatingDesk:
         # Task id -> (prompt, text by response id) of the tasks fetched last.
         self._texts: OrderedDict[int, tuple[list[dict[str, Any]], dict[int, str]]] = OrderedDict()
         self._reading = False  # a read-ahead runs
+
+    def reload(self) -> None:
+        """Read the tasks again and forget the texts held (after a person was forgotten: their
+        prompts and answers leave memory too)."""
+        self.queue.reload()
+        with self._lock:
+            self._texts.clear()
 
     # ---- raters ------------------------------------------------------------------------------
 
@@ -167,6 +175,17 @@ class RatingDesk:
 
         saved.add_done_callback(done)
         return saved
+
+    def feedback_on_answer(
+        self, account: Account, task_id: int, position: int, make: Callable[[int], Feedback]
+    ) -> Future:
+        """Store `make(response id)` (a thumbs, rating or edit by `account`) on the answer shown
+        at `position` of a task `account` holds: raters judge the answers given to them, which
+        they know by position only (the view is blind)."""
+        lease = self.queue.lease(account.name, task_id)
+        if not 0 <= position < len(lease.order):
+            raise FeedbackError(f"task {task_id} shows answers 0 to {len(lease.order) - 1}")
+        return self.service.submit_feedback(make(lease.order[position]))
 
     def skip(self, account: Account, task_id: int) -> None:
         self.queue.skip(account.name, task_id)

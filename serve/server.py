@@ -97,7 +97,7 @@ def build_app(
     principals = Principals(service.store)
     app = create_api(service, principals, limits)
     app.include_router(create_admin_router(service, control, data_dir, principals, file_dirs))
-    app.include_router(create_users_router(service.store, principals, desk.queue.reload))
+    app.include_router(create_users_router(service.store, principals, desk.reload))
     app.include_router(create_tasks_router(desk, principals, limits))
     app.include_router(create_raters_router(desk, principals, control.trust))
     app.include_router(create_canary_router(control, principals))

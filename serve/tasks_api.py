@@ -5,6 +5,8 @@ For raters (and up):
   to judge now (the same one again until it is judged or skipped)
 - `POST /v1/tasks/{id}/judgment {"winner": "a"|"b"|"tie"|"both_bad"}` or `{"ranking": [2, 0,
   1]}` (the answers' positions as shown, best first) -> 201 once stored
+- `POST /v1/tasks/{id}/answers/{position} {"kind": "thumbs"|"rating"|"edit", ...}`: feedback on
+  an answer of a task the caller holds, named by its position as shown
 - `POST /v1/tasks/{id}/skip`
 
 For operators, under `/v1/admin/` (each change audited):
@@ -20,6 +22,7 @@ For operators, under `/v1/admin/` (each change audited):
 # name types made inside the router factories.
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
@@ -27,12 +30,12 @@ from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from tuneloop.core.records import Account
+from tuneloop.core.records import Account, Edit, Feedback, Rating, Thumbs
 from tuneloop.core.settings import MAX_TASK_ANSWERS, TrustSettings
 from tuneloop.feedback import raters, tasks
 from tuneloop.feedback.accounts import audit
 from tuneloop.feedback.leaderboard import version_leaderboard
-from tuneloop.feedback.validation import MAX_RANKING_SIZE, MAX_TEXT_CHARS
+from tuneloop.feedback.validation import MAX_RANKING_SIZE, MAX_REASON_CHARS, MAX_TEXT_CHARS
 from tuneloop.serve.auth import Principals
 from tuneloop.serve.limits import Limits
 from tuneloop.serve.rating_desk import RatingDesk
@@ -47,6 +50,28 @@ class JudgmentIn(BaseModel):
     ranking: list[int] | None = Field(
         None, max_length=MAX_RANKING_SIZE, description="the positions shown, best first"
     )
+
+
+class AnswerFeedbackIn(BaseModel):
+    """Thumbs (`value` 1 or -1), a rating (`value` 1-5, `reason`?) or an edit (`text`) of an
+    answer of a task the caller holds."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["thumbs", "rating", "edit"]
+    value: int | None = None
+    reason: str | None = Field(None, max_length=MAX_REASON_CHARS)
+    text: str | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS)
+
+    def record(self, rater: str) -> Callable[[int], Feedback]:
+        if self.kind == "thumbs" and self.value in (1, -1):
+            return lambda rid: Thumbs(rid, self.value, rater)  # type: ignore[arg-type]
+        if self.kind == "rating" and self.value is not None and 1 <= self.value <= 5:
+            return lambda rid: Rating(rid, self.value, self.reason, rater)  # type: ignore[arg-type]
+        if self.kind == "edit" and self.text:
+            return lambda rid: Edit(rid, self.text, rater)  # type: ignore[arg-type]
+        raise HTTPException(
+            422, "thumbs take a value of 1 or -1, a rating a value of 1 to 5, an edit a text"
+        )
 
 
 class MakeTasksIn(BaseModel):
@@ -93,6 +118,14 @@ def create_tasks_router(desk: RatingDesk, principals: Principals, limits: Limits
         saved = desk.judge(account, task_id, winner=body.winner, ranking=body.ranking)
         row = await asyncio.wrap_future(saved)
         return {"id": row, "task_id": task_id, "progress": desk.progress(account)}
+
+    @router.post("/{task_id}/answers/{position}", status_code=201)
+    async def answer_feedback(
+        task_id: int, position: int, body: AnswerFeedbackIn, account: Rater
+    ) -> dict[str, Any]:
+        limits.check(limits.feedback, account)
+        saved = desk.feedback_on_answer(account, task_id, position, body.record(account.name))
+        return {"id": await asyncio.wrap_future(saved), "kind": body.kind}
 
     @router.post("/{task_id}/skip")
     async def skip(task_id: int, account: Rater) -> dict[str, Any]:

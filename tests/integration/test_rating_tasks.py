@@ -170,3 +170,31 @@ def test_the_server_keeps_its_backlog_of_tasks_from_new_traffic(
             time.sleep(0.2)
         time.sleep(1.0)  # refills come while fewer than 3 are open: none now
         assert db(server, "SELECT count(*), min(source) FROM tasks") == [(3, "traffic")]
+
+
+def test_raters_rate_and_edit_the_answers_given_to_them_by_position(
+    server: LiveServer, people: dict
+) -> None:
+    (tid,) = call(
+        server, "POST", "/v1/admin/tasks", people["otto"], source="prompts",
+        prompts=["Spell 'cat'."], overlap=1,
+    ).json()["made"]  # fmt: skip
+    route = f"/v1/tasks/{tid}/answers/1"
+    rating = {"kind": "rating", "value": 4, "reason": "close"}
+    assert call(server, "POST", route, people["r1"], **rating).status_code == 404  # not held
+    got = call(server, "GET", "/v1/tasks/next?kind=comparison", people["r1"]).json()["task"]
+    assert got["task_id"] == tid
+    stored = call(server, "POST", route, people["r1"], **rating)
+    assert stored.status_code == 201, stored.text
+    edit = call(
+        server, "POST", f"/v1/tasks/{tid}/answers/0", people["r1"], kind="edit", text="c-a-t"
+    )
+    assert edit.status_code == 201
+    bad = call(server, "POST", f"/v1/tasks/{tid}/answers/2", people["r1"], kind="thumbs", value=1)
+    assert bad.status_code == 422
+    assert call(server, "POST", route, people["ben"], **rating).status_code == 403
+    answers = {
+        i for (ids,) in db(server, f"SELECT response_ids FROM tasks WHERE id = {tid}") for i in ids
+    }
+    rows = db(server, f"SELECT response_id, rater_id FROM ratings WHERE id = {stored.json()['id']}")
+    assert rows[0][0] in answers and rows[0][1] == "r1"

@@ -21,7 +21,7 @@ from tuneloop.core.records import (
     Thumbs,
     prompt_hash,
 )
-from tuneloop.core.settings import TrustSettings
+from tuneloop.core.settings import SettingsError, TrustSettings
 from tuneloop.feedback.datasets import (
     BUCKET_HEX_CHARS,
     DATASET_NAMES,
@@ -386,3 +386,23 @@ def test_a_regenerated_answer_the_person_went_on_from_beats_the_one_they_left(
     assert pairs_for(preference, first_ask) == {("regenerate", "Seven.", "Nine.")}
     assert pairs_for(preference, alone) == set()
     assert {r["source"] for r in rows(preference)} == {"regenerate"}
+
+
+def test_the_trust_policy_names_the_pair_sources_training_takes(tmp_path: Path) -> None:
+    with FeedbackStore(tmp_path / "feedback.duckdb") as store:
+        f = Feed(store)
+        a, b = f.answers(user("What is 2 + 2?"), "4", "5")
+        f.feedback(Comparison(a, b, "a", rater_id="r1"), Edit(b, "4, of course", rater_id="u1"))
+        built = {}
+        for sources in ("all", "comparison", "edit,regenerate"):
+            trust = TrustSettings(anonymous=True, pair_sources=sources)
+            snap = create_snapshot(store, tmp_path / sources, trust)
+            preference = build_datasets(snap.path, heldout_percent=0)["preference"]
+            built[sources] = {r["source"] for r in rows(preference)}
+    assert built == {
+        "all": {"comparison", "edit"},
+        "comparison": {"comparison"},
+        "edit,regenerate": {"edit"},
+    }
+    with pytest.raises(SettingsError, match="unknown pair source"):
+        TrustSettings(pair_sources="comparison,gossip")

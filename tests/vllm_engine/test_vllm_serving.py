@@ -278,7 +278,7 @@ def test_a_lora_canary_answers_its_share_beside_the_served_version(server: LiveS
     if httpx.get(f"{server.url}/health").json()["model_version"] != "policy-v3":
         promote(server, "policy-v3")  # the base
     with admin(server) as api:
-        refused = api.post("/v1/admin/canary", json={"version": "policy-v1"})
+        refused = api.post("/v1/admin/canary", json={"version": "policy-v4"})  # full weights
         assert refused.status_code in (409, 500) and "LoRA" in refused.text
         started = api.post("/v1/admin/canary", json={"version": "policy-v2", "share": 0.5})
         assert started.status_code == 201, started.text
