@@ -114,11 +114,10 @@ def human_verdict(
     store: FeedbackStore, canary: Canary, trust: TrustSettings | None = None
 ) -> HumanVerdict:
     """What people say of the canary against its baseline so far (see the module's docstring)."""
-    pair = {canary.version_id, canary.baseline_id}
+    pair = (canary.version_id, canary.baseline_id)
     scores = [
         b.score_a if b.a == canary.version_id else 1.0 - b.score_a
-        for b in version_battles(store, trust)
-        if {b.a, b.b} == pair
+        for b in version_battles(store, trust, pair)
     ]
     return verdict(scores, canary.min_judgments, canary.min_win_rate)
 

@@ -14,9 +14,19 @@ from tuneloop.feedback.trust import admitted
 DEFAULT_ROUNDS = 1000
 
 
-def version_battles(store: FeedbackStore, trust: TrustSettings | None = None) -> list[Battle]:
-    """Every admitted human judgment between two versions' answers, as (a, b, score of a)."""
+def version_battles(
+    store: FeedbackStore,
+    trust: TrustSettings | None = None,
+    versions: tuple[str, str] | None = None,
+) -> list[Battle]:
+    """Every admitted human judgment between two versions' answers, as (a, b, score of a);
+    between `versions` only, if given (the human gate's canary and baseline)."""
     keep = admitted(trust or TrustSettings())
+    pair = ""
+    params: list[object] = []
+    if versions is not None:
+        pair = "AND ra.model_version_id IN (?, ?) AND rb.model_version_id IN (?, ?)"
+        params = [*versions, *versions]
     rows = store.read(
         f"""
         WITH pairs AS (
@@ -34,8 +44,9 @@ def version_battles(store: FeedbackStore, trust: TrustSettings | None = None) ->
         FROM pairs p
         JOIN responses ra ON ra.id = p.a
         JOIN responses rb ON rb.id = p.b
-        WHERE ra.model_version_id <> rb.model_version_id
-        """
+        WHERE ra.model_version_id <> rb.model_version_id {pair}
+        """,
+        params,
     )
     return [Battle(r["a"], r["b"], float(r["score"])) for r in rows]
 

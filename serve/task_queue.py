@@ -314,13 +314,6 @@ class TaskQueue:
             if entry is not None:
                 self._drop_lease(entry, rater)
 
-    def release(self, rater: str, task_id: int) -> None:
-        """End a lease without a judgment (its vote was refused)."""
-        with self._lock:
-            entry = self._open.get(task_id)
-            if entry is not None:
-                self._drop_lease(entry, rater)
-
     def _drop_lease(self, entry: _Open, rater: str) -> None:
         entry.leases.pop(rater, None)
         held = self._holding.get(rater)

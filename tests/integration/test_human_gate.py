@@ -105,7 +105,8 @@ def test_a_canary_gets_its_share_and_people_promote_then_reject(
 
     assert judge_all(server, people, prefer="policy-v2") == 18
     decided = decide(server, people)
-    assert decided["status"] == "promoted" and decided["result"]["judgments"] == 18
+    # The loop's own poll may decide first, as soon as the 12 judgments asked for are in.
+    assert decided["status"] == "promoted" and 12 <= decided["result"]["judgments"] <= 18
     assert httpx.get(f"{server.url}/health").json()["model_version"] == "policy-v2"
     versions = {
         v["id"]: v
