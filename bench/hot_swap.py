@@ -20,13 +20,17 @@ weights (`lora`: on vLLM a new adapter name). `--model` and `--candidate` name c
 version dirs instead. `--engine vllm` serves from vLLM (`--vllm-python`, default `tuneloop
 vllm-env`'s interpreter).
 
+`--vllm-replicas 2` serves from two vLLM replicas behind tuneloop (give `--vllm-cpus` one list
+per replica); it also reports how many answers each replica gave from each version, and checks
+that both gave answers from the promoted version and from the rolled-back one.
+
 `--training-beside` runs a training job's load in another process during the load phases
 (`training_load.py`: the server and it compete for the cores, as when a job runs on the serving
 machine) and prints its steps/s; `--training-env NAME=VALUE` sets a variable for that process only
 (an OpenMP setting other than the server's, say).
 
     python bench/hot_swap.py [--engine embedded|vllm] [--candidate-kind full|lora] [--streams 8]
-        [--phase-seconds 4] [--max-tokens 32] [--vllm-cpus LIST]
+        [--phase-seconds 4] [--max-tokens 32] [--vllm-replicas N] [--vllm-cpus LIST ...]
         [--training-beside [--training-env NAME=VALUE]]
 """
 
@@ -196,11 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=("embedded", "vllm"), default="embedded")
     parser.add_argument("--candidate-kind", choices=("full", "lora"), default="full")
     parser.add_argument("--vllm-python", default=str(default_vllm_env() / "bin" / "python"))
+    parser.add_argument("--vllm-replicas", type=int, default=1)
     parser.add_argument(
         "--vllm-cpus",
+        nargs="+",
+        default=[],
         metavar="LIST",
-        help="tuneloop's --vllm-cpus: vLLM's processes on these CPUs, tuneloop's and this "
-        "benchmark's on the others",
+        help="tuneloop's --vllm-cpus: vLLM's processes on these CPUs (one list per replica), "
+        "tuneloop's and this benchmark's on the others",
     )
     parser.add_argument("--training-beside", action="store_true")
     parser.add_argument("--training-env", action="append", default=[], metavar="NAME=VALUE")
@@ -235,9 +242,11 @@ def run(args: argparse.Namespace, old: Path, new: Path, data: Path) -> int:
     engine_args = ["--engine", args.engine]
     if args.engine == "vllm":
         engine_args += ["--vllm-python", args.vllm_python]
+        engine_args += ["--vllm-replicas", str(args.vllm_replicas)]
         if args.vllm_cpus:
-            engine_args += ["--vllm-cpus", args.vllm_cpus]
-            keep_off(parse_cpu_list(args.vllm_cpus))  # the clients, as tuneloop itself
+            engine_args += ["--vllm-cpus", *args.vllm_cpus]
+            # The clients, as tuneloop itself (nothing moves if no CPU would be left).
+            keep_off(frozenset().union(*map(parse_cpu_list, args.vllm_cpus)))
     streams: list[Stream] = []
     stop = threading.Event()
     marks: dict[str, float] = {}
@@ -268,6 +277,7 @@ def run(args: argparse.Namespace, old: Path, new: Path, data: Path) -> int:
             stop.set()
             for t in threads:
                 t.join()
+        replicas = admin.get("/v1/admin/engine").json()["replicas"]
         admin.close()
         log = server.log_path.read_text(errors="replace")
         swaps = [line for line in log.splitlines() if "] serving " in line]
@@ -322,7 +332,15 @@ def run(args: argparse.Namespace, old: Path, new: Path, data: Path) -> int:
         print(f"  {line}")
     for s in failed[:3]:
         print(f"  failed: {s.error}")
-    ok = not failed and not mixed and to_new < GOAL_SWAP_S and to_old < GOAL_SWAP_S
+    both = True
+    if len(replicas) > 1:
+        for row in replicas:
+            print(f"  replica {row['replica']}: answers by version {row['answered']}")
+        # Every replica answered from the promoted version, and from the one rolled back to
+        # after it (the served version's count includes the phase before the promotion).
+        both = all(row["answered"].get(candidate, 0) > 0 for row in replicas)
+        print(f"every replica answered from {candidate}: {both}")
+    ok = not failed and not mixed and to_new < GOAL_SWAP_S and to_old < GOAL_SWAP_S and both
     print(f"goal: {'met' if ok else 'MISSED'}")
     return 0 if ok else 1
 

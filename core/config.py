@@ -97,19 +97,27 @@ def vllm_python_command(python: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class VllmSettings:
-    """How `--engine vllm` reaches vLLM: a server it starts (`command`, e.g. `python -m
-    vllm.entrypoints.openai.api_server` from vLLM's own environment) or one it attaches to
-    (`url`: `http://host:port` or `unix:/path/to.sock`, with `api_key`)."""
+    """How `--engine vllm` reaches vLLM: `replicas` servers it starts (`command`, e.g. `python -m
+    vllm.entrypoints.openai.api_server` from vLLM's own environment), or those it attaches to
+    (`urls`: `http://host:port` or `unix:/path/to.sock`, with `api_key`). Several servers are
+    replicas behind tuneloop (`serve.vllm_replicas`).
+
+    `cpus` and `devices` hold one entry per replica it starts: the CPUs its processes run on
+    (`taskset -c`), and the GPUs it sees (`CUDA_VISIBLE_DEVICES`, e.g. "0,1"), each used by
+    `tensor_parallel` ranks."""
 
     command: tuple[str, ...] = ()
-    url: str | None = None
+    urls: tuple[str, ...] = ()
     api_key: str | None = None
+    replicas: int = 1
     max_model_len: int | None = None
     max_lora_rank: int = 64
     kv_cache_gib: int = 1
     dtype: str = "auto"
     nice: int = 0
-    cpus: frozenset[int] = frozenset()
+    cpus: tuple[frozenset[int], ...] = ()
+    devices: tuple[str, ...] = ()
+    tensor_parallel: int = 1
     extra_args: tuple[str, ...] = ()
 
 

@@ -3,6 +3,8 @@ change audited under the caller's name. The CLI uses them while a server owns th
 Errors are answered in one shape, with the statuses of `serve.errors`.
 
 - `POST /snapshot`, `GET /versions`, `GET /runs`, `GET /loop` (what trains, what serves)
+- `GET /engine`: the served version and canary, and each vLLM replica (up, answers outstanding,
+  answers by version)
 - `POST /train {"kind", "overrides"?, "full"?}`: start a cycle now (409 while one runs)
 - `POST /import {"path", "rater"?, "limit"?}`: load a preference file as comparisons
 - `POST /promote {"version"}`, `POST /rollback`: hot-swap the served policy, then record it
@@ -114,6 +116,15 @@ def create_admin_router(
     @router.get("/loop")
     async def loop(_: Operator) -> dict[str, Any]:
         return await run_in_threadpool(control.status)
+
+    @router.get("/engine")
+    async def engine(_: Operator) -> dict[str, Any]:
+        """The served version, the canary's, and each vLLM replica's state (one row for an
+        engine that has no replicas)."""
+        served = service.engine
+        replicas = getattr(served, "replicas", None)
+        rows = replicas() if replicas else [{"replica": 0, "up": served.ready}]
+        return {"version": service.version, "canary": service.canary_version, "replicas": rows}
 
     train_in = train_request()
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from tuneloop.core.config import DataDir, ServeConfig
-from tuneloop.core.cpu_affinity import keep_off
 from tuneloop.core.files import write_json_atomic
 from tuneloop.core.records import ModelVersion
 from tuneloop.core.settings import DEFAULT_MODEL, LimitSettings
@@ -44,43 +43,9 @@ def open_engine(config: ServeConfig, version: ModelVersion) -> Engine:
             device=config.device,
             max_concurrency=config.max_concurrency,
         )
-    from tuneloop.core.artifacts import base_model_path
-    from tuneloop.serve.vllm_engine import VllmEngine
-    from tuneloop.serve.vllm_server import (
-        AttachedVllm,
-        VllmLaunch,
-        VllmServer,
-        parse_vllm_url,
-    )
+    from tuneloop.serve.vllm_open import open_vllm
 
-    vs = config.vllm
-    server: VllmServer | AttachedVllm
-    if vs.url:
-        server = AttachedVllm(parse_vllm_url(vs.url, vs.api_key))
-    elif vs.command:
-        launch = VllmLaunch(
-            command=vs.command,
-            model=base_model_path(version.artifact_path),
-            max_model_len=vs.max_model_len,
-            max_lora_rank=vs.max_lora_rank,
-            max_loras=max(4, config.max_concurrency),
-            dtype=vs.dtype,
-            kv_cache_gib=vs.kv_cache_gib,
-            nice=vs.nice,
-            cpus=vs.cpus,
-            extra_args=vs.extra_args,
-        )
-        server = VllmServer(launch, config.data_dir.root / "vllm")
-        if vs.cpus:
-            keep_off(vs.cpus)  # tuneloop's threads, and those it starts, leave vLLM's CPUs
-    else:
-        raise ValueError("--engine vllm needs --vllm-python, --vllm-command or --vllm-url")
-    server.start()
-    try:
-        return VllmEngine(server, version.id, version.artifact_path)
-    except BaseException:
-        server.close()
-        raise
+    return open_vllm(config.vllm, config.data_dir.root / "vllm", version, config.max_concurrency)
 
 
 def build_app(

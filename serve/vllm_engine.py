@@ -48,6 +48,11 @@ _JSON = {"Content-Type": "application/json"}
 _WAIT_FOR_SERVER_S = 300.0
 
 
+class ReplicaLostError(EngineUnavailableError):
+    """The vLLM server went away (or was not ready) before an answer ended: another replica
+    serving the same version can take the answer over (`serve.vllm_replicas`)."""
+
+
 @dataclass(eq=False)
 class _Route:
     """Where new requests for one version go: the model name vLLM knows it by."""
@@ -140,7 +145,11 @@ class VllmEngine:
         return self._stream(None, messages, params)
 
     def _stream(
-        self, pinned: _Route | None, messages: list[Message], params: SamplingParams
+        self,
+        pinned: _Route | None,
+        messages: list[Message],
+        params: SamplingParams,
+        prefix: str = "",
     ) -> VllmGeneration:
         """An answer from `pinned` (a canary's route), else from the current version."""
         ids, room = encode_prompt(self._tokenizer, messages, self.max_context)
@@ -149,16 +158,23 @@ class VllmEngine:
             route = pinned or self._current
             route.inflight += 1
             self._active.add(route)
-        body = {
-            "model": route.model,
-            "messages": [{"role": m.role, "content": m.content} for m in messages],
-            "max_tokens": min(params.max_tokens, room),
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        return VllmGeneration(self, route, body, prompt_tokens)
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        body: dict[str, Any] = {"model": route.model, "messages": chat}
+        prefix_tokens = 0
+        if prefix:
+            chat.append({"role": "assistant", "content": prefix})
+            body.update(continue_final_message=True, add_generation_prompt=False)
+            prefix_tokens = len(self._tokenizer(prefix, add_special_tokens=False)["input_ids"])
+        body.update(
+            max_tokens=max(1, min(params.max_tokens - prefix_tokens, room - prefix_tokens)),
+            temperature=params.temperature,
+            top_p=params.top_p,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        generation = VllmGeneration(self, route, body, prompt_tokens)
+        generation.prefix_tokens = prefix_tokens
+        return generation
 
     def load(self, version_id: str, path: str | Path) -> None:
         """Serve `version_id` (an adapter or full weights at `path`) to new requests."""
@@ -187,21 +203,72 @@ class VllmEngine:
         """`version_id`, a LoRA adapter over the weights served now, loaded beside the served
         version on the same vLLM server, as an engine of its own (`serve.canary`): vLLM serves
         several adapters at once. Full weights cannot: one server holds one set."""
+        route = self.prepare(version_id, path)
+        with self._cond:
+            self._canaries.add(route)
+        return VllmCanary(self, route)
+
+    def serves_over(self, path: str | Path) -> bool:
+        """Whether `path` is a LoRA adapter over the weights this server holds now."""
         path = str(path)
-        if not is_adapter(path) or not _same_path(base_model_path(path), self._weights):
+        return is_adapter(path) and _same_path(base_model_path(path), self._weights)
+
+    def prepare(
+        self, version_id: str, path: str | Path, *, wait_s: float = _WAIT_FOR_SERVER_S
+    ) -> _Route:
+        """Load `version_id` (a LoRA adapter over the served weights) beside what is served,
+        and return its route, without switching anything: a canary's first step, and the first
+        phase of a promotion across replicas (`serve.vllm_replicas`). VllmError if it cannot."""
+        if not self.serves_over(path):
             raise VllmError(
                 f"{version_id} is not a LoRA adapter over the served weights: vLLM serves one "
-                "set of weights at a time, so it cannot be a canary"
+                "set of weights at a time, so it cannot be loaded beside them"
             )
-        if not self._server.wait_ready(_WAIT_FOR_SERVER_S):
-            raise VllmError("the vLLM server is not ready; no canary was loaded")
+        if not self._server.wait_ready(wait_s):
+            raise VllmError("the vLLM server is not ready; nothing was loaded")
         with self._swap_lock:
-            route = self._adapter_route(version_id, path)
+            route = self._adapter_route(version_id, str(path))
             with self._cond:
                 route.retired = False
-                self._canaries.add(route)
             route.ready.set()
-        return VllmCanary(self, route)
+        return route
+
+    def commit(self, route: _Route) -> None:
+        """Make a prepared route the one this server's own new requests take (the second
+        phase of a promotion across replicas)."""
+        with self._swap_lock:
+            self._switch(route)
+
+    def abandon(self, route: _Route) -> None:
+        """A prepared route that will not serve (an aborted promotion): unload it once idle,
+        unless it serves after all."""
+        with self._cond:
+            if route is not self._current and route not in self._canaries:
+                route.retired = True
+                self._unload_if_idle(route)
+
+    @property
+    def current_route(self) -> _Route:
+        return self._current
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        """Ready (not restarting) and answering `/health` now."""
+        return self._server.wait_ready(0) and self._endpoint.healthy(timeout)
+
+    def reconcile(self) -> None:
+        """After the server answered again: if it lost the adapters it served (it restarted
+        without tuneloop restarting it: `--vllm-url`), load them back."""
+        listed = {m["id"] for m in self._models()}
+        served = (self._current, *self._canaries)
+        if any(r.adapter_path and r.model not in listed for r in served):
+            self._restore()
+
+    def stream_on(
+        self, route: _Route, messages: list[Message], params: SamplingParams, prefix: str = ""
+    ) -> VllmGeneration:
+        """An answer from `route`; with `prefix`, the rest of an answer that began with it
+        (another replica's, lost mid-answer): vLLM continues the assistant's last message."""
+        return self._stream(route, messages, params, prefix)
 
     def _end_canary(self, route: _Route) -> None:
         with self._cond:
@@ -321,7 +388,7 @@ class VllmEngine:
         if not (
             route.ready.wait(_WAIT_FOR_SERVER_S) and self._server.wait_ready(_WAIT_FOR_SERVER_S)
         ):
-            raise EngineUnavailableError("the vLLM server is not ready; try again shortly")
+            raise ReplicaLostError("the vLLM server is not ready; try again shortly")
 
     def _session(self) -> aiohttp.ClientSession:
         """The running loop's session for streaming from vLLM: aiohttp, which read an answer for
@@ -366,6 +433,10 @@ class VllmCanary:
         return self._route.version_id
 
     @property
+    def route(self) -> _Route:
+        return self._route
+
+    @property
     def ready(self) -> bool:
         return self._engine.ready
 
@@ -392,6 +463,7 @@ class VllmGeneration:
         self.version_id = route.version_id
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
+        self.prefix_tokens = 0  # of the answer's start it continues (`VllmEngine.stream_on`)
         self.finish_reason = "stop"
         self._engine = engine
         self._route = route
@@ -399,6 +471,7 @@ class VllmGeneration:
         self._done = False  # the route's lease is given back
         self._reading = False
         self._cancelled = False
+        self._complete = False  # vLLM said [DONE]
 
     def _end(self) -> None:
         with self._engine._cond:
@@ -431,8 +504,9 @@ class VllmGeneration:
                         yield text
             finally:
                 r.close()
+            self._check_complete()
         except httpx.HTTPError as exc:
-            raise EngineUnavailableError(f"the vLLM server failed mid-answer: {exc}") from exc
+            raise ReplicaLostError(f"the vLLM server failed mid-answer: {exc}") from exc
         finally:
             self._end()
 
@@ -456,13 +530,16 @@ class VllmGeneration:
                         yield text
                     if self._cancelled:
                         return
+                if pending.strip():
+                    self._event(pending.strip())  # a last event with no blank line after it
             finally:
                 if r.content.at_eof():
                     r.release()  # the connection goes back to the pool
                 else:
                     r.close()  # an answer left unread: vLLM aborts it when its socket closes
+            self._check_complete()
         except aiohttp.ClientError as exc:
-            raise EngineUnavailableError(f"the vLLM server failed mid-answer: {exc}") from exc
+            raise ReplicaLostError(f"the vLLM server failed mid-answer: {exc}") from exc
         finally:
             self._end()
 
@@ -484,9 +561,17 @@ class VllmGeneration:
         except _NOT_SENT_AIOHTTP:
             return await session.post(url, data=body, headers=_JSON)
 
+    def _check_complete(self) -> None:
+        """A stream that ended without vLLM's [DONE] lost its server mid-answer."""
+        if not self._complete and not self._cancelled:
+            raise ReplicaLostError("the vLLM server closed the stream mid-answer")
+
     def _event(self, line: str | bytes) -> str:
         """The text of one SSE event (`data: {...}`); usage and finish reason are kept."""
-        if line[:6] not in ("data: ", b"data: ") or line[6:12] in ("[DONE]", b"[DONE]"):
+        if line[:6] not in ("data: ", b"data: "):
+            return ""
+        if line[6:12] in ("[DONE]", b"[DONE]"):
+            self._complete = True
             return ""
         payload = orjson.loads(line[6:])
         if "error" in payload:

@@ -37,8 +37,34 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--vllm-url",
         metavar="URL",
+        action="append",
+        default=[],
         help="attach to a vLLM server the operator runs: http://127.0.0.1:PORT or "
-        "unix:/path/to.sock (its API key from --vllm-api-key or VLLM_API_KEY)",
+        "unix:/path/to.sock (its API key from --vllm-api-key or VLLM_API_KEY); give it again "
+        "for each replica",
+    )
+    g.add_argument(
+        "--vllm-replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="start N vLLM servers behind tuneloop, which routes each answer to the one with "
+        "the fewest outstanding and promotes on all of them at once (default: %(default)s)",
+    )
+    g.add_argument(
+        "--vllm-devices",
+        nargs="+",
+        default=[],
+        metavar="GPUS",
+        help="the GPUs of each replica, one list per replica (e.g. 0,1 2,3): its "
+        "CUDA_VISIBLE_DEVICES",
+    )
+    g.add_argument(
+        "--vllm-tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="tensor-parallel ranks per replica (vLLM's --tensor-parallel-size)",
     )
     g.add_argument("--vllm-api-key", help="the API key of the server at --vllm-url")
     g.add_argument(
@@ -66,9 +92,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--vllm-cpus",
+        nargs="+",
+        default=[],
         metavar="LIST",
-        help="run vLLM's processes on these CPUs only (`taskset -c`, e.g. 0-5) and tuneloop's "
-        "on the others, so that neither takes CPU time the other needs (default: no pinning)",
+        help="run vLLM's processes on these CPUs only (`taskset -c`, e.g. 0-5; one list per "
+        "replica) and tuneloop's on the others, so that neither takes CPU time the other needs "
+        "(default: no pinning)",
     )
     g.add_argument(
         "--vllm-arg",
@@ -89,22 +118,38 @@ def vllm_settings(args: argparse.Namespace) -> VllmSettings:
         command = vllm_python_command(args.vllm_python)
     else:
         command = ()
-    if args.vllm_url and not args.vllm_url.startswith(("http://", "https://", "unix:")):
-        url = args.vllm_url
-        raise SystemExit(
-            f"tuneloop: --vllm-url must start with http://, https:// or unix:, got {url!r}"
-        )
+    for url in args.vllm_url:
+        if not url.startswith(("http://", "https://", "unix:")):
+            raise SystemExit(
+                f"tuneloop: --vllm-url must start with http://, https:// or unix:, got {url!r}"
+            )
     if not command and not args.vllm_url:
         raise SystemExit(
             "tuneloop: --engine vllm needs --vllm-python, --vllm-command or --vllm-url"
         )
-    cpus = _vllm_cpus(args.vllm_cpus) if args.vllm_cpus else frozenset()
-    if cpus and args.vllm_url:
-        raise SystemExit("tuneloop: --vllm-cpus pins a vLLM server tuneloop starts, not --vllm-url")
+    cpus = tuple(_vllm_cpus(text) for text in args.vllm_cpus)
+    if args.vllm_url and (cpus or args.vllm_devices or args.vllm_replicas != 1):
+        raise SystemExit(
+            "tuneloop: --vllm-cpus, --vllm-devices and --vllm-replicas describe vLLM servers "
+            "tuneloop starts, not --vllm-url"
+        )
+    if args.vllm_replicas < 1 or args.vllm_tensor_parallel < 1:
+        raise SystemExit("tuneloop: --vllm-replicas and --vllm-tensor-parallel must be >= 1")
+    for name, lists in (("--vllm-cpus", cpus), ("--vllm-devices", args.vllm_devices)):
+        if lists and len(lists) != args.vllm_replicas:
+            raise SystemExit(
+                f"tuneloop: {name} takes one list per replica: {len(lists)} given for "
+                f"{args.vllm_replicas} replica(s)"
+            )
+    if len(cpus) > 1 and any(a & b for i, a in enumerate(cpus) for b in cpus[i + 1 :]):
+        raise SystemExit("tuneloop: --vllm-cpus: each replica needs CPUs of its own")
     return VllmSettings(
         command=command,
-        url=args.vllm_url,
+        urls=tuple(args.vllm_url),
         api_key=args.vllm_api_key or os.environ.get("VLLM_API_KEY"),
+        replicas=args.vllm_replicas,
+        devices=tuple(args.vllm_devices),
+        tensor_parallel=args.vllm_tensor_parallel,
         max_model_len=args.vllm_max_model_len,
         max_lora_rank=args.vllm_max_lora_rank,
         kv_cache_gib=args.vllm_kv_cache_gib,

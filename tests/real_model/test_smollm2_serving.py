@@ -59,7 +59,7 @@ def server(
         max_model_len=2048,
         max_lora_rank=16,
         dtype="float32",
-        cpus=frozenset({min(allowed)}),  # as the README advises on a small machine
+        cpus=(frozenset({min(allowed)}),),  # as the README advises on a small machine
     )
     try:
         yield from live_server(dd.root, None, ui=False, engine="vllm", vllm=settings)

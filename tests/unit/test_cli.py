@@ -169,6 +169,10 @@ def test_vllm_engine_without_a_way_to_reach_vllm_is_refused(
     assert not_ours.returncode != 0 and "this machine has CPUs" in not_ours.stderr
     attached = tuneloop(*up, "--engine", "vllm", "--vllm-url", "unix:/x", "--vllm-cpus", "0")
     assert attached.returncode != 0 and "not --vllm-url" in attached.stderr
+    one_list = tuneloop(*up, *python, "--vllm-replicas", "2", "--vllm-cpus", "0")
+    assert one_list.returncode != 0 and "one list per replica: 1 given for 2" in one_list.stderr
+    shared = tuneloop(*up, *python, "--vllm-replicas", "2", "--vllm-cpus", "0", "0")
+    assert shared.returncode != 0 and "CPUs of its own" in shared.stderr
 
 
 def test_openmp_defaults_fill_only_what_the_environment_leaves_unset() -> None:

@@ -92,7 +92,7 @@ def server(
         command=vllm_python_command(vllm_python),
         max_lora_rank=16,
         dtype="float32",
-        cpus=frozenset({min(allowed)}),
+        cpus=(frozenset({min(allowed)}),),
     )
     try:
         yield from live_server(dd.root, None, ui=False, engine="vllm", vllm=settings)
@@ -385,12 +385,12 @@ def test_attach_to_a_vllm_the_operator_runs(
         assert len(group) >= 3  # the API server, its engine core and a worker
         assert all(os.sched_getaffinity(p) == {cpu} for p in group)
         url = f"unix:{vllm.endpoint.uds}"
-        wrong = VllmSettings(url=url, api_key="not-the-key")
+        wrong = VllmSettings(urls=(url,), api_key="not-the-key")
         with pytest.raises(VllmError, match="401"):
             next(
                 live_server(tmp_path / "wrong", tiny_model_dir, ui=False, engine="vllm", vllm=wrong)
             )
-        right = VllmSettings(url=url, api_key=vllm.endpoint.api_key)
+        right = VllmSettings(urls=(url,), api_key=vllm.endpoint.api_key)
         for server in live_server(
             tmp_path / "data", tiny_model_dir, ui=False, engine="vllm", vllm=right
         ):
