@@ -242,7 +242,10 @@ def run(args: argparse.Namespace, old: Path, new: Path, data: Path) -> int:
     engine_args = ["--engine", args.engine]
     if args.engine == "vllm":
         engine_args += ["--vllm-python", args.vllm_python]
-        engine_args += ["--vllm-replicas", str(args.vllm_replicas)]
+        # float32: vLLM's "auto" runs a float32 checkpoint in bfloat16 on CPU, where greedy
+        # answers under concurrent batching differ from the same answer asked alone (66 of 444
+        # here, with no swap at all), which the exact-text check below would count as mixed.
+        engine_args += ["--vllm-replicas", str(args.vllm_replicas), "--vllm-dtype", "float32"]
         if args.vllm_cpus:
             engine_args += ["--vllm-cpus", *args.vllm_cpus]
             # The clients, as tuneloop itself (nothing moves if no CPU would be left).
@@ -332,10 +335,20 @@ def run(args: argparse.Namespace, old: Path, new: Path, data: Path) -> int:
         print(f"  {line}")
     for s in failed[:3]:
         print(f"  failed: {s.error}")
+    for s in mixed[:3]:
+        model = next(iter(s.models))
+        print(
+            f"  mixed: chunks name {sorted(s.models)}, stored as {stored.get(s.response_id)}, "
+            f"started {s.started - marks['promote']:+.2f} s from the promote; text "
+            f"{s.text!r} vs {expected[model][s.prompt]!r} alone"
+        )
     both = True
     if len(replicas) > 1:
         for row in replicas:
-            print(f"  replica {row['replica']}: answers by version {row['answered']}")
+            print(
+                f"  replica {row['replica']}: answers by version {row['answered']}, "
+                f"lost mid-way and taken over: {row['taken_over']}"
+            )
         # Every replica answered from the promoted version, and from the one rolled back to
         # after it (the served version's count includes the phase before the promotion).
         both = all(row["answered"].get(candidate, 0) > 0 for row in replicas)

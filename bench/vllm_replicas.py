@@ -44,6 +44,7 @@ from tuneloop.feedback.store import FeedbackStore
 def serve(args: argparse.Namespace, model: Path, data: Path, replicas: int) -> ServerProcess:
     engine = ["--engine", "vllm", "--vllm-python", args.vllm_python]
     engine += ["--vllm-replicas", str(replicas), "--vllm-cpus", *args.vllm_cpus[:replicas]]
+    engine += ["--vllm-dtype", "float32"]  # as bench/hot_swap.py: greedy answers comparable
     return ServerProcess(model, data, max_concurrency=args.streams, args=engine, start_timeout=600)
 
 
@@ -77,7 +78,9 @@ def throughput(args: argparse.Namespace, model: Path, tmp: Path, replicas: int) 
         stream_for(server, args.streams, args.max_tokens, 3.0)  # warm-up, not counted
         before = time.time()
         streams = stream_for(server, args.streams, args.max_tokens, args.seconds)
-        shares = [sum(r["answered"].values()) for r in engine_state(server)["replicas"]]
+        rows = engine_state(server)["replicas"]
+        # One replica is the plain vLLM engine, which does not count answers by replica.
+        shares = [sum(r["answered"].values()) for r in rows] if replicas > 1 else "-"
     with duckdb.connect(str(DataDir(data).db), read_only=True) as con:
         tokens = con.execute(
             "SELECT sum(completion_tokens) FROM responses WHERE created_at >= to_timestamp(?)",

@@ -142,6 +142,67 @@ def check_training_keys(keys: Iterable[str]) -> None:
             )
 
 
+# How a job process starts (`tuneloop.loop.job_runner.job_command`): as one process, or under
+# `accelerate launch`, which starts one process per device (or per `--num-processes`) with
+# DDP, DeepSpeed ZeRO or FSDP as its config file says (examples/accelerate/).
+LAUNCHERS = ("local", "accelerate")
+
+
+def _launcher_setting() -> Any:
+    return setting(
+        "local",
+        "how the training job starts: local (one process) or accelerate (`accelerate launch`, "
+        "one process per device or per --num-processes, with DDP, DeepSpeed or FSDP as "
+        "--accelerate-config says)",
+        option="launcher",
+        choices=lambda: LAUNCHERS,
+    )
+
+
+def _accelerate_config_setting() -> Any:
+    return setting(
+        None,
+        "an accelerate config file for --launcher accelerate (examples/accelerate/; default: "
+        "accelerate's own, from `accelerate config`)",
+        option="accelerate_config",
+    )
+
+
+def _num_processes_setting() -> Any:
+    return setting(
+        None,
+        "training processes for --launcher accelerate (default: the accelerate config's)",
+        option="num_processes",
+    )
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """How a job process is started: `launcher` "local" runs `python -m tuneloop.train.run`,
+    "accelerate" runs it under `accelerate launch` with `accelerate_config` and `num_processes`
+    (None: the config's). Handed to the job inside its `JobSettings`, so that the manifest says
+    how the version was trained. `CycleSettings` (a cycle asked for) and `ScheduleSettings` (the
+    server's scheduled and "train now" cycles) expose the same three options."""
+
+    launcher: str = _launcher_setting()
+    accelerate_config: Path | None = _accelerate_config_setting()
+    num_processes: int | None = _num_processes_setting()
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise SettingsError(
+                f"unknown launcher {self.launcher!r}; choose one of {', '.join(LAUNCHERS)}"
+            )
+        if self.launcher == "local" and (
+            self.accelerate_config is not None or self.num_processes is not None
+        ):
+            raise SettingsError(
+                "--accelerate-config and --num-processes need --launcher accelerate"
+            )
+        if self.num_processes is not None and self.num_processes < 1:
+            raise SettingsError(f"--num-processes is 1 or more, got {self.num_processes}")
+
+
 @dataclass(frozen=True)
 class JobSettings:
     """How one job trains: a YAML/JSON file of TRL config fields, then overrides of single
@@ -152,6 +213,7 @@ class JobSettings:
     overrides: dict[str, Any] = field(default_factory=dict)
     full: bool = False
     seed: int = 0
+    launch: LaunchSettings = field(default_factory=LaunchSettings)
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -220,11 +282,19 @@ class CycleSettings:
         option="gate",
         flag="--no-gate",
     )
+    launcher: str = _launcher_setting()
+    accelerate_config: Path | None = _accelerate_config_setting()
+    num_processes: int | None = _num_processes_setting()
 
     def __post_init__(self) -> None:
         check_job(self.kind)
         object.__setattr__(self, "overrides", tuple(self.overrides))
         object.__setattr__(self, "reward_overrides", tuple(self.reward_overrides))
+        self.launch()  # a SettingsError now, not in the job
+
+    def launch(self) -> LaunchSettings:
+        """How the cycle's training jobs start (the gate runs as one process)."""
+        return LaunchSettings(self.launcher, self.accelerate_config, self.num_processes)
 
     def job_settings(self) -> JobSettings:
         """How the cycle's job trains."""
@@ -235,13 +305,14 @@ class CycleSettings:
             overrides=overrides,
             full=self.full,
             seed=self.seed,
+            launch=self.launch(),
         )
 
     def reward_settings(self) -> JobSettings:
         """How the cycle's reward model trains, when it is retrained."""
         overrides = parse_overrides(self.reward_overrides)
         check_training_keys(overrides)
-        return JobSettings(overrides=overrides, seed=self.seed)
+        return JobSettings(overrides=overrides, seed=self.seed, launch=self.launch())
 
 
 @dataclass(frozen=True)
@@ -341,7 +412,17 @@ class ScheduleSettings:
         option="train_kind",
         choices=policy_jobs,
     )
+    launcher: str = _launcher_setting()
+    accelerate_config: Path | None = _accelerate_config_setting()
+    num_processes: int | None = _num_processes_setting()
     poll_seconds: float = 15.0
+
+    def __post_init__(self) -> None:
+        self.launch()
+
+    def launch(self) -> LaunchSettings:
+        """How the training jobs of scheduled and "train now" cycles start."""
+        return LaunchSettings(self.launcher, self.accelerate_config, self.num_processes)
 
 
 @dataclass(frozen=True)

@@ -123,8 +123,14 @@ class LoopControl:
         **cycle: Any,
     ) -> None:
         """Start a cycle in the background; BusyError if one is running. `cycle` takes
-        `Pipeline.run`'s keywords (reward_settings, retrain_reward, gate, gate_settings)."""
+        `Pipeline.run`'s keywords (reward_settings, retrain_reward, gate, gate_settings).
+        Without `settings` (the scheduler, the Operator tab) its jobs start as the server's
+        `ScheduleSettings` say (`--launcher`)."""
         check_job(kind)
+        if settings is None:
+            launch = self.schedule.launch()
+            settings = JobSettings(launch=launch)
+            cycle.setdefault("reward_settings", JobSettings(launch=launch))
         with self._cycle_lock:
             if self.busy:
                 raise BusyError("a training job is already running; one at a time")

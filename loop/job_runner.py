@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tuneloop.core.settings import LaunchSettings
 from tuneloop.feedback.runs import finish_run, update_run
 from tuneloop.feedback.store import FeedbackStore
 
@@ -35,9 +36,25 @@ class JobProcess:
     log_file: Path
 
 
-def job_command(module: str, spec_file: Path, python: str | None = None) -> list[str]:
-    """`python -m tuneloop.train.<module> SPEC.json`, with this interpreter by default."""
-    return [python or sys.executable, "-m", f"tuneloop.train.{module}", str(spec_file)]
+def job_command(
+    module: str,
+    spec_file: Path,
+    python: str | None = None,
+    launch: LaunchSettings | None = None,
+) -> list[str]:
+    """`python -m tuneloop.train.<module> SPEC.json`, with this interpreter by default; with the
+    accelerate launcher, the same module under `accelerate launch` (torchrun starts its
+    processes, each with `-m tuneloop.train.<module> SPEC.json`)."""
+    job = ["-m", f"tuneloop.train.{module}", str(spec_file)]
+    python = python or sys.executable
+    if launch is None or launch.launcher == "local":
+        return [python, *job]
+    accelerate = [python, "-m", "accelerate.commands.launch"]
+    if launch.accelerate_config is not None:
+        accelerate += ["--config_file", str(launch.accelerate_config)]
+    if launch.num_processes is not None:
+        accelerate += ["--num_processes", str(launch.num_processes)]
+    return [*accelerate, *job]
 
 
 def read_status(path: Path) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from tuneloop.core.records import ModelVersion
 from tuneloop.core.settings import (
     GateSettings,
     JobSettings,
+    LaunchSettings,
     TrustSettings,
     check_job,
     policy_jobs,
@@ -215,7 +216,11 @@ class Pipeline:
             job,
             snapshot_id=snapshot.id,
             version_id=version_id,
-            config=asdict(settings) | {"config_file": str(settings.config_file or "")},
+            config=asdict(settings)
+            | {
+                "config_file": str(settings.config_file or ""),
+                "launch": json.loads(json.dumps(asdict(settings.launch), default=str)),
+            },
             trigger=self.trigger,
         )
         run_dir = self.dd.runs / run.id
@@ -234,8 +239,10 @@ class Pipeline:
             settings=settings,
             reward_model=reward_model,
         )
-        self.log(f"{run.id}: training {job} -> {version_id}")
-        self._run_process(run.id, "run", spec)
+        launch = settings.launch
+        how = "" if launch.launcher == "local" else f" under {launch.launcher} launch"
+        self.log(f"{run.id}: training {job} -> {version_id}{how}")
+        self._run_process(run.id, "run", spec, launch)
         feedback_rows = {
             kind: snapshot.manifest["tables"][table]["rows"]
             for kind, table in FEEDBACK_TABLES.items()
@@ -303,12 +310,19 @@ class Pipeline:
         self.log(f"{run.id}: {result['reason']}")
         return result
 
-    def _run_process(self, run_id: str, module: str, spec: JobSpec | GateSpec) -> None:
-        """Run `python -m tuneloop.train.<module>` on `spec`, written into the run's folder with
-        the status file and log the job runner follows; raises JobFailed."""
+    def _run_process(
+        self,
+        run_id: str,
+        module: str,
+        spec: JobSpec | GateSpec,
+        launch: LaunchSettings | None = None,
+    ) -> None:
+        """Run `python -m tuneloop.train.<module>` on `spec` (as `launch` says: a training job
+        may run under `accelerate launch`), written into the run's folder with the status file
+        and log the job runner follows; raises JobFailed."""
         run_dir = self.dd.runs / run_id
         process = JobProcess(
-            job_command(module, spec.write(run_dir / "spec.json"), self.python),
+            job_command(module, spec.write(run_dir / "spec.json"), self.python, launch),
             run_dir / "status.json",
             run_dir / "job.log",
         )

@@ -131,7 +131,8 @@ def create_admin_router(
     @router.post("/train", status_code=202)
     async def train(body: train_in, account: Operator) -> dict[str, Any]:  # type: ignore[valid-type]
         given = body.model_dump()  # type: ignore[attr-defined]
-        for key in ("config_file", "gate_prompt_file"):  # read only inside allowed folders
+        # Files named in the request are read only inside the allowed folders.
+        for key in ("config_file", "gate_prompt_file", "accelerate_config"):
             if given[key] is not None:
                 given[key] = Path(readable(str(given[key])))
         cycle = CycleSettings(**{f.name: given[key] for key, f in options(CycleSettings)})

@@ -209,25 +209,32 @@ class VllmEngine:
         return VllmCanary(self, route)
 
     def serves_over(self, path: str | Path) -> bool:
-        """Whether `path` is a LoRA adapter over the weights this server holds now."""
+        """Whether `path` can be served beside what this server serves now, without touching its
+        weights: a LoRA adapter over them, or those very weights."""
         path = str(path)
-        return is_adapter(path) and _same_path(base_model_path(path), self._weights)
+        return _same_path(base_model_path(path), self._weights)
 
     def prepare(
         self, version_id: str, path: str | Path, *, wait_s: float = _WAIT_FOR_SERVER_S
     ) -> _Route:
-        """Load `version_id` (a LoRA adapter over the served weights) beside what is served,
-        and return its route, without switching anything: a canary's first step, and the first
-        phase of a promotion across replicas (`serve.vllm_replicas`). VllmError if it cannot."""
+        """Make `version_id` (a LoRA adapter over the served weights, or those weights) ready
+        beside what is served, and return its route, without switching anything: a canary's
+        first step, and the first phase of a promotion across replicas
+        (`serve.vllm_replicas`). VllmError if it cannot."""
         if not self.serves_over(path):
             raise VllmError(
-                f"{version_id} is not a LoRA adapter over the served weights: vLLM serves one "
-                "set of weights at a time, so it cannot be loaded beside them"
+                f"{version_id} has weights of its own: vLLM serves one set of weights at a "
+                "time, so it cannot be loaded beside the served version (only a LoRA adapter "
+                "over the served weights can)"
             )
         if not self._server.wait_ready(wait_s):
             raise VllmError("the vLLM server is not ready; nothing was loaded")
+        path = str(path)
         with self._swap_lock:
-            route = self._adapter_route(version_id, str(path))
+            if is_adapter(path):
+                route = self._adapter_route(version_id, path)
+            else:
+                route = _Route(version_id, self._base_name, self._weights)
             with self._cond:
                 route.retired = False
             route.ready.set()

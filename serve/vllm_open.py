@@ -66,9 +66,8 @@ def open_vllm(
         with ThreadPoolExecutor(max_workers=len(servers)) as pool:
             for done in [pool.submit(s.start) for s in servers]:
                 done.result()
-            engines = list(
-                pool.map(lambda s: VllmEngine(s, version.id, version.artifact_path), servers)
-            )
+        # One after another: transformers' lazy imports race when two threads import at once.
+        engines = [VllmEngine(s, version.id, version.artifact_path) for s in servers]
         if len(engines) == 1:
             return engines[0]
         return ReplicatedVllm(engines, version.artifact_path, adapter_dir=run_dir / ADAPTER_DIR)

@@ -11,8 +11,9 @@ the text so far is sent as the start of the assistant's message and vLLM continu
 **Promotion, in two phases**, so that no answer sees two versions and every replica switches
 at the same instant:
 
-- A LoRA adapter over the served weights (what tuneloop trains): phase one loads it under its
-  version's name on every replica at once. If any replica cannot (it died, is restarting, or
+- A LoRA adapter over the served weights (what tuneloop trains), or those weights themselves
+  (a rollback to the base): phase one loads the adapter under its version's name on every
+  replica at once. If any replica cannot (it died, is restarting, or
   refuses the files), the promotion is aborted: the adapter is let go where it had loaded and
   nothing is switched. Phase two switches the version new answers take, for every replica at
   once (one reference); answers in flight finish on the old version, which each replica unloads
@@ -70,6 +71,7 @@ class _Served:
         self.routes = list(routes)
         self.ready = threading.Event()  # a weights swap in progress: answers wait
         self.failed = False  # its swap failed: answers that waited on it are refused
+        self.bound = 0  # answers made for it that have not ended (begun or not)
         if routes:
             self.ready.set()
 
@@ -96,6 +98,7 @@ class ReplicatedVllm:
         self._swap_lock = threading.Lock()  # one promotion (or canary start) at a time
         self._outstanding = [0] * len(replicas)
         self._up = [True] * len(replicas)
+        self._bound: set[_Served] = set()  # versions with answers not ended
         self._answered = [Counter[str]() for _ in replicas]
         self._taken_over = [0] * len(replicas)  # answers lost mid-way, continued elsewhere
         self._current = _Served(versions.pop(), str(path), [r.current_route for r in replicas])
@@ -185,7 +188,9 @@ class ReplicatedVllm:
         new = _Served(version_id, path)
         with self._cond:
             old, self._current = self._current, new  # new answers wait on `new.ready`
-            self._cond.wait_for(lambda: sum(self._outstanding) == 0)
+            # Every answer made for another version ends first, begun or not: one that began
+            # after the reload would get the new weights under the old version's name.
+            self._cond.wait_for(lambda: all(s is new for s in self._bound))
         try:
             self._on_every_replica(
                 f"loading {version_id}",
@@ -258,6 +263,23 @@ class ReplicatedVllm:
         if not served.ready.is_set() or not any(self._up):
             return None
         return self._acquire(served, tried, 0.0)
+
+    def _bind(self, served: _Served) -> None:
+        with self._cond:
+            served.bound += 1
+            self._bound.add(served)
+
+    def _unbind(self, answer: ReplicaGeneration) -> None:
+        """`answer` ended (or will never begin); once only, whichever thread calls first."""
+        with self._cond:
+            if not answer._bound:
+                return
+            answer._bound = False
+            served = answer._served
+            served.bound -= 1
+            if served.bound == 0:
+                self._bound.discard(served)
+            self._cond.notify_all()
 
     def _release(self, i: int, version_id: str | None) -> None:
         with self._cond:
@@ -348,6 +370,9 @@ class ReplicaGeneration:
         self._inner: VllmGeneration | None = None
         self._holding = False  # counted as outstanding on `replica`
         self._cancelled = False
+        self._bound = True  # counted in its version's answers not ended (`_promote_weights`)
+        self._started = False  # its iteration began: that ends it, cancelled or not
+        gateway._bind(served)
 
     def _open(self, replica: int) -> VllmGeneration:
         self.replica, self._holding = replica, True
@@ -365,7 +390,7 @@ class ReplicaGeneration:
         if not self._text or not inner.prefix_tokens:
             self.prompt_tokens = inner.prompt_tokens
         self._holding = False
-        self._gateway._release(self.replica, self.version_id)
+        self._gateway._release(self.replica, None if self._cancelled else self.version_id)
 
     def _failed(self, exc: ReplicaLostError) -> None:
         """Its replica was lost: take it out, count it as tried; the caller picks another."""
@@ -378,6 +403,7 @@ class ReplicaGeneration:
             raise exc
 
     def __iter__(self) -> Iterator[str]:
+        self._started = True
         try:
             while not self._cancelled:
                 replica = self._gateway._acquire(self._served, self._tried, WAIT_FOR_REPLICA_S)
@@ -395,6 +421,7 @@ class ReplicaGeneration:
             self._end()
 
     async def achunks(self, merge_s: float = 0.0) -> AsyncIterator[str]:
+        self._started = True
         try:
             while not self._cancelled:
                 replica = self._gateway._acquire_now(self._served, self._tried)
@@ -417,12 +444,15 @@ class ReplicaGeneration:
             self._end()
 
     def _end(self) -> None:
-        """Cancelled or failed: give the replica back, not counted as an answer."""
+        """Ended, however: give the replica back (not counted as an answer if it was not)."""
         if self._holding:
             self._holding = False
             self._gateway._release(self.replica, None)
+        self._gateway._unbind(self)
 
     def cancel(self) -> None:
         self._cancelled = True
         if self._inner is not None:
             self._inner.cancel()
+        elif not self._started:  # it never will begin
+            self._gateway._unbind(self)

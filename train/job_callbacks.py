@@ -12,14 +12,23 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from tuneloop.train.job_common import StatusFile
 from tuneloop.train.job_config import JobError
+from tuneloop.train.processes import job_processes, threads_per_process
 from tuneloop.train.thread_count import ThreadCountChooser
 
 
 def job_callbacks(status: StatusFile) -> list[TrainerCallback]:
-    """The status callback, plus the thread picker when training on the CPU."""
+    """The status callback, plus the thread picker when training on the CPU in one process.
+
+    Several processes on one machine (`accelerate launch`) share its cores evenly instead: each
+    waits for the others at every step's gradient all-reduce, so one that probed a thread count
+    would time the others' steps, not its own."""
     callbacks: list[TrainerCallback] = [StatusCallback(status)]
-    cores = len(os.sched_getaffinity(0))
-    if not torch.cuda.is_available() and cores > 1:
+    if torch.cuda.is_available():
+        return callbacks
+    cores, processes = len(os.sched_getaffinity(0)), job_processes()
+    if processes.local_world_size > 1:
+        torch.set_num_threads(threads_per_process(cores, processes))
+    elif cores > 1:
         callbacks.append(ThreadPicker(cores))
     return callbacks
 

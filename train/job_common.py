@@ -243,10 +243,17 @@ def check_finite(model: PreTrainedModel) -> None:
 
 
 def save_policy(trainer: Any, tokenizer: Any, work: Path) -> dict[str, Any] | None:
-    """Save the trained adapter (or full weights) and the tokenizer; returns the LoRA config."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    """Save the trained adapter (or full weights) and the tokenizer; returns the LoRA config.
+
+    With several processes every rank calls this: the state dict is gathered from all of them
+    (DeepSpeed ZeRO-3 and FSDP shard it), and rank 0 alone writes."""
+    accelerator = trainer.accelerator
+    state = accelerator.get_state_dict(trainer.model) if accelerator.num_processes > 1 else None
+    if not accelerator.is_main_process:  # its JobOutput is not used (`train.run`)
+        return None
+    model = accelerator.unwrap_model(trainer.model)
     check_finite(model)
-    model.save_pretrained(work)
+    model.save_pretrained(work, state_dict=state)
     tokenizer.save_pretrained(work)
     if is_adapter(work):
         return json_safe(model.peft_config["default"].to_dict())
@@ -254,13 +261,16 @@ def save_policy(trainer: Any, tokenizer: Any, work: Path) -> dict[str, Any] | No
 
 
 def train_metrics(trainer: Any, result: Any) -> dict[str, Any]:
-    """Last logged train loss, mean loss over the run, steps, runtime, and the tokens trained on
-    (TRL's `num_tokens`: without padding; None where the trainer does not count them)."""
+    """Last logged train loss, the logged losses by step (`[[step, loss], ...]`), mean loss over
+    the run, steps, runtime, and the tokens trained on (TRL's `num_tokens`: without padding, over
+    all processes; None where the trainer does not count them)."""
     history = trainer.state.log_history
-    losses = [log["loss"] for log in history if "loss" in log]
+    logged = [(log["step"], log["loss"]) for log in history if "loss" in log]
+    losses = [loss for _, loss in logged]
     tokens = [log["num_tokens"] for log in history if "num_tokens" in log]
     return {
         "train_loss": losses[-1] if losses else None,
+        "train_loss_curve": [[step, loss] for step, loss in logged],
         "train_loss_mean": result.training_loss,
         "steps": trainer.state.global_step,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
@@ -308,12 +318,18 @@ def heldout_metrics(trainer: Any, heldout: datasets.Dataset) -> dict[str, Any]:
 # --- Manifest -------------------------------------------------------------------------------------
 
 
-def build_manifest(job: str, spec: JobSpec, output: JobOutput) -> dict[str, Any]:
+def build_manifest(
+    job: str, spec: JobSpec, output: JobOutput, world_size: int = 1
+) -> dict[str, Any]:
+    """The version's manifest; `launcher` and `world_size` say how many processes trained it,
+    and how they were started."""
     return json_safe(
         {
             "id": spec.version_id,
             "kind": output.kind,
             "job": job,
+            "launcher": spec.settings.launch.launcher,
+            "world_size": world_size,
             "base": str(output.base.resolve()),
             "parent": spec.parent_id or _parent_id(spec.parent),
             "parent_path": str(spec.parent.resolve()) if spec.parent else None,

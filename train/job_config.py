@@ -165,12 +165,14 @@ def resolve_max_steps(
 ) -> None:
     """Set `config.max_steps`, unless given: `num_train_epochs` over `rows`, at most `step_cap`.
 
-    `rows_per_step` is the number of dataset rows one optimizer step consumes (default: the
-    batch size times the gradient accumulation steps)."""
+    `rows_per_step` is the number of dataset rows one optimizer step consumes on one process
+    (default: the batch size times the gradient accumulation steps); every process of a
+    multi-process job (`config.world_size`) takes that many more."""
     if config.max_steps > 0:
         return
     if rows_per_step is None:
         rows_per_step = config.per_device_train_batch_size * config.gradient_accumulation_steps
+    rows_per_step *= getattr(config, "world_size", 1)
     per_epoch = math.ceil(rows / max(rows_per_step, 1))
     config.max_steps = max(1, min(step_cap, math.ceil(per_epoch * config.num_train_epochs)))
 

@@ -30,6 +30,7 @@ from tuneloop.train.job_common import (
     train_metrics,
 )
 from tuneloop.train.job_config import config_dict, json_safe
+from tuneloop.train.processes import job_processes
 
 DEFAULTS: dict[str, Any] = {"learning_rate": 1e-3, "max_length": 512}
 # One epoch for a model of SmolLM2's size: on HH-RLHF it orders 0.64 of unseen pairs right after
@@ -42,8 +43,9 @@ def train_reward(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
     train, heldout = load_dataset_splits(spec, work, "preference")
     config, lora, _ = job_settings(spec, RewardConfig, DEFAULTS, work, LARGE_DEFAULTS)
     output = _train_and_save(spec, config, lora, train, heldout, work, status)
-    # Scored the way the gate scores, from the saved version (the trainer's copy is freed).
-    output.metrics.update(heldout_accuracy(work, heldout))
+    if job_processes().main:  # the others saved nothing (`tuneloop.train.processes`)
+        # Scored the way the gate scores, from the saved version (the trainer's copy is freed).
+        output.metrics.update(heldout_accuracy(work, heldout))
     return output
 
 
@@ -76,8 +78,9 @@ def _train_and_save(
     check_finite(trained)
     used_lora = None if spec.settings.full else json_safe(trained.peft_config["default"].to_dict())
     merged = trained if spec.settings.full else trained.merge_and_unload()
-    merged.save_pretrained(work)
-    tokenizer.save_pretrained(work)
+    if trainer.accelerator.is_main_process:
+        merged.save_pretrained(work)
+        tokenizer.save_pretrained(work)
     return JobOutput(
         kind="reward",
         adapter=False,

@@ -8,6 +8,9 @@ Exit status 0 when the version dir is in place; 1 otherwise (SIGTERM included), 
 `<out>.tmp` and renamed to `<out>` only once complete, so a failed job leaves no `<out>`.
 
 `train_version(spec)` does the same in-process (tests, benchmarks) and raises on failure.
+
+Under `accelerate launch` (`--launcher accelerate`) each of its processes runs this module; rank
+0 alone writes the status file and the version dir (`tuneloop.train.processes`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from tuneloop.train.job_common import (
     scratch_dir,
 )
 from tuneloop.train.job_config import JobError
+from tuneloop.train.processes import JobProcesses, job_processes
 
 
 def train_version(spec: JobSpec) -> Path:
@@ -49,6 +53,9 @@ def train_version(spec: JobSpec) -> Path:
 
 
 def _train_version(spec: JobSpec) -> Path:
+    processes = job_processes()
+    if not processes.main:
+        return _train_on_other_rank(spec, processes)
     status = StatusFile(spec.status, spec.kind, spec.version_id)
     work = spec.out.with_name(spec.out.name + ".tmp")
     try:
@@ -59,7 +66,7 @@ def _train_version(spec: JobSpec) -> Path:
         status.write("running")
         output = _job_function(spec.kind)(spec, work, status)
         shutil.rmtree(scratch_dir(work), ignore_errors=True)
-        write_manifest(work, build_manifest(spec.kind, spec, output))
+        write_manifest(work, build_manifest(spec.kind, spec, output, processes.world_size))
         work.rename(spec.out)
     except BaseException as e:
         shutil.rmtree(work, ignore_errors=True)
@@ -68,6 +75,20 @@ def _train_version(spec: JobSpec) -> Path:
     status.metrics = output.metrics
     status.step = status.total_steps = output.metrics.get("steps", status.step)
     status.write("done", progress=1.0)
+    return spec.out
+
+
+def _train_on_other_rank(spec: JobSpec, processes: JobProcesses) -> Path:
+    """Rank 1 and up of a multi-process job: train beside rank 0, with no status file and a
+    scratch dir of its own (its datasets cache and the trainer's output dir), removed after.
+    The job functions save the version on rank 0 only."""
+    work = spec.out.with_name(f"{spec.out.name}.rank{processes.rank}.tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        _job_function(spec.kind)(spec, work, StatusFile(None, spec.kind, spec.version_id))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return spec.out
 
 

@@ -39,8 +39,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     dd = DataDir(args.data_dir)
     try:
         cycle = settings_from_args(CycleSettings, args)
-        if cycle.config_file is not None:  # read by a server or job with another directory
-            cycle = replace(cycle, config_file=cycle.config_file.resolve())
+        # Files read by a server or job with another working directory.
+        for key in ("config_file", "accelerate_config"):
+            if getattr(cycle, key) is not None:
+                cycle = replace(cycle, **{key: getattr(cycle, key).resolve()})
         settings, reward_settings = cycle.job_settings(), cycle.reward_settings()
     except SettingsError as exc:
         raise SystemExit(f"tuneloop: {exc}") from exc
@@ -48,8 +50,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         store = FeedbackStore(dd.db)
     except StoreLockedError:
         _refuse_model_with_server(args)
-        if cycle.config_file is not None:
-            cycle = replace(cycle, config_file=stage_file(dd, cycle.config_file))
+        for key in ("config_file", "accelerate_config"):
+            if getattr(cycle, key) is not None:
+                cycle = replace(cycle, **{key: stage_file(dd, getattr(cycle, key))})
         body = {**to_json_dict(cycle), **option_values(GateSettings, args)}
         ask_server(dd, "POST", "/v1/admin/train", body)
         print(f"tuneloop: the server started a {cycle.kind} cycle", file=sys.stderr)

@@ -220,7 +220,7 @@ def test_files_outside_the_data_dir_are_not_read_and_training_keys_are_an_allowl
     for path in (str(outside), "/etc/passwd", str(server.data_dir.root / ".." / "x.jsonl")):
         refused = httpx.post(f"{url}/v1/admin/import", json={"path": path}, headers=auth)
         assert refused.status_code == 422 and "outside the folders" in refused.text
-        for key in ("config_file", "gate_prompt_file"):
+        for key in ("config_file", "gate_prompt_file", "accelerate_config"):
             train = {"kind": "dpo", key: path}
             refused = httpx.post(f"{url}/v1/admin/train", json=train, headers=auth)
             assert refused.status_code == 422 and "outside the folders" in refused.text

@@ -117,6 +117,7 @@ def test_a_cycle_trains_gates_promotes_and_swaps(
         "overrides": {"beta": 0.2},
         "full": False,
         "seed": 4,
+        "launch": {"launcher": "local", "accelerate_config": None, "num_processes": None},
     }
     # The manifest is the version's record: the gate's result and the feedback are in it.
     assert manifest["metrics"]["gate"]["reason"] == "stub says True"

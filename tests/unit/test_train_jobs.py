@@ -33,6 +33,8 @@ MANIFEST_KEYS = {
     "id",
     "kind",
     "job",
+    "launcher",
+    "world_size",
     "base",
     "parent",
     "parent_path",
