@@ -19,7 +19,14 @@ acknowledged write: unlike writes/s, it barely moves when other work takes cores
 
 Goal: >= 1,000 writes/s with p99 < 20 ms.
 
+With `--gateways N` the clients are spread over N `tuneloop gateway` processes in front of the
+server, which record into its store (README: several gateways). With `--kill-after S` the first
+gateway gets SIGKILL S seconds into the load; its clients go on through the next one. Goal: >=
+1,000 acknowledged writes/s with 32 clients over 2 gateways, and 0 lost: afterwards every vote
+acknowledged to a client is looked up in the DuckDB file.
+
     python bench/feedback_ingest.py [--clients 32] [--seconds 10] [--warmup 2]
+        [--gateways 2 [--kill-after 6]]
 """
 
 from __future__ import annotations
@@ -28,15 +35,20 @@ import argparse
 import asyncio
 import json
 import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import duckdb
 import httpx
-from common import HOST, ServerProcess, cpu_seconds, percentile
+from common import HOST, ServerProcess, cpu_seconds, free_port, percentile, wait_healthy
 
 GOAL_WRITES_PER_S = 1000.0
 GOAL_P99_MS = 20.0
@@ -55,6 +67,7 @@ class Tally:
     # (client, item) of each 201 per kind: a vote on the same item again replaced it.
     votes: dict[str, set[tuple[int, str]]] = field(default_factory=lambda: defaultdict(set))
     errors: Counter[str] = field(default_factory=Counter)  # status or exception name
+    moved: int = 0  # clients that went on through another gateway
     window_acked: int = 0
     latencies: list[float] = field(default_factory=list)
 
@@ -155,15 +168,17 @@ async def read_response(reader: asyncio.StreamReader) -> int:
 
 
 async def client(
-    port: int,
+    ports: list[int],
     requests: list[tuple[str, str, bytes]],
     number: int,
     window: tuple[float, float],
     tally: Tally,
 ) -> None:
-    """One connection, one request at a time, until the window's end (perf_counter time)."""
+    """One connection, one request at a time, until the window's end (perf_counter time). Its
+    server is `ports[number % len(ports)]`; when that one goes away, the next one."""
     start, end = window
-    reader, writer = await asyncio.open_connection(HOST, port)
+    at = number % len(ports)
+    reader, writer = await asyncio.open_connection(HOST, ports[at])
     i = 0
     try:
         while (now := time.perf_counter()) < end:
@@ -175,7 +190,12 @@ async def client(
             except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
                 tally.errors[type(exc).__name__] += 1
                 writer.close()
-                reader, writer = await asyncio.open_connection(HOST, port)
+                try:
+                    reader, writer = await asyncio.open_connection(HOST, ports[at])
+                except OSError:  # it is gone: the next one
+                    tally.moved += 1
+                    at = (at + 1) % len(ports)
+                    reader, writer = await asyncio.open_connection(HOST, ports[at])
                 continue
             done = time.perf_counter()
             if status != 201:
@@ -191,16 +211,57 @@ async def client(
 
 
 async def load(
-    port: int, requests: list[list[tuple[str, str, bytes]]], warmup: float, seconds: float
+    ports: list[int],
+    requests: list[list[tuple[str, str, bytes]]],
+    warmup: float,
+    seconds: float,
+    kill: tuple[float, subprocess.Popen] | None = None,
 ) -> Tally:
     """Run one client per request list through the warm-up and the window; fails after
-    STALL_S more seconds."""
+    STALL_S more seconds. `kill`: SIGKILL that process that many seconds in."""
     tally = Tally()
     t0 = time.perf_counter()
     window = (t0 + warmup, t0 + warmup + seconds)
-    runs = asyncio.gather(*(client(port, r, c, window, tally) for c, r in enumerate(requests)))
-    await asyncio.wait_for(runs, warmup + seconds + STALL_S)
+    runs = [client(ports, r, c, window, tally) for c, r in enumerate(requests)]
+    if kill is not None:
+        runs.append(_kill_after(*kill))
+    await asyncio.wait_for(asyncio.gather(*runs), warmup + seconds + STALL_S)
     return tally
+
+
+async def _kill_after(delay: float, proc: subprocess.Popen) -> None:
+    await asyncio.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+
+
+@contextmanager
+def gateway(server: ServerProcess) -> Iterator[tuple[int, subprocess.Popen]]:
+    """`tuneloop gateway` in front of `server`, in a process of its own on a free port."""
+    port = free_port()
+    argv = [sys.executable, "-m", "tuneloop.cli", "gateway", "--data-dir", str(server.data_dir)]
+    argv += ["--primary", server.url, "--port", str(port), "--feedback-per-minute", "0"]
+    log = server.data_dir / f"gateway-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(f"http://{HOST}:{port}", proc, 120, log.read_text)
+        yield port, proc
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def lost_votes(db: Path, votes: dict[str, set[tuple[int, str]]]) -> int:
+    """Votes acknowledged to a client that the DuckDB file does not hold."""
+    from tuneloop.feedback.store import FEEDBACK_TABLES
+
+    lost = 0
+    with duckdb.connect(str(db), read_only=True) as con:
+        for kind, acked in votes.items():
+            table = FEEDBACK_TABLES[kind]
+            stored = set(con.execute(f"SELECT rater_id, item FROM {table}").fetchall())
+            lost += sum((f"bench-{k}", item) not in stored for k, item in acked)
+    return lost
 
 
 @dataclass
@@ -216,26 +277,50 @@ def run(args: argparse.Namespace, model: Path, data_dir: Path) -> int:
     clients = prepare(data_dir / "server", args.clients, args.answers)
     # The store's ingest is measured, not the per-rater limits (README: Security): they are off.
     unlimited = ["--feedback-per-minute", "0"]
-    with ServerProcess(model, data_dir / "server", args=unlimited) as server:
+    with ServerProcess(model, data_dir / "server", args=unlimited) as server, ExitStack() as gws:
+        gateways = [gws.enter_context(gateway(server)) for _ in range(args.gateways)]
+        ports = [port for port, _ in gateways] or [server.port]
         requests = [
-            encode_requests(server.port, feedback_bodies(ids, args.votes), token)
-            for token, ids in clients
+            encode_requests(ports[c % len(ports)], feedback_bodies(ids, args.votes), token)
+            for c, (token, ids) in enumerate(clients)
         ]
+        kill = (args.warmup + args.kill_after, gateways[0][1]) if args.kill_after else None
         before = httpx.get(f"{server.url}/v1/feedback/stats", headers=server.auth).json()
-        cpu0 = cpu_seconds(server.pid), cpu_seconds(os.getpid())
+        pids = [server.pid, *(proc.pid for _, proc in gateways)]
+        cpu0 = sum(map(cpu_seconds, pids)), cpu_seconds(os.getpid())
         started = time.perf_counter()
-        tally = asyncio.run(load(server.port, requests, args.warmup, args.seconds))
+        tally = asyncio.run(load(ports, requests, args.warmup, args.seconds, kill))
+        alive = [server.pid, *(p.pid for _, p in gateways if p.poll() is None)]
         usage = Usage(
             time.perf_counter() - started,
-            cpu_seconds(server.pid) - cpu0[0],
+            sum(map(cpu_seconds, alive)) - cpu0[0],
             cpu_seconds(os.getpid()) - cpu0[1],
         )
         after = httpx.get(f"{server.url}/v1/feedback/stats", headers=server.auth).json()
+    where = f"over {args.gateways} gateways" if args.gateways else "straight to the server"
     print(
-        f"clients: {args.clients}  window: {args.seconds:g} s after {args.warmup:g} s warm-up  "
-        f"answers per client: {args.answers}  cpus: {os.cpu_count()}"
+        f"clients: {args.clients} {where}  window: {args.seconds:g} s after {args.warmup:g} s "
+        f"warm-up  answers per client: {args.answers}  cpus: {os.cpu_count()}"
     )
-    return report(args, tally, usage, {k: after[k] - before[k] for k in KINDS})
+    stored = {k: after[k] - before[k] for k in KINDS}
+    if kill is None:
+        return report(args, tally, usage, stored)
+    # A write sent through the killed gateway may be stored without its client hearing so:
+    # what counts is that every acknowledged vote is in the file.
+    lost = lost_votes(data_dir / "server" / "feedback.duckdb", tally.votes)
+    print(
+        f"gateway 0 SIGKILLed {args.kill_after:g} s into the window; {tally.moved} clients "
+        f"went on through another; acknowledged votes not in the file: {lost}"
+    )
+    report(args, tally, usage, stored)
+    rate = tally.window_acked / args.seconds
+    met = rate >= GOAL_WRITES_PER_S and lost == 0
+    print(
+        f"goal with a gateway killed: >= {GOAL_WRITES_PER_S:,.0f} acknowledged writes/s and 0 "
+        f"lost: {'met' if met else 'MISSED'} ({rate:,.0f} writes/s, {lost} lost; the errors "
+        "are the requests the killed gateway never answered)"
+    )
+    return 0 if met else 1
 
 
 def report(args: argparse.Namespace, tally: Tally, usage: Usage, stored: dict[str, int]) -> int:
@@ -251,7 +336,7 @@ def report(args: argparse.Namespace, tally: Tally, usage: Usage, stored: dict[st
     per_write = 1e6 / max(acked, 1)
     print(
         f"CPU over the load ({usage.elapsed:.1f} s, {acked:,} writes): "
-        f"server {usage.server_cpu / usage.elapsed:.2f} cores = "
+        f"server and gateways {usage.server_cpu / usage.elapsed:.2f} cores = "
         f"{usage.server_cpu * per_write:,.0f} us/write, "
         f"client {usage.client_cpu / usage.elapsed:.2f} cores = "
         f"{usage.client_cpu * per_write:,.0f} us/write"
@@ -295,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
         help="distinct votes per client before its requests repeat (a repeat replaces a vote)",
     )
     parser.add_argument("--model", type=Path, help="model dir (default: a tiny random model)")
+    parser.add_argument(
+        "--gateways", type=int, default=0, help="tuneloop gateways in front of the server"
+    )
+    parser.add_argument(
+        "--kill-after", type=float, default=0.0, help="SIGKILL gateway 0 this far into the window"
+    )
     args = parser.parse_args(argv)
     if args.answers < 3:
         parser.error("--answers must be at least 3")

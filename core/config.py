@@ -68,12 +68,17 @@ class DataDir:
         """The first admin's bearer token, readable by the owner of the data dir only."""
         return self.root / "admin.token"
 
+    @property
+    def gateway_token_file(self) -> Path:
+        """The secret `tuneloop gateway` processes sign in to this server with (owner only)."""
+        return self.root / "gateway.token"
+
     def restrict(self) -> None:
         """Make the data dir its owner's alone (0700), and its token and log files (0600),
         however they were created before."""
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
-        private = [self.admin_token_file, *self.root.glob("**/*.log")]
+        private = [self.admin_token_file, self.gateway_token_file, *self.root.glob("**/*.log")]
         for path in private:
             if path.is_file():
                 os.chmod(path, 0o600)

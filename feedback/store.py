@@ -182,6 +182,24 @@ class FeedbackStore:
         """Reserve a row id for a feedback kind, for writers that insert through `write`."""
         return self._take_id(FEEDBACK_TABLES[kind])
 
+    def lease_ids(self, table: str, count: int) -> int:
+        """A block of `count` ids of `table` ("responses" or "conversations") for another process
+        to hand out (a gateway: `tuneloop.serve.gateway_api`); returns the first."""
+        if table not in ("responses", "conversations") or not 0 < count <= 100_000:
+            raise ValueError(f"cannot lease {count} ids of {table!r}")
+        with self._id_lock:
+            first = self._next_id[table]
+            self._next_id[table] = first + count
+            return first
+
+    def new_conversation_of(self, conversation_id: int, owner: str) -> None:
+        """A conversation a gateway started under an id leased to it (`lease_ids`): as
+        `new_conversation_id` does for this process's own, its owner and its first response
+        need no lookup. Ignored for an id not leased yet, or one already known."""
+        if self.conversation_allocated(conversation_id) and conversation_id not in self._owners:
+            self._owners[conversation_id] = owner
+            self._conv_len.setdefault(conversation_id, 0)
+
     def conversation_allocated(self, conversation_id: int) -> bool:
         """Whether this id was handed out (stored, or in use by a first turn still running)."""
         with self._id_lock:

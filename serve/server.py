@@ -28,6 +28,7 @@ from tuneloop.serve.canary import CanaryServing
 from tuneloop.serve.canary_api import create_canary_router
 from tuneloop.serve.chat_service import ChatService
 from tuneloop.serve.engine import EmbeddedEngine, Engine
+from tuneloop.serve.gateway_api import create_gateway_router
 from tuneloop.serve.limits import Limits, LoginLimit
 from tuneloop.serve.rating_desk import RatingDesk, TaskRefill
 from tuneloop.serve.tasks_api import create_raters_router, create_tasks_router
@@ -66,6 +67,7 @@ def build_app(
     app.include_router(create_tasks_router(desk, principals, limits))
     app.include_router(create_raters_router(desk, principals, control.trust))
     app.include_router(create_canary_router(control, principals))
+    app.include_router(create_gateway_router(service, data_dir))
     if with_ui:
         import gradio as gr
 
@@ -138,8 +140,6 @@ def run_server(
 
     `resolve_model` turns a model spec (`config.model`, else the default model when nothing is
     promoted yet) into a checkpoint path (`tuneloop.models.resolve_model` fetches and caches)."""
-    import uvicorn
-
     dd = config.data_dir
     dd.restrict()
     store = FeedbackStore(dd.db)
@@ -170,24 +170,14 @@ def run_server(
             limits=config.limits,
             file_dirs=config.file_dirs,
         )
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                host=config.host,
-                port=config.port,
-                log_level="warning",
-                timeout_graceful_shutdown=5,
-            )
-        )
-        watcher = threading.Thread(
-            target=_announce, daemon=True, args=(server, dd, version.id, on_ready, stop)
-        )
-        watcher.start()
-        # torch and transformers leave ~400k tracked objects; a full GC pass over them took
-        # ~240 ms under load (the feedback p99). Freeze them out of the collector.
-        gc.collect()
-        gc.freeze()
-        server.run()
+
+        def ready(url: str) -> None:
+            info = {"url": url, "pid": os.getpid(), "model_version": version.id}
+            write_json_atomic(dd.server_file, info)
+            if on_ready is not None:
+                on_ready(url)
+
+        serve_app(app, config.host, config.port, ready, stop)
     finally:
         dd.server_file.unlink(missing_ok=True)
         if refill is not None:
@@ -199,23 +189,40 @@ def run_server(
         store.close()
 
 
-def _announce(
-    server: object,
-    dd: DataDir,
-    version_id: str,
-    on_ready: Callable[[str], None] | None,
-    stop: threading.Event | None,
+def serve_app(
+    app: FastAPI,
+    host: str,
+    port: int,
+    on_ready: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> None:
-    """Once uvicorn listens: write server.json for the CLI and report the URL; then honour stop."""
+    """Run `app` with uvicorn until interrupted (or until `stop` is set); `on_ready(url)` once
+    it listens."""
+    import uvicorn
+
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    )
+    watcher = threading.Thread(target=_announce, daemon=True, args=(server, on_ready, stop))
+    watcher.start()
+    # torch and transformers leave ~400k tracked objects; a full GC pass over them took
+    # ~240 ms under load (the feedback p99). Freeze them out of the collector.
+    gc.collect()
+    gc.freeze()
+    server.run()
+
+
+def _announce(
+    server: object, on_ready: Callable[[str], None] | None, stop: threading.Event | None
+) -> None:
+    """Once uvicorn listens: report the URL; then honour stop."""
     while not getattr(server, "started", False):
         if getattr(server, "should_exit", False):
             return
         threading.Event().wait(0.05)
     host, port = server.servers[0].sockets[0].getsockname()[:2]  # type: ignore[attr-defined]
-    url = f"http://{host}:{port}"
-    write_json_atomic(dd.server_file, {"url": url, "pid": os.getpid(), "model_version": version_id})
     if on_ready is not None:
-        on_ready(url)
+        on_ready(f"http://{host}:{port}")
     if stop is not None:
         stop.wait()
         server.should_exit = True  # type: ignore[attr-defined]

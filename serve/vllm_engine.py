@@ -300,7 +300,13 @@ class VllmEngine:
         return route
 
     def _load_adapter(self, name: str, adapter: str) -> None:
-        self._admin("/v1/load_lora_adapter", {"lora_name": name, "lora_path": adapter})
+        try:
+            self._admin("/v1/load_lora_adapter", {"lora_name": name, "lora_path": adapter})
+        except VllmError as exc:
+            # Loaded there already, by another tuneloop server in front of the same vLLM (a
+            # gateway and its primary): version names name one set of files.
+            if "already been loaded" not in str(exc):
+                raise
 
     def _switch(self, route: _Route) -> None:
         route.ready.set()
@@ -353,7 +359,11 @@ class VllmEngine:
         self._weights = weights
 
     def _unload_if_idle(self, route: _Route) -> None:
-        """Called with `_cond` held: unload a retired adapter once nothing runs on it."""
+        """Called with `_cond` held: unload a retired adapter once nothing runs on it. Not on a
+        server others share (a gateway may still answer from it): a loaded adapter costs
+        memory, and vLLM keeps only the most recently used ones on the device."""
+        if self._server.shared:
+            return
         if route.adapter_path and route.retired and route.inflight == 0:
             threading.Thread(target=self._unload, args=(route,), daemon=True).start()
 

@@ -150,6 +150,8 @@ class VllmServer:
     After a restart, `on_restart` runs before the server is reported ready again, so that the
     engine can load the served weights and adapter back."""
 
+    shared = False  # this tuneloop server alone sends it requests
+
     def __init__(
         self,
         launch: VllmLaunch,
@@ -348,6 +350,8 @@ class AttachedVllm:
     Unix socket, since those routes ignore its API key."""
 
     on_restart: Callable[[], None] | None = None
+    # Other tuneloop servers may serve from it too (`tuneloop gateway`): adapters stay loaded.
+    shared = True
 
     def __init__(self, endpoint: VllmEndpoint) -> None:
         self.endpoint = endpoint

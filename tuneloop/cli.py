@@ -20,6 +20,7 @@ from tuneloop.cli_engine import (
     make_vllm_env,
     vllm_settings,
 )
+from tuneloop.cli_gateway import add_gateway_arguments, cmd_gateway
 from tuneloop.cli_model import (
     MODEL_HELP,
     add_demo_seconds_argument,
@@ -205,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(up, LimitSettings)
     add_options(up, TrustSettings)
     add_options(up, TaskSettings)
+
+    gateway = command(
+        "gateway",
+        "serve the chat and feedback API beside `tuneloop up`, recording into its store",
+        cmd_gateway,
+    )
+    add_gateway_arguments(gateway)
 
     model = command(
         "model",

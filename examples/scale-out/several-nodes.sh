@@ -24,3 +24,10 @@ exec tuneloop up --data-dir "$DATA" --model "$MODEL" --engine vllm \
   --schedule --launcher accelerate --accelerate-config examples/accelerate/multi_gpu.yaml
 # Training jobs run on the tuneloop node only: a job over several machines (accelerate's
 # num_machines > 1) would need `accelerate launch` started on each, which tuneloop does not do.
+
+# More front ends (one per node, behind your load balancer), each recording into the primary's
+# store: copy the primary's <data-dir>/gateway.token to them (mode 0600), then on each:
+#   tuneloop gateway --primary http://10.0.0.10:7860 --gateway-token-file gateway.token \
+#     --engine vllm --vllm-url http://10.0.0.11:8000 --vllm-url http://10.0.0.12:8000 \
+#     --vllm-api-key "$KEY" --host 0.0.0.0 --port 7870
+# (the primary must then listen on the private network: `tuneloop up --host 10.0.0.10`).

@@ -1,0 +1,81 @@
+"""`tuneloop gateway`: one more server in front of the engine, recording into the primary's store
+(`tuneloop.serve.gateway`)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from tuneloop.cli_engine import add_engine_arguments, vllm_settings
+from tuneloop.cli_settings import add_options, settings_from_args
+from tuneloop.core.config import DEFAULT_HOST, DataDir, ServeConfig
+from tuneloop.core.settings import LimitSettings
+
+DEFAULT_GATEWAY_PORT = 7870
+
+
+def add_gateway_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--primary",
+        metavar="URL",
+        help="the `tuneloop up` server that owns the store (default: the one running on "
+        "--data-dir)",
+    )
+    p.add_argument(
+        "--gateway-token-file",
+        metavar="FILE",
+        help="the primary's gateway token (default: <data-dir>/gateway.token, which the "
+        "primary writes at its first start)",
+    )
+    add_engine_arguments(p)
+    p.add_argument("--host", default=DEFAULT_HOST, help="default: %(default)s")
+    p.add_argument("--port", type=int, default=DEFAULT_GATEWAY_PORT, help="default: %(default)s")
+    p.add_argument(
+        "--max-concurrency", type=int, default=8, help="answers generated at once (default: 8)"
+    )
+    add_options(p, LimitSettings)
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from tuneloop.serve.gateway import GatewayConfig, run_gateway
+
+    dd = DataDir(args.data_dir)
+    primary = args.primary or _running_primary(dd)
+    token_file = args.gateway_token_file or dd.gateway_token_file
+    try:
+        token = Path(token_file).read_text().strip()
+    except OSError as exc:
+        raise SystemExit(f"tuneloop: cannot read the gateway token: {exc}") from None
+    vllm = vllm_settings(args)
+    if args.engine == "vllm" and not vllm.urls:
+        raise SystemExit("tuneloop: a gateway attaches to the primary's replicas: give --vllm-url")
+    serve = ServeConfig(
+        dd,
+        engine=args.engine,
+        vllm=vllm,
+        host=args.host,
+        port=args.port,
+        max_concurrency=args.max_concurrency,
+        ui=False,
+        limits=settings_from_args(LimitSettings, args),
+    )
+
+    def ready(url: str) -> None:
+        print(f"tuneloop: gateway at {url}, recording into {primary}", flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        run_gateway(GatewayConfig(primary, token, serve), on_ready=ready)
+    return 0
+
+
+def _running_primary(dd: DataDir) -> str:
+    try:
+        info: dict[str, Any] = json.loads(dd.server_file.read_text())
+    except (OSError, ValueError):
+        print(f"tuneloop: no server runs on {dd.root}; give --primary URL", file=sys.stderr)
+        raise SystemExit(2) from None
+    return str(info["url"])
