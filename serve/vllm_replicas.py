@@ -44,13 +44,8 @@ from typing import Any, TypeVar
 
 from tuneloop.core.records import Message, SamplingParams
 from tuneloop.serve.engine import EngineUnavailableError
-from tuneloop.serve.vllm_engine import (
-    ReplicaLostError,
-    VllmCanary,
-    VllmEngine,
-    VllmGeneration,
-    _Route,
-)
+from tuneloop.serve.vllm_engine import VllmCanary, VllmEngine, _Route
+from tuneloop.serve.vllm_generation import ReplicaLostError, VllmGeneration
 from tuneloop.serve.vllm_server import VllmError
 
 PROBE_EVERY_S = 1.0

@@ -7,17 +7,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+from gateway_client import ask, gateway
 from live_server import LiveServer, live_server
 from loop_client import admin, db_rows
 
@@ -36,45 +34,6 @@ def primary(
         for model in (tiny_model_dir_b, tiny_model_dir):
             ensure_served_policy(store, str(model), str, reason="served by the test")
     yield from live_server(dd.root, None, ui=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def gateway(primary: LiveServer) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`tuneloop gateway` in a process of its own, on a free port."""
-    port = free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "tuneloop.cli",
-        "gateway",
-        "--data-dir",
-        str(primary.data_dir.root),
-    ]
-    argv += ["--primary", primary.url, "--port", str(port), "--feedback-per-minute", "0"]
-    log = primary.data_dir.root / f"gateway-{port}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the gateway did not start"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        yield url, proc
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +57,6 @@ def accounts(primary: LiveServer, urls: list[str], *names: str) -> list[dict[str
 
 def account(primary: LiveServer, urls: list[str], name: str) -> dict[str, str]:
     return accounts(primary, urls, name)[0]
-
-
-def ask(url: str, headers: dict[str, str], text: str = "hi") -> dict:
-    body = {"messages": [{"role": "user", "content": text}], "max_tokens": 4}
-    r = httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def test_answers_and_feedback_through_either_gateway_land_in_the_primary(
