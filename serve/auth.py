@@ -15,13 +15,15 @@ from collections.abc import Awaitable, Callable
 from fastapi import Header, HTTPException
 
 from tuneloop.core.records import Account, role_allows
-from tuneloop.feedback.accounts import token_index, token_sha256
-from tuneloop.feedback.store import FeedbackStore
+from tuneloop.feedback.accounts import token_sha256
 
 
 class Principals:
-    def __init__(self, store: FeedbackStore) -> None:
-        self._store = store
+    """`load` gives every enabled account by the SHA-256 of its token: `token_index` of the
+    store here, the primary's accounts on a gateway (`serve.gateway_store`)."""
+
+    def __init__(self, load: Callable[[], dict[str, Account]]) -> None:
+        self._load = load
         self._lock = threading.Lock()
         self._by_hash: dict[str, Account] = {}
         self._by_name: dict[str, Account] = {}
@@ -29,7 +31,7 @@ class Principals:
 
     def reload(self) -> None:
         """Read the accounts again (after one was added, disabled, or given a new token)."""
-        fresh = token_index(self._store)
+        fresh = self._load()
         with self._lock:
             self._by_hash = fresh
             self._by_name = {a.name: a for a in fresh.values()}

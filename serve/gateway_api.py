@@ -127,4 +127,4 @@ def create_gateway_router(service: ChatService, data_dir: DataDir) -> APIRouter:
 def _refused(exc: Exception) -> dict[str, Any]:
     known = isinstance(exc, WireError) or any(isinstance(exc, cls) for cls, _ in STATUS_BY_ERROR)
     status = 422 if isinstance(exc, WireError) else status_of(exc) if known else 500
-    return {"error": str(exc), "status": status, "type": type(exc).__name__}
+    return {"error": str(exc), "status": status}

@@ -36,10 +36,11 @@ MAX_BATCH = 1024
 # A batch the primary did not receive (it restarts) is sent again for this long.
 RETRY_FOR_S = 30.0
 _STOP = object()
-_ERRORS: dict[str, type[Exception]] = {
-    "UnknownResponseError": UnknownResponseError,
-    "UnknownConversationError": UnknownResponseError,
-    "NotYoursError": NotYoursError,
+# What the primary's status for a refused write means here (`serve.errors` maps them back).
+_ERROR_BY_STATUS: dict[int, type[Exception]] = {
+    404: UnknownResponseError,
+    403: NotYoursError,
+    422: FeedbackError,
 }
 
 
@@ -196,10 +197,7 @@ class RemoteStore:
 
 
 def _error(result: dict[str, Any]) -> Exception:
-    cls = _ERRORS.get(result.get("type", ""))
-    if cls is None:
-        status = result.get("status", 500)
-        cls = FeedbackError if status == 422 else StoreUnavailableError
+    cls = _ERROR_BY_STATUS.get(result.get("status", 500), StoreUnavailableError)
     return cls(result.get("error", "the primary refused the write"))
 
 
@@ -208,18 +206,15 @@ class RemotePrincipals(Principals):
 
     def __init__(self, client: httpx.Client, refresh_s: float = 2.0) -> None:
         self._client = client
-        super().__init__(None)  # type: ignore[arg-type] - accounts come from the primary
+        super().__init__(self._fetch)
         self._stop = threading.Event()
         self._refresh_s = refresh_s
         threading.Thread(target=self._refresh, name="gateway-accounts", daemon=True).start()
 
-    def reload(self) -> None:
+    def _fetch(self) -> dict[str, Account]:
         r = self._client.get("/accounts")
         r.raise_for_status()
-        fresh = {sha: Account(**a) for sha, a in r.json()["accounts"].items()}
-        with self._lock:
-            self._by_hash = fresh
-            self._by_name = {a.name: a for a in fresh.values()}
+        return {sha: Account(**a) for sha, a in r.json()["accounts"].items()}
 
     def _refresh(self) -> None:
         while not self._stop.wait(self._refresh_s):

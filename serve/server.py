@@ -16,7 +16,7 @@ from tuneloop.core.config import DataDir, ServeConfig
 from tuneloop.core.files import write_json_atomic
 from tuneloop.core.records import ModelVersion
 from tuneloop.core.settings import DEFAULT_MODEL, LimitSettings
-from tuneloop.feedback.accounts import FIRST_ADMIN, ensure_first_admin
+from tuneloop.feedback.accounts import FIRST_ADMIN, ensure_first_admin, token_index
 from tuneloop.feedback.registry import ensure_served_policy
 from tuneloop.feedback.store import FeedbackStore
 from tuneloop.loop.control import LoopControl
@@ -60,7 +60,7 @@ def build_app(
     file_dirs: tuple[Path, ...] = (),
 ) -> FastAPI:
     limits = Limits(limits or LimitSettings())
-    principals = Principals(service.store)
+    principals = Principals(lambda: token_index(service.store))
     app = create_api(service, principals, limits)
     app.include_router(create_admin_router(service, control, data_dir, principals, file_dirs))
     app.include_router(create_users_router(service.store, principals, desk.reload))

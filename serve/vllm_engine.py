@@ -182,10 +182,8 @@ class VllmEngine:
                 self._swap_weights(
                     _Route(version_id, self._name(version_id, adapter), weights, adapter)
                 )
-            elif adapter:
-                self._switch(self._adapter_route(version_id, adapter))
             else:
-                self._switch(_Route(version_id, self._base_name, weights))
+                self._switch(self._route_beside(version_id, path))
         self.last_swap_seconds = time.perf_counter() - started
 
     def close(self) -> None:
@@ -222,15 +220,19 @@ class VllmEngine:
             )
         if not self._server.wait_ready(wait_s):
             raise VllmError("the vLLM server is not ready; nothing was loaded")
-        path = str(path)
         with self._swap_lock:
-            if is_adapter(path):
-                route = self._adapter_route(version_id, path)
-            else:
-                route = _Route(version_id, self._base_name, self._weights)
-            with self._cond:
-                route.retired = False
-            route.ready.set()
+            return self._route_beside(version_id, str(path))
+
+    def _route_beside(self, version_id: str, path: str) -> _Route:
+        """With `_swap_lock` held: the ready route of `path`, an adapter over the served
+        weights (loaded unless it still is) or those weights themselves."""
+        if is_adapter(path):
+            route = self._adapter_route(version_id, path)
+        else:
+            route = _Route(version_id, self._base_name, self._weights)
+        with self._cond:
+            route.retired = False
+        route.ready.set()
         return route
 
     def commit(self, route: _Route) -> None:

@@ -26,6 +26,7 @@ from tuneloop.core.settings import (
     jobs,
     setting,
 )
+from tuneloop.feedback.accounts import token_index
 from tuneloop.feedback.store import FeedbackStore
 from tuneloop.serve.admin import create_admin_router, request_fields, train_request
 from tuneloop.serve.auth import Principals
@@ -105,7 +106,7 @@ def test_a_new_job_kind_appears_in_the_cli_the_api_the_operator_tab_and_the_job(
     # The route takes it as its JSON body (the OpenAPI schema the server publishes).
     app = FastAPI()
     with FeedbackStore(tmp_path / "f.duckdb") as store:
-        principals = Principals(store)
+        principals = Principals(lambda: token_index(store))
     router = create_admin_router(None, None, DataDir(tmp_path), principals)  # type: ignore[arg-type]
     app.include_router(router)
     route = app.openapi()["paths"]["/v1/admin/train"]["post"]
