@@ -240,15 +240,21 @@ def test_promote_and_rollback_under_streams(two_policies: Path) -> None:
 
             served = ["policy-v2"]
             swaps = []  # (sent, answered, the version served before)
+            held = []  # (the models of a stream held open across a swap, the version before)
             with streams_running(server) as log:
                 wait_for_answers(log, 3)
                 for step in ("promote policy-v1", "promote policy-v2", "rollback"):
+                    # One stream is surely in flight: its first chunk is read before the swap
+                    # and the rest after it.
+                    stream = ask(openai_client(server), "Held open?", stream=True, max_tokens=32)
+                    first = next(stream)
                     sent = time.monotonic()
                     if step == "rollback":
                         swapped = api.post("/v1/admin/rollback")
                     else:
                         swapped = api.post("/v1/admin/promote", json={"version": step.split()[1]})
                     swaps.append((sent, time.monotonic(), served[-1]))
+                    held.append(({c.model for c in [first, *stream]}, served[-1]))
                     assert swapped.status_code == 200, swapped.text
                     body = swapped.json()
                     assert body["status"] == "promoted"
@@ -273,15 +279,16 @@ def test_promote_and_rollback_under_streams(two_policies: Path) -> None:
             assert len(answer.models) == 1, answer  # a stream keeps the version it started on
             assert stored[answer.id] == next(iter(answer.models)), answer
         assert {next(iter(a.models)) for a in log.answers} == {"policy-v1", "policy-v2"}
-        # Streams in flight during a whole swap finish on the version they started on.
+        # Streams in flight during a whole swap finish on the version they started on: the held
+        # ones, and any of the clients' that happened to straddle one.
         straddling = [
             (next(iter(a.models)), old)
             for sent, answered, old in swaps
             for a in log.answers
             if a.started < sent and a.ended > answered
         ]
-        assert straddling, "no stream was in flight during a swap"
         assert all(model == old for model, old in straddling), straddling
+        assert held == [({old}, old) for _, _, old in swaps]
         assert health(server) == "policy-v1"
         history = db_rows(
             server.data_dir, "SELECT version_id, action FROM promotions ORDER BY id DESC LIMIT 3"
