@@ -45,7 +45,7 @@ def test_simulate_learns_the_raters_preference_end_to_end(
             "--preference",
             "concise",
             "--comparisons",
-            "400",
+            "600",
             "--heldout",
             "32",
             "--samples",
@@ -58,10 +58,13 @@ def test_simulate_learns_the_raters_preference_end_to_end(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    # 600 comparisons, as the benchmark: on 400 a CI run's reward model once judged a candidate
+    # at 0.48 on the gate's prompts (below the bar 0.55) that answered them in 7.8 words
+    # where its parent took 12; other runs on 400 judged 0.72.
     assert summary["promoted"] is True, summary
     assert summary["baseline_version"] == "policy-v1"
     assert summary["new_version"] == "policy-v2"
-    assert summary["feedback_rows"] == 400
+    assert summary["feedback_rows"] == 600
     low, high = summary["win_rate_ci"]
     assert low <= summary["win_rate"] <= high
     # Half of the held-out questions won would be no learning at all: the win rate's 95 % interval
@@ -105,7 +108,7 @@ def test_simulated_people_promote_a_better_canary_and_reject_a_worse_one(
         [
             sys.executable, "-m", "tuneloop.cli", "simulate",
             "--data-dir", str(tmp_path / "sim"), "--model", str(demo),
-            "--preference", "concise", "--comparisons", "400", "--heldout", "16",
+            "--preference", "concise", "--comparisons", "600", "--heldout", "16",
             "--samples", "2", "--human-gate", "--human-judgments", "60",
             *(["--invert"] if invert else []),
         ],
