@@ -25,8 +25,14 @@ gateway gets SIGKILL S seconds into the load; its clients go on through the next
 1,000 acknowledged writes/s with 32 clients over 2 gateways, and 0 lost: afterwards every vote
 acknowledged to a client is looked up in the DuckDB file.
 
+The per-rater feedback limit is off by default (the store's ingest is measured). With
+`--feedback-per-minute 0 N` the whole run is repeated with the limit at each value, one after
+the other, and the writes/s of each printed as a ratio to the first: a limit too high to refuse
+anything measures what counting it costs (through gateways, one round trip to the primary's
+bucket per write).
+
     python bench/feedback_ingest.py [--clients 32] [--seconds 10] [--warmup 2]
-        [--gateways 2 [--kill-after 6]]
+        [--gateways 2 [--kill-after 6]] [--feedback-per-minute 0 100000000]
 """
 
 from __future__ import annotations
@@ -239,7 +245,7 @@ def gateway(server: ServerProcess) -> Iterator[tuple[int, subprocess.Popen]]:
     """`tuneloop gateway` in front of `server`, in a process of its own on a free port."""
     port = free_port()
     argv = [sys.executable, "-m", "tuneloop.cli", "gateway", "--data-dir", str(server.data_dir)]
-    argv += ["--primary", server.url, "--port", str(port), "--feedback-per-minute", "0"]
+    argv += ["--primary", server.url, "--port", str(port)]
     log = server.data_dir / f"gateway-{port}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
@@ -273,11 +279,12 @@ class Usage:
     client_cpu: float
 
 
-def run(args: argparse.Namespace, model: Path, data_dir: Path) -> int:
+def run(args: argparse.Namespace, model: Path, data_dir: Path, limit: int) -> tuple[int, float]:
+    """One run with the per-rater feedback limit at `limit` (0: none): its exit code (0: every
+    write acknowledged and stored, and the goals of a kill met) and its writes/s."""
     clients = prepare(data_dir / "server", args.clients, args.answers)
-    # The store's ingest is measured, not the per-rater limits (README: Security): they are off.
-    unlimited = ["--feedback-per-minute", "0"]
-    with ServerProcess(model, data_dir / "server", args=unlimited) as server, ExitStack() as gws:
+    limited = ["--feedback-per-minute", str(limit)]
+    with ServerProcess(model, data_dir / "server", args=limited) as server, ExitStack() as gws:
         gateways = [gws.enter_context(gateway(server)) for _ in range(args.gateways)]
         ports = [port for port, _ in gateways] or [server.port]
         requests = [
@@ -300,11 +307,13 @@ def run(args: argparse.Namespace, model: Path, data_dir: Path) -> int:
     where = f"over {args.gateways} gateways" if args.gateways else "straight to the server"
     print(
         f"clients: {args.clients} {where}  window: {args.seconds:g} s after {args.warmup:g} s "
-        f"warm-up  answers per client: {args.answers}  cpus: {os.cpu_count()}"
+        f"warm-up  answers per client: {args.answers}  feedback limit per rater: "
+        f"{limit or 'none'}  cpus: {os.cpu_count()}"
     )
     stored = {k: after[k] - before[k] for k in KINDS}
+    rate = tally.window_acked / args.seconds
     if kill is None:
-        return report(args, tally, usage, stored)
+        return report(args, tally, usage, stored), rate
     # A write sent through the killed gateway may be stored without its client hearing so:
     # what counts is that every acknowledged vote is in the file.
     lost = lost_votes(data_dir / "server" / "feedback.duckdb", tally.votes)
@@ -313,14 +322,13 @@ def run(args: argparse.Namespace, model: Path, data_dir: Path) -> int:
         f"went on through another; acknowledged votes not in the file: {lost}"
     )
     report(args, tally, usage, stored)
-    rate = tally.window_acked / args.seconds
     met = rate >= GOAL_WRITES_PER_S and lost == 0
     print(
         f"goal with a gateway killed: >= {GOAL_WRITES_PER_S:,.0f} acknowledged writes/s and 0 "
         f"lost: {'met' if met else 'MISSED'} ({rate:,.0f} writes/s, {lost} lost; the errors "
         "are the requests the killed gateway never answered)"
     )
-    return 0 if met else 1
+    return (0 if met else 1), rate
 
 
 def report(args: argparse.Namespace, tally: Tally, usage: Usage, stored: dict[str, int]) -> int:
@@ -386,16 +394,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--kill-after", type=float, default=0.0, help="SIGKILL gateway 0 this far into the window"
     )
+    parser.add_argument(
+        "--feedback-per-minute",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="N",
+        help="the per-rater feedback limit (0: none); several values: one run each, compared",
+    )
     args = parser.parse_args(argv)
     if args.answers < 3:
         parser.error("--answers must be at least 3")
+    codes, rates = [], []
     with tempfile.TemporaryDirectory(prefix="tuneloop-bench-") as tmp:
         model = args.model
         if model is None:
             from tuneloop.train.tiny_model import build_tiny_model
 
             model = build_tiny_model(Path(tmp) / "model")
-        return run(args, model, Path(tmp))
+        for i, limit in enumerate(args.feedback_per_minute):
+            code, rate = run(args, model, Path(tmp) / f"run-{i}", limit)
+            codes.append(code)
+            rates.append(rate)
+            print()
+    for limit, rate in zip(args.feedback_per_minute, rates, strict=True):
+        print(
+            f"feedback limit {limit or 'none'}: {rate:,.0f} writes/s = "
+            f"{rate / rates[0]:.2f}x the first run"
+        )
+    return max(codes)
 
 
 if __name__ == "__main__":

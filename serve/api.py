@@ -298,7 +298,7 @@ def _check_named(name: str | None, account: Account) -> None:
 def create_api(
     service: ChatService, principals: Principals, limits: Limits | None = None
 ) -> FastAPI:
-    limits = limits or Limits(LimitSettings())
+    limits = limits or Limits.of(LimitSettings())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -342,7 +342,7 @@ def create_api(
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(req: ChatCompletionRequest, account: SignedIn) -> Any:
         _check_named(req.user, account)
-        limits.check(limits.chat, account)
+        await limits.check(limits.chat, account)
         messages = [Message(m.role, m.text()) for m in req.messages]
         # Inline, not in a worker thread: starting a turn is short CPU work that never blocks
         # (the chat template, tokenizing, ids held in memory); generation and the store's writes
@@ -393,7 +393,7 @@ def create_api(
     )
     async def post_feedback(body: FeedbackIn, account: SignedIn) -> Any:
         _check_named(body.rater, account)
-        limits.check(limits.feedback, account)
+        await limits.check(limits.feedback, account)
         own_only = body.kind in OWN_ANSWER_KINDS or not role_allows(account.role, "rater")
         submitted = service.submit_feedback(body.record(account.name), own_answers_only=own_only)
         row_id = await asyncio.wrap_future(submitted)

@@ -21,8 +21,22 @@ from tuneloop.loop.control import BusyError
 from tuneloop.serve.engine import EngineLoadError, EngineUnavailableError, PromptTooLongError
 from tuneloop.serve.task_queue import NoSuchTaskError
 
+
+class RateLimitedError(Exception):
+    """Over a per-account limit (`serve.limits`): answered 429 with `Retry-After`."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
 # Checked in order: a subclass before its base.
 STATUS_BY_ERROR: tuple[tuple[type[Exception], int], ...] = (
+    (RateLimitedError, 429),
     (UnknownResponseError, 404),
     (NoSuchTaskError, 404),
     (NotYoursError, 403),
@@ -58,7 +72,7 @@ def install_error_handlers(app: FastAPI) -> None:
     bodies in the one shape."""
 
     async def domain(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(status_of(exc), str(exc))
+        return error_response(status_of(exc), str(exc), getattr(exc, "headers", None))
 
     async def http(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)

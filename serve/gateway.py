@@ -2,7 +2,8 @@
 that owns the feedback store. It serves the chat and feedback API (`serve.api`: the same routes,
 checks and limits) on its own port; answers and feedback go to the primary's store in batches
 (`serve.gateway_store`), acknowledged once committed there. No UI, no operator routes: those
-stay on the primary, which also runs the training loop.
+stay on the primary, which also runs the training loop. Per-account limits are the primary's,
+counted there for all servers together.
 
 It serves the version the primary serves: a thread asks the primary every `follow_s` and, when
 that changed, loads the new version (its files must be at the same path here: one machine, or a
@@ -21,12 +22,16 @@ import httpx
 
 from tuneloop.core.config import ServeConfig
 from tuneloop.core.records import ModelVersion
-from tuneloop.core.settings import LimitSettings
 from tuneloop.serve.api import create_api
 from tuneloop.serve.chat_service import ChatService
 from tuneloop.serve.engine import Engine
-from tuneloop.serve.gateway_store import RemotePrincipals, RemoteStore, primary_client
-from tuneloop.serve.limits import Limits
+from tuneloop.serve.gateway_store import (
+    RemotePrincipals,
+    RemoteStore,
+    SharedLimiter,
+    primary_client,
+)
+from tuneloop.serve.limits import Limits, RateLimiter
 from tuneloop.serve.server import log, open_engine, serve_app
 
 
@@ -34,7 +39,7 @@ from tuneloop.serve.server import log, open_engine, serve_app
 class GatewayConfig:
     primary: str  # the primary's URL
     token: str  # the primary's gateway token (`<data-dir>/gateway.token`)
-    serve: ServeConfig  # host, port, engine and limits; its data dir is not used
+    serve: ServeConfig  # host, port and engine; its data dir and limits are not used
     follow_s: float = 1.0
 
 
@@ -86,7 +91,13 @@ def run_gateway(
     follower = Follower(engine, client, config.follow_s)
     try:
         service = ChatService(engine, store)  # type: ignore[arg-type] - the routes' part of it
-        limits = Limits(config.serve.limits or LimitSettings())
+        # The primary's limits, counted there: answers asked for as they start, feedback as the
+        # primary commits it (so none here). No UI here, so no sign-in limit.
+        limits = Limits(
+            SharedLimiter(client),
+            RateLimiter(0, "feedback rows"),
+            RateLimiter(0, "sign-in attempts"),
+        )
         app = create_api(service, principals, limits)
         serve_app(app, config.serve.host, config.serve.port, on_ready, stop)
     finally:

@@ -6,12 +6,17 @@ never an account's: accounts sign in at the gateways.
 
 - `POST /v1/gateway/writes {"ops": [...]}`: each op (`{"response": {...}, "new_conversation":
   bool}` or `{"feedback": {...}, "own_answers_only": bool}`) goes to the store as if it came
-  here; answered once every one is committed or refused: `{"results": [{"id": n} |
-  {"error": message, "status": code}]}`. A gateway acknowledges its clients only then, so a
+  here, feedback counted against its rater's limit here; answered once every one is committed
+  or refused: `{"results": [{"id": n} | {"error": message, "status": code, "retry_after_s"?:
+  n}]}`. A gateway acknowledges its clients only then, so a
   gateway that dies loses no acknowledged row.
 - `POST /v1/gateway/ids {"table": "responses"|"conversations", "count": n}` -> `{"first": id}`:
   a block of ids the gateway hands out itself (a stream names its response id before it ends).
 - `GET /v1/gateway/accounts`: every enabled account by the SHA-256 of its token.
+- `GET /v1/gateway/limits` -> `{"chat": n}` answers a minute per account (0: none), and
+  `POST /v1/gateway/limits/chat {"account": name}` -> `{"wait_s": s, "per_minute": n}`: one
+  answer of the account from this server's own bucket. With the feedback counted in `writes`,
+  an account's limits hold across the primary and every gateway together.
 - `GET /v1/gateway/conversations/{id}/owner`, `GET /v1/gateway/served` (the version and its
   files), `GET /v1/gateway/counts`.
 """
@@ -30,12 +35,14 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from tuneloop.core.config import DataDir
-from tuneloop.core.records import to_json_dict
+from tuneloop.core.records import Account, to_json_dict
 from tuneloop.core.wire import WireError, feedback_from_wire, response_from_wire
 from tuneloop.feedback.accounts import token_index
 from tuneloop.feedback.registry import get_version
+from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService
-from tuneloop.serve.errors import STATUS_BY_ERROR, status_of
+from tuneloop.serve.errors import STATUS_BY_ERROR, RateLimitedError, status_of
+from tuneloop.serve.limits import Limits
 
 MAX_OPS = 4096
 
@@ -60,7 +67,13 @@ class IdsIn(BaseModel):
     count: int = Field(ge=1, le=100_000)
 
 
-def create_gateway_router(service: ChatService, data_dir: DataDir) -> APIRouter:
+class TakeIn(BaseModel):
+    account: str = Field(min_length=1, max_length=256)
+
+
+def create_gateway_router(
+    service: ChatService, data_dir: DataDir, principals: Principals, limits: Limits
+) -> APIRouter:
     token = gateway_token(data_dir)
     store = service.store
 
@@ -78,8 +91,13 @@ def create_gateway_router(service: ChatService, data_dir: DataDir) -> APIRouter:
                 store.new_conversation_of(response.conversation_id, response.rater_id)
             return store.submit_response(response)
         if "feedback" in op:
+            fb = feedback_from_wire(op["feedback"])
+            # The gateway checked who sent it; its limit is counted here, with the rater's
+            # feedback through every other server.
+            rater = principals.by_name(fb.rater_id) or Account(fb.rater_id, "user")
+            Limits.take(limits.feedback, rater)
             own = bool(op.get("own_answers_only"))
-            return store.submit_feedback(feedback_from_wire(op["feedback"]), own_answers_only=own)
+            return store.submit_feedback(fb, own_answers_only=own)
         raise WireError("an op is a response or a feedback")
 
     @router.post("/writes")
@@ -107,6 +125,14 @@ def create_gateway_router(service: ChatService, data_dir: DataDir) -> APIRouter:
         index = await run_in_threadpool(token_index, store)
         return {"accounts": {sha: to_json_dict(a) for sha, a in index.items()}}
 
+    @router.get("/limits")
+    async def limit_values() -> dict[str, int]:
+        return {"chat": limits.chat.per_minute}
+
+    @router.post("/limits/chat")
+    async def take_chat(body: TakeIn) -> dict[str, float]:
+        return {"wait_s": limits.chat.wait_s(body.account), "per_minute": limits.chat.per_minute}
+
     @router.get("/conversations/{conversation_id}/owner")
     async def owner(conversation_id: int) -> dict[str, Any]:
         return {"owner": await run_in_threadpool(store.conversation_owner, conversation_id)}
@@ -127,4 +153,6 @@ def create_gateway_router(service: ChatService, data_dir: DataDir) -> APIRouter:
 def _refused(exc: Exception) -> dict[str, Any]:
     known = isinstance(exc, WireError) or any(isinstance(exc, cls) for cls, _ in STATUS_BY_ERROR)
     status = 422 if isinstance(exc, WireError) else status_of(exc) if known else 500
+    if isinstance(exc, RateLimitedError):
+        return {"error": str(exc), "status": status, "retry_after_s": exc.retry_after_s}
     return {"error": str(exc), "status": status}

@@ -7,11 +7,14 @@ time, so a response is always written before the feedback on it; each write's fu
 once the primary has committed it, and only then does the route acknowledge its client. Ids come
 from blocks the primary leases to this gateway. `RemotePrincipals` is `Principals` over the
 primary's accounts, read again every `refresh_s`: an account disabled there stops signing in
-here within that time.
+here within that time. `SharedLimiter` takes each answer of a limited account from the
+primary's bucket for it; the primary counts feedback as it commits it. An account's limits hold
+across the primary and every gateway together.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -19,6 +22,7 @@ from concurrent.futures import Future
 from typing import Any
 
 import httpx
+from starlette.concurrency import run_in_threadpool
 
 from tuneloop.core.records import DEFAULT_RATER, Account, Feedback, Response
 from tuneloop.core.wire import feedback_to_wire, response_to_wire
@@ -30,6 +34,8 @@ from tuneloop.feedback.validation import (
 )
 from tuneloop.serve.auth import Principals
 from tuneloop.serve.engine import EngineUnavailableError
+from tuneloop.serve.errors import RateLimitedError
+from tuneloop.serve.limits import RateLimiter
 
 ID_BLOCK = 256
 MAX_BATCH = 1024
@@ -197,8 +203,11 @@ class RemoteStore:
 
 
 def _error(result: dict[str, Any]) -> Exception:
+    message = result.get("error", "the primary refused the write")
+    if result.get("status") == 429:
+        return RateLimitedError(message, int(result.get("retry_after_s", 1)))
     cls = _ERROR_BY_STATUS.get(result.get("status", 500), StoreUnavailableError)
-    return cls(result.get("error", "the primary refused the write"))
+    return cls(message)
 
 
 class RemotePrincipals(Principals):
@@ -225,3 +234,44 @@ class RemotePrincipals(Principals):
 
     def close(self) -> None:
         self._stop.set()
+
+
+class SharedLimiter(RateLimiter):
+    """The primary's limit of answers per account, taken from its bucket for the account: the
+    primary and every gateway count an account's answers together (one round trip each). The
+    limit itself is read again at most every `refresh_s` (a limit of 0 costs no round trip).
+    While the primary cannot be reached, this gateway's own bucket holds the last limit read."""
+
+    def __init__(self, client: httpx.Client, refresh_s: float = 2.0) -> None:
+        super().__init__(0, "answers")
+        self._client, self._refresh_s = client, refresh_s
+        self._read_at = float("-inf")
+        self._read_limit()
+
+    def _read_limit(self) -> None:
+        self._read_at = self._clock()
+        # While the primary restarts, the limit known stays.
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            self.per_minute = int(self._client.get("/limits").json()["chat"])
+
+    def _due(self) -> bool:
+        return self._clock() - self._read_at > self._refresh_s
+
+    def wait_s(self, key: str) -> float:
+        if self._due():
+            self._read_limit()
+        if self.per_minute <= 0:
+            return 0.0
+        try:
+            r = self._client.post("/limits/chat", json={"account": key})
+            r.raise_for_status()
+            taken = r.json()
+            self.per_minute = int(taken["per_minute"])
+            return float(taken["wait_s"])
+        except (httpx.HTTPError, ValueError, KeyError):
+            return super().wait_s(key)
+
+    async def wait_s_async(self, key: str) -> float:
+        if self.per_minute <= 0 and not self._due():
+            return 0.0
+        return await run_in_threadpool(self.wait_s, key)

@@ -1,5 +1,5 @@
 """Rate limits per account (chat, feedback) and per address (UI sign-in): token buckets in
-memory, answered with 429 and `Retry-After`.
+memory, answered with 429 and `Retry-After` (`RateLimitedError`).
 
 A bucket holds up to `per_minute` requests and refills at `per_minute / 60` a second, so a
 client may burst up to the limit and then goes at the limit's pace. Checks are O(1) under one
@@ -14,11 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import HTTPException
-
 from tuneloop.core.records import Account, role_allows
 from tuneloop.core.settings import LimitSettings
-from tuneloop.serve.errors import error_response
+from tuneloop.serve.errors import RateLimitedError, error_response
 
 _FORGET_AFTER_S = 3600.0
 _TIDY_AT = 10_000
@@ -46,16 +44,18 @@ class RateLimiter:
             self._buckets[key] = (tokens, now)
             return (1.0 - tokens) / rate
 
-    def check(self, key: str) -> None:
-        """Raise a 429 with `Retry-After` when `key` is over the limit."""
-        wait = self.wait_s(key)
-        if wait > 0:
-            raise HTTPException(
-                429,
-                f"{key} is over the limit of {self.per_minute} {self.what} a minute; "
-                f"try again in {math.ceil(wait)} s",
-                headers={"Retry-After": str(math.ceil(wait))},
-            )
+    async def wait_s_async(self, key: str) -> float:
+        """`wait_s` from the event loop: the same here; a limiter that asks another server
+        (a gateway's, `serve.gateway_store.SharedLimiter`) does it off the loop."""
+        return self.wait_s(key)
+
+    def refusal(self, key: str, wait: float) -> RateLimitedError:
+        """The error for `key`, `wait` seconds short of a request."""
+        return RateLimitedError(
+            f"{key} is over the limit of {self.per_minute} {self.what} a minute; "
+            f"try again in {math.ceil(wait)} s",
+            math.ceil(wait),
+        )
 
     def _tidy(self, now: float) -> None:
         idle = [k for k, (_, last) in self._buckets.items() if now - last > _FORGET_AFTER_S]
@@ -65,12 +65,28 @@ class RateLimiter:
 
 class Limits:
     """The per-account limits of one server, shared by the API and the UI: answers and feedback
-    rows a minute for users and raters; operators and admins are not limited."""
+    rows a minute for users and raters; operators and admins are not limited. A gateway asks
+    the primary's own bucket for each answer (`serve.gateway_store.SharedLimiter`); the primary
+    counts the feedback a gateway sends as it commits it (`serve.gateway_api`)."""
 
-    def __init__(self, settings: LimitSettings) -> None:
-        self.chat = RateLimiter(settings.chats_per_minute, "answers")
-        self.feedback = RateLimiter(settings.feedback_per_minute, "feedback rows")
-        self.logins = RateLimiter(settings.logins_per_minute, "sign-in attempts")
+    def __init__(self, chat: RateLimiter, feedback: RateLimiter, logins: RateLimiter) -> None:
+        self.chat, self.feedback, self.logins = chat, feedback, logins
+
+    @classmethod
+    def of(cls, settings: LimitSettings) -> Limits:
+        return cls(
+            RateLimiter(settings.chats_per_minute, "answers"),
+            RateLimiter(settings.feedback_per_minute, "feedback rows"),
+            RateLimiter(settings.logins_per_minute, "sign-in attempts"),
+        )
+
+    @staticmethod
+    def take(limiter: RateLimiter, account: Account) -> None:
+        """Take one request of `account` from `limiter`, or raise its `RateLimitedError`;
+        operators and admins pass."""
+        wait = Limits.wait_s(limiter, account)
+        if wait > 0:
+            raise limiter.refusal(account.name, wait)
 
     @staticmethod
     def wait_s(limiter: RateLimiter, account: Account) -> float:
@@ -78,10 +94,12 @@ class Limits:
         return 0.0 if role_allows(account.role, "operator") else limiter.wait_s(account.name)
 
     @staticmethod
-    def check(limiter: RateLimiter, account: Account) -> None:
-        """`RateLimiter.check` for users and raters; operators and admins pass."""
+    async def check(limiter: RateLimiter, account: Account) -> None:
+        """`take` from the event loop (a gateway's limiter asks the primary off the loop)."""
         if not role_allows(account.role, "operator"):
-            limiter.check(account.name)
+            wait = await limiter.wait_s_async(account.name)
+            if wait > 0:
+                raise limiter.refusal(account.name, wait)
 
 
 class LoginLimit:

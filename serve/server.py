@@ -59,7 +59,7 @@ def build_app(
     limits: LimitSettings | None = None,
     file_dirs: tuple[Path, ...] = (),
 ) -> FastAPI:
-    limits = Limits(limits or LimitSettings())
+    limits = Limits.of(limits or LimitSettings())
     principals = Principals(lambda: token_index(service.store))
     app = create_api(service, principals, limits)
     app.include_router(create_admin_router(service, control, data_dir, principals, file_dirs))
@@ -67,7 +67,7 @@ def build_app(
     app.include_router(create_tasks_router(desk, principals, limits))
     app.include_router(create_raters_router(desk, principals, control.trust))
     app.include_router(create_canary_router(control, principals))
-    app.include_router(create_gateway_router(service, data_dir))
+    app.include_router(create_gateway_router(service, data_dir, principals, limits))
     if with_ui:
         import gradio as gr
 

@@ -114,7 +114,7 @@ def create_tasks_router(desk: RatingDesk, principals: Principals, limits: Limits
 
     @router.post("/{task_id}/judgment", status_code=201)
     async def judgment(task_id: int, body: JudgmentIn, account: Rater) -> dict[str, Any]:
-        limits.check(limits.feedback, account)
+        await limits.check(limits.feedback, account)
         saved = desk.judge(account, task_id, winner=body.winner, ranking=body.ranking)
         row = await asyncio.wrap_future(saved)
         return {"id": row, "task_id": task_id, "progress": desk.progress(account)}
@@ -123,7 +123,7 @@ def create_tasks_router(desk: RatingDesk, principals: Principals, limits: Limits
     async def answer_feedback(
         task_id: int, position: int, body: AnswerFeedbackIn, account: Rater
     ) -> dict[str, Any]:
-        limits.check(limits.feedback, account)
+        await limits.check(limits.feedback, account)
         saved = desk.feedback_on_answer(account, task_id, position, body.record(account.name))
         return {"id": await asyncio.wrap_future(saved), "kind": body.kind}
 

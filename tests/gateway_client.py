@@ -32,7 +32,7 @@ def gateway(primary: LiveServer, *args: str) -> Iterator[tuple[str, subprocess.P
         "--data-dir",
         str(primary.data_dir.root),
     ]
-    argv += ["--primary", primary.url, "--port", str(port), "--feedback-per-minute", "0", *args]
+    argv += ["--primary", primary.url, "--port", str(port), *args]
     log = primary.data_dir.root / f"gateway-{port}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)

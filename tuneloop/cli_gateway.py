@@ -11,9 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.cli_engine import add_engine_arguments, vllm_settings
-from tuneloop.cli_settings import add_options, settings_from_args
 from tuneloop.core.config import DEFAULT_HOST, DataDir, ServeConfig
-from tuneloop.core.settings import LimitSettings
 
 DEFAULT_GATEWAY_PORT = 7870
 
@@ -37,7 +35,6 @@ def add_gateway_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-concurrency", type=int, default=8, help="answers generated at once (default: 8)"
     )
-    add_options(p, LimitSettings)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -61,7 +58,6 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         port=args.port,
         max_concurrency=args.max_concurrency,
         ui=False,
-        limits=settings_from_args(LimitSettings, args),
     )
 
     def ready(url: str) -> None:

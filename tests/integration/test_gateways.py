@@ -20,6 +20,7 @@ from live_server import LiveServer, live_server
 from loop_client import admin, db_rows
 
 from tuneloop.core.config import DataDir
+from tuneloop.core.settings import LimitSettings
 from tuneloop.feedback.registry import ensure_served_policy
 from tuneloop.feedback.store import FeedbackStore
 
@@ -33,7 +34,8 @@ def primary(
     with FeedbackStore(dd.db) as store:
         for model in (tiny_model_dir_b, tiny_model_dir):
             ensure_served_policy(store, str(model), str, reason="served by the test")
-    yield from live_server(dd.root, None, ui=False)
+    # No feedback limit: the load test's raters vote as fast as they can.
+    yield from live_server(dd.root, None, ui=False, limits=LimitSettings(feedback_per_minute=0))
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +118,39 @@ def test_accounts_are_the_primarys_and_gateway_routes_take_the_gateway_token(
         time.sleep(0.2)
     # Operator routes are not served by a gateway.
     assert httpx.get(f"{a}/v1/admin/versions", headers=primary.auth).status_code == 404
+
+
+def test_an_accounts_limits_hold_across_the_primary_and_a_gateway(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """6 answers and 6 feedback rows a minute per user: asked in turn through the primary and a
+    gateway, an account gets 6 of each (and what its buckets refilled meanwhile, one each
+    10 s), not 6 at each server; over the limit, either answers 429 with `Retry-After`."""
+    limits = LimitSettings(chats_per_minute=6, feedback_per_minute=6)
+    for primary in live_server(tmp_path / "data", tiny_model_dir, ui=False, limits=limits):
+        with gateway(primary) as (url, _), httpx.Client(timeout=60) as http:
+            servers = [primary.url, url]
+            eve = account(primary, [url], "eve")
+            answer = ask(url, eve)["id"]  # one of the 6 answers
+            chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+            rating = {"kind": "rating", "response_id": int(answer), "value": 4}
+            for route, body, done, first in (
+                ("/v1/chat/completions", chat, 200, 1),
+                ("/v1/feedback", rating, 201, 0),
+            ):
+                started, taken, refused = time.monotonic(), first, {}
+                for n in range(40):
+                    r = http.post(f"{servers[n % 2]}{route}", json=body, headers=eve)
+                    if r.status_code == done:
+                        taken += 1
+                        continue
+                    assert r.status_code == 429, r.text
+                    assert int(r.headers["Retry-After"]) >= 1
+                    assert "limit of 6" in r.json()["error"]["message"]
+                    refused[servers[n % 2]] = True
+                elapsed = time.monotonic() - started
+                assert 6 <= taken <= 6 + elapsed / 10 + 1, (route, taken, elapsed)
+                assert len(refused) == 2, (route, refused)
 
 
 def test_gateways_follow_the_primarys_promotion(primary: LiveServer, gateways: list) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
-from fastapi import HTTPException
+import asyncio
 
-from tuneloop.serve.limits import RateLimiter
+import pytest
+
+from tuneloop.core.records import Account
+from tuneloop.serve.errors import RateLimitedError, status_of
+from tuneloop.serve.limits import Limits, RateLimiter
 
 
 class Clock:
@@ -34,12 +37,22 @@ def test_a_burst_up_to_the_limit_then_one_request_per_interval() -> None:
 def test_over_the_limit_is_a_429_with_retry_after_and_zero_means_no_limit() -> None:
     clock = Clock()
     limiter = RateLimiter(2, "answers", clock)
-    limiter.check("ann")
-    limiter.check("ann")
-    with pytest.raises(HTTPException) as refused:
-        limiter.check("ann")
-    assert refused.value.status_code == 429
+    ann, boss = Account("ann", "user"), Account("boss", "operator")
+
+    def check(account: Account) -> None:
+        asyncio.run(Limits.check(limiter, account))
+
+    check(ann)
+    check(ann)
+    for _ in range(10):
+        check(boss)  # operators are not limited
+    with pytest.raises(RateLimitedError) as refused:
+        check(ann)
+    assert status_of(refused.value) == 429
     assert refused.value.headers == {"Retry-After": "30"}
-    assert "limit of 2 answers a minute" in str(refused.value.detail)
+    assert "limit of 2 answers a minute" in str(refused.value)
+    with pytest.raises(RateLimitedError):
+        Limits.take(limiter, ann)  # the same, off the event loop
+    Limits.take(limiter, boss)
     unlimited = RateLimiter(0, "answers", clock)
     assert all(unlimited.wait_s("ann") == 0.0 for _ in range(10_000))
