@@ -8,8 +8,8 @@ never an account's: accounts sign in at the gateways.
   bool}` or `{"feedback": {...}, "own_answers_only": bool}`) goes to the store as if it came
   here, feedback counted against its rater's limit here; answered once every one is committed
   or refused: `{"results": [{"id": n} | {"error": message, "status": code, "retry_after_s"?:
-  n}]}`. A gateway acknowledges its clients only then, so a
-  gateway that dies loses no acknowledged row.
+  n}]}`. A gateway acknowledges its clients only then, so a gateway that dies loses no
+  acknowledged row.
 - `POST /v1/gateway/ids {"table": "responses"|"conversations", "count": n}` -> `{"first": id}`:
   a block of ids the gateway hands out itself (a stream names its response id before it ends).
 - `GET /v1/gateway/accounts`: every enabled account by the SHA-256 of its token.
