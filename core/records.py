@@ -43,6 +43,8 @@ class Account:
     role: AccountRole
     disabled: bool = False
     created_at: datetime | None = None
+    # A user an operator trusts: their edits may become training targets (raters' always may).
+    trusted: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,9 @@ class Comparison:
     response_b: int
     winner: Winner
     rater_id: str = DEFAULT_RATER
+    # The rating task the queue handed this rater, when the vote came through it (never set
+    # from a client's request): only such blind votes count for the human gate.
+    task_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,7 @@ class Ranking:
 
     response_ids: tuple[int, ...]
     rater_id: str = DEFAULT_RATER
+    task_id: int | None = None  # as for `Comparison`
 
 
 Feedback = Thumbs | Rating | Edit | Comparison | Ranking

@@ -365,6 +365,13 @@ class GateSettings:
         "must clear it",
         option="human_gate_win_rate",
     )
+    # One diligent rater, or one hostile one, must not decide alone: the gate waits until
+    # enough raters have judged.
+    human_max_rater_share: float = setting(
+        0.25,
+        "one rater's judgments count for at most this share of those the human gate waits for",
+        option="human_gate_rater_share",
+    )
     temperature: float = 0.7
     top_p: float = 0.95
     seed: int = 0
@@ -387,6 +394,8 @@ class GateSettings:
             raise SettingsError(
                 "a canary's share is above 0 and at most 1, and the human gate needs a judgment"
             )
+        if not 0 < self.human_max_rater_share <= 1:
+            raise SettingsError("one rater's share of the human gate is above 0 and at most 1")
 
 
 @dataclass(frozen=True)
@@ -455,6 +464,8 @@ class LimitSettings:
 # Where a preference pair can come from (`tuneloop.feedback.datasets`): explicit judgments, then
 # implicit signals.
 PAIR_SOURCES = ("comparison", "ranking", "thumbs", "rating", "edit", "regenerate")
+# Whose edits may become training targets (`TrustSettings.edits`).
+EDIT_TRUST = ("trusted", "all")
 
 
 @dataclass(frozen=True)
@@ -476,8 +487,27 @@ class TrustSettings:
         "ranking; implicit thumbs, rating, edit, regenerate; or all",
         option="pair_sources",
     )
+    # Operators' imports are exempt; raters are answered for by their agreement and gold
+    # accuracy (quarantine), not by a share.
+    max_user_share: float = setting(
+        0.05,
+        "one user account's share of a snapshot's preference pairs and KTO rows, at most (1: "
+        "no cap); raters and imports are not capped",
+        option="max_user_share",
+    )
+    edits: str = setting(
+        "trusted",
+        "whose edits become training targets: trusted (raters and above, and users an operator "
+        "trusts: `tuneloop users trust NAME`) or all",
+        option="trust_edits",
+        choices=lambda: EDIT_TRUST,
+    )
 
     def __post_init__(self) -> None:
+        if not 0 < self.max_user_share <= 1:
+            raise SettingsError(
+                f"a user's share is above 0 and at most 1, got {self.max_user_share}"
+            )
         unknown = set(self.sources()) - set(PAIR_SOURCES)
         if unknown:
             raise SettingsError(
@@ -502,7 +532,8 @@ MAX_TASK_ANSWERS = 8
 @dataclass(frozen=True)
 class TaskSettings:
     """Rating tasks (`tuneloop.feedback.tasks`): how many raters judge each, and how many the
-    server keeps waiting, made from new traffic as people chat."""
+    server keeps waiting, made from new traffic as people chat (if the operator opts in, and
+    while a canary runs)."""
 
     overlap: int = setting(
         3, "raters who judge each rating task (never the prompt's author)", option="task_overlap"
@@ -514,9 +545,18 @@ class TaskSettings:
     )
     backlog: int = setting(
         10,
-        "rating tasks the server keeps open, made from new traffic (0: only when an operator "
-        "asks, `tuneloop tasks make`)",
+        "rating tasks the server keeps open, made from new traffic while --tasks-from-traffic "
+        "or a canary runs (0: only when an operator asks, `tuneloop tasks make`)",
         option="task_backlog",
+    )
+    # Raters see the prompts people asked: no one's conversation goes to them unless the
+    # operator says so. A canary's tasks are made all the same: holding a candidate in canary is
+    # asking for them.
+    from_traffic: bool = setting(
+        False,
+        "keep the backlog filled with tasks made from users' conversations (without it, only "
+        "while a canary runs)",
+        option="tasks_from_traffic",
     )
     gold_every: int = 10  # one fetch in this many offers a gold task first
     refill_seconds: float = 30.0

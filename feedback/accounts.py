@@ -57,6 +57,9 @@ def check_name(name: str) -> str:
     return name
 
 
+_ACCOUNT_COLUMNS = "name, role, disabled, created_at, coalesce(trusted, false) AS trusted"
+
+
 def check_role(role: str) -> str:
     if role not in ACCOUNT_ROLES:
         raise AccountError(f"unknown role {role!r}; choose one of {', '.join(ACCOUNT_ROLES)}")
@@ -74,7 +77,8 @@ def add_account(store: FeedbackStore, name: str, role: str, *, actor: str) -> tu
             raise AccountError(f"an account named {name!r} exists already")
         now = datetime.now(UTC)
         con.execute(
-            "INSERT INTO accounts VALUES (?, ?, ?, false, ?, ?)",
+            "INSERT INTO accounts (name, role, token_sha256, disabled, created_at, updated_at) "
+            "VALUES (?, ?, ?, false, ?, ?)",
             [name, role, token_sha256(token), now, now],
         )
         write_audit(con, actor, "account.add", name, {"role": role})
@@ -84,14 +88,12 @@ def add_account(store: FeedbackStore, name: str, role: str, *, actor: str) -> tu
 
 
 def list_accounts(store: FeedbackStore) -> list[Account]:
-    rows = store.read("SELECT name, role, disabled, created_at FROM accounts ORDER BY name")
+    rows = store.read(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts ORDER BY name")
     return [Account(**row) for row in rows]
 
 
 def get_account(store: FeedbackStore, name: str) -> Account:
-    rows = store.read(
-        "SELECT name, role, disabled, created_at FROM accounts WHERE name = ?", [name]
-    )
+    rows = store.read(f"SELECT {_ACCOUNT_COLUMNS} FROM accounts WHERE name = ?", [name])
     if not rows:
         raise UnknownAccountError(f"no account named {name!r}")
     return Account(**rows[0])
@@ -117,6 +119,13 @@ def set_role(store: FeedbackStore, name: str, role: str, *, actor: str) -> Accou
     return get_account(store, name)
 
 
+def set_trusted(store: FeedbackStore, name: str, trusted: bool, *, actor: str) -> Account:
+    """Trust a user's edits as training targets (`TrustSettings.edits`), or stop."""
+    action = "account.trust" if trusted else "account.distrust"
+    _update(store, name, "trusted = ?", [trusted], actor, action, {})
+    return get_account(store, name)
+
+
 def rotate_token(store: FeedbackStore, name: str, *, actor: str) -> str:
     """A new token for `name`; the old one stops working."""
     token = new_token()
@@ -137,9 +146,7 @@ def ensure_first_admin(store: FeedbackStore) -> str | None:
 
 def token_index(store: FeedbackStore) -> dict[str, Account]:
     """Every enabled account by the SHA-256 of its token."""
-    rows = store.read(
-        "SELECT token_sha256, name, role, disabled, created_at FROM accounts WHERE NOT disabled"
-    )
+    rows = store.read(f"SELECT token_sha256, {_ACCOUNT_COLUMNS} FROM accounts WHERE NOT disabled")
     return {row.pop("token_sha256"): Account(**row) for row in rows}
 
 

@@ -10,7 +10,12 @@ trainers read:
   the one they regenerated). A snapshot's trust policy names the sources its preference
   dataset takes (`TrustSettings.pair_sources`).
 - `kto` (KTOTrainer): `prompt`, `completion`, `label`.
-- `sft` (SFTTrainer): `messages`.
+- `sft` (SFTTrainer): `prompt`, `completion` (the loss on the completion only).
+
+Feedback is untrusted input, so the snapshot's trust policy also says whose edits may become
+targets (`TrustSettings.edits`), and no account of the `user` role gives more than
+`TrustSettings.max_user_share` of the preference pairs or of the KTO rows. Every other target is
+an answer the server produced (`responses.text`), never text from a client's history.
 
 Each is split train/held-out by prompt hash, so no prompt is ever on both sides: a model is never
 evaluated on a prompt it was trained on, whichever answers or feedback kinds the prompt has.
@@ -20,6 +25,7 @@ The same snapshot always gives the same rows; their order within a file is unspe
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +36,7 @@ import pyarrow.parquet as pq
 
 from tuneloop.core.settings import TrustSettings
 from tuneloop.feedback.snapshot import load_manifest
+from tuneloop.feedback.trust import TRUSTED_SOURCES
 
 DATASETS_DIRNAME = "datasets"
 DEFAULT_HELDOUT_PERCENT = 10
@@ -57,17 +64,26 @@ CREATE TEMP TABLE prompts AS
     FROM responses GROUP BY prompt_hash;
 CREATE TEMP TABLE resp AS
     SELECT id, ('0x' || prompt_hash)::UBIGINT AS pkey, text, conversation_id,
-           json_array_length(prompt) AS turns, prompt
+           json_array_length(prompt) AS turns, prompt, rater_id
     FROM responses;
 CREATE TEMP TABLE net_thumbs AS
-    SELECT r.id, r.pkey, r.text, t.net
-    FROM (SELECT response_id, sum(value) AS net FROM thumbs GROUP BY response_id) t
+    SELECT r.id, r.pkey, r.text, t.net, t.voter
+    FROM (
+        SELECT response_id, sum(value) AS net, arg_min(rater_id, id) AS voter
+        FROM thumbs GROUP BY response_id
+    ) t
     JOIN resp r ON r.id = t.response_id
     WHERE t.net <> 0;
 CREATE TEMP TABLE mean_ratings AS
-    SELECT r.id, r.pkey, r.text, m.mean
-    FROM (SELECT response_id, avg(score) AS mean FROM ratings GROUP BY response_id) m
+    SELECT r.id, r.pkey, r.text, m.mean, m.voter
+    FROM (
+        SELECT response_id, avg(score) AS mean, arg_min(rater_id, id) AS voter
+        FROM ratings GROUP BY response_id
+    ) m
     JOIN resp r ON r.id = m.response_id;
+-- Edits that may become training targets (the snapshot's trust policy, `_edit_filter`).
+CREATE TEMP TABLE good_edits AS
+    SELECT e.response_id, e.text, e.rater_id AS voter FROM edits e WHERE {edit_filter};
 """
 
 # One row per (chosen, rejected) pair of answers to one prompt.
@@ -77,48 +93,51 @@ WITH
 comparison_pairs AS (
     SELECT 'comparison' AS source, a.pkey,
            CASE c.winner WHEN 'a' THEN a.text ELSE b.text END AS chosen,
-           CASE c.winner WHEN 'a' THEN b.text ELSE a.text END AS rejected
+           CASE c.winner WHEN 'a' THEN b.text ELSE a.text END AS rejected,
+           c.rater_id AS voter
     FROM comparisons c
     JOIN resp a ON a.id = c.response_a
     JOIN resp b ON b.id = c.response_b
     WHERE c.winner IN ('a', 'b')
 ),
 ranked AS (
-    SELECT id, unnest(response_ids) AS response_id, generate_subscripts(response_ids, 1) AS pos
+    SELECT id, rater_id, unnest(response_ids) AS response_id,
+           generate_subscripts(response_ids, 1) AS pos
     FROM rankings
 ),
 ranking_pairs AS (
-    SELECT 'ranking' AS source, a.pkey, a.text AS chosen, b.text AS rejected
+    SELECT 'ranking' AS source, a.pkey, a.text AS chosen, b.text AS rejected, hi.rater_id AS voter
     FROM ranked hi
     JOIN ranked lo ON lo.id = hi.id AND hi.pos < lo.pos
     JOIN resp a ON a.id = hi.response_id
     JOIN resp b ON b.id = lo.response_id
 ),
 thumbs_pairs AS (
-    SELECT 'thumbs' AS source, up.pkey, up.text AS chosen, down.text AS rejected
+    SELECT 'thumbs' AS source, up.pkey, up.text AS chosen, down.text AS rejected, up.voter
     FROM net_thumbs up
     JOIN net_thumbs down ON down.pkey = up.pkey AND down.net < 0
     WHERE up.net > 0
 ),
 edit_pairs AS (
-    SELECT 'edit' AS source, r.pkey, e.text AS chosen, r.text AS rejected
-    FROM edits e JOIN resp r ON r.id = e.response_id
+    SELECT 'edit' AS source, r.pkey, e.text AS chosen, r.text AS rejected, e.voter
+    FROM good_edits e JOIN resp r ON r.id = e.response_id
 ),
 rating_pairs AS (
-    SELECT 'rating' AS source, hi.pkey, hi.text AS chosen, lo.text AS rejected
+    SELECT 'rating' AS source, hi.pkey, hi.text AS chosen, lo.text AS rejected, hi.voter
     FROM mean_ratings hi
     JOIN mean_ratings lo ON lo.pkey = hi.pkey AND lo.mean < hi.mean
 ),
 -- Answers to one prompt given again in one conversation (the chat's regenerate): the one the
 -- person went on from (a later turn's history holds it) beats the ones they left.
 kept AS (
-    SELECT DISTINCT r.id, r.conversation_id, r.pkey, r.text
+    SELECT DISTINCT r.id, r.conversation_id, r.pkey, r.text, r.rater_id
     FROM resp r
     JOIN resp later ON later.conversation_id = r.conversation_id AND later.turns > r.turns
     WHERE json_extract_string(later.prompt, '$[' || r.turns || '].content') = r.text
 ),
 regenerate_pairs AS (
-    SELECT 'regenerate' AS source, k.pkey, k.text AS chosen, o.text AS rejected
+    SELECT 'regenerate' AS source, k.pkey, k.text AS chosen, o.text AS rejected,
+           k.rater_id AS voter
     FROM kept k
     JOIN resp o ON o.conversation_id = k.conversation_id AND o.pkey = k.pkey AND o.id <> k.id
     WHERE o.id NOT IN (SELECT id FROM kept)
@@ -149,11 +168,12 @@ _DATASET_SQL: dict[str, str] = {
                t.net > 0 AS label, p.heldout
         FROM net_thumbs t JOIN prompts p USING (pkey)
     """,
+    # Prompt and completion, not one `messages` list: the loss falls on the completion alone,
+    # never on assistant turns a client wrote into the history it sent.
     "sft": """
-        SELECT list_concat(p.prompt, [{'role': 'assistant', 'content': a.text}]) AS messages,
-               p.heldout
+        SELECT p.prompt, [{'role': 'assistant', 'content': a.text}] AS completion, p.heldout
         FROM (
-            SELECT r.pkey, e.text FROM edits e JOIN resp r ON r.id = e.response_id
+            SELECT r.pkey, e.text FROM good_edits e JOIN resp r ON r.id = e.response_id
             UNION ALL
             SELECT pkey, text FROM mean_ratings WHERE mean >= 4
         ) a JOIN prompts p USING (pkey)
@@ -182,18 +202,27 @@ def build_datasets(
         for table, info in manifest["tables"].items():
             source = _sql_str(snapshot_dir / info["file"])
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet('{source}')")
+        if "accounts" not in manifest["tables"]:  # a snapshot from before accounts were kept
+            con.execute(
+                "CREATE VIEW accounts AS SELECT * FROM (VALUES ('', '', false)) "
+                "a(name, role, trusted) WHERE false"
+            )
+        trust = _trust(manifest)
         con.execute(
             _SETUP_SQL.format(
                 messages_type=_MESSAGES_TYPE,
                 hex_chars=BUCKET_HEX_CHARS,
                 heldout_percent=int(heldout_percent),
+                edit_filter=_edit_filter(trust),
             )
         )
         con.execute(_PAIRS_SQL)
-        sources = _trusted_sources(manifest)
         con.execute(
-            "DELETE FROM pairs WHERE NOT list_contains(?::VARCHAR[], source)", [list(sources)]
+            "DELETE FROM pairs WHERE NOT list_contains(?::VARCHAR[], source)",
+            [list(trust.sources())],
         )
+        _cap_user_share(con, "pairs", "pkey, chosen, rejected", trust.max_user_share)
+        _cap_user_share(con, "net_thumbs", "id", trust.max_user_share)
         built = {}
         for name, select in _DATASET_SQL.items():
             # One query per split: cheaper than materializing the dataset (the held-out
@@ -224,10 +253,68 @@ def load_split(path: Path, *, cache_dir: Path | None = None) -> datasets.Dataset
     )
 
 
-def _trusted_sources(manifest: dict) -> tuple[str, ...]:
-    """The pair sources the snapshot's trust policy admits (all, for snapshots from before)."""
-    trust = manifest.get("trust") or {}
-    return TrustSettings(pair_sources=trust.get("pair_sources", "all")).sources()
+def _trust(manifest: dict) -> TrustSettings:
+    """The snapshot's trust policy; a snapshot from before a setting existed behaves as then
+    (every edit a target, no share capped)."""
+    given = manifest.get("trust") or {}
+    return TrustSettings(
+        pair_sources=given.get("pair_sources", "all"),
+        max_user_share=given.get("max_user_share", 1.0),
+        edits=given.get("edits", "all"),
+    )
+
+
+def _edit_filter(trust: TrustSettings) -> str:
+    """SQL on `edits`: those whose text may become a training target. An edit is text a person
+    wrote, not an answer the server gave: by default only raters and above, users an operator
+    trusts, and the operator's imports."""
+    if trust.edits == "all":
+        return "true"
+    sources = ", ".join(f"'{name}'" for name in TRUSTED_SOURCES)
+    return (
+        f"rater_id IN ({sources}) OR rater_id IN (SELECT name FROM accounts "
+        "WHERE trusted OR role IN ('rater', 'operator', 'admin'))"
+    )
+
+
+def _cap_user_share(con: duckdb.DuckDBPyConnection, table: str, key: str, share: float) -> None:
+    """Keep at most `share` of `table`'s rows from any one account of the `user` role (its
+    `voter`): the cap is on the share of what remains, found by lowering it until it holds.
+    Which rows stay is drawn by a hash of their `key` columns, so the order they came in (or a
+    flood's timing) does not choose."""
+    if share >= 1:
+        return
+    counts = dict(
+        con.execute(
+            f"SELECT voter, count(*) FROM {table} "
+            "WHERE voter IN (SELECT name FROM accounts WHERE role = 'user') GROUP BY voter"
+        ).fetchall()
+    )
+    if not counts:
+        return
+    others = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] - sum(counts.values())
+    cap = max(counts.values())
+    while True:
+        total = others + sum(min(n, cap) for n in counts.values())
+        lower = max(1, math.floor(share * total))
+        if lower >= cap:
+            break
+        cap = lower
+    over = [name for name, n in counts.items() if n > cap]
+    if over:
+        con.execute(
+            f"""
+            DELETE FROM {table} WHERE rowid IN (
+                SELECT rowid FROM (
+                    SELECT rowid, row_number() OVER (
+                        PARTITION BY voter ORDER BY hash({key})
+                    ) AS nth
+                    FROM {table} WHERE list_contains($over, voter)
+                ) WHERE nth > $cap
+            )
+            """,
+            {"over": over, "cap": cap},
+        )
 
 
 def _split_sql(select: str, *, heldout: bool) -> str:

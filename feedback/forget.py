@@ -55,6 +55,7 @@ def _theirs(name: str, conversations: list[int], responses: list[int]) -> dict[s
             f"OR list_contains({resps}, response_b)"
         ),
         "rankings": f"rater_id = {who} OR list_has_any({resps}, response_ids)",
+        "accounts": f"name = {who}",
     }
 
 
@@ -94,7 +95,6 @@ def forget(store: FeedbackStore, name: str, *, actor: str) -> Forgotten:
             [name],
         )
         con.execute("DELETE FROM quarantine WHERE rater_id = ?", [name])
-        con.execute("DELETE FROM accounts WHERE name = ?", [name])
         marked = [
             vid
             for (vid,) in con.execute(

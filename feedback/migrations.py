@@ -254,6 +254,19 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0008_blind_judgments_and_trusted_accounts",
+        """
+        -- The rating task a vote was given on, when the queue handed it to its rater: the human
+        -- gate counts only those (a vote posted directly, or replaced by one, has none).
+        ALTER TABLE comparisons ADD COLUMN task_id BIGINT;
+        ALTER TABLE rankings ADD COLUMN task_id BIGINT;
+        -- One rater's share of the judgments a canary waits for, at most.
+        ALTER TABLE canaries ADD COLUMN max_rater_share DOUBLE DEFAULT 0.25;
+        -- Users an operator trusts: their edits may become training targets.
+        ALTER TABLE accounts ADD COLUMN trusted BOOLEAN DEFAULT false;
+        """,
+    ),
 ]
 
 

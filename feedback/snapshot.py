@@ -36,9 +36,15 @@ SNAPSHOT_TABLES: tuple[str, ...] = (
     "edits",
     "comparisons",
     "rankings",
+    "accounts",
 )
+# What a snapshot keeps of the accounts: who is a user, a rater or above, or trusted (the trust
+# policy's caps and edits in `feedback.datasets`); never their tokens.
+_SELECTS = {
+    "accounts": "SELECT name, role, coalesce(trusted, false) AS trusted FROM accounts",
+}
 # Tables whose `id` is a BIGINT, so that a max id says how far the snapshot reaches.
-_INTEGER_ID_TABLES = frozenset(SNAPSHOT_TABLES) - {"raters", "messages"}
+_INTEGER_ID_TABLES = frozenset(SNAPSHOT_TABLES) - {"raters", "messages", "accounts"}
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 
@@ -117,9 +123,9 @@ def _copy_tables(
                 file_name = f"{table}.parquet"
                 tmp = out_dir / f"{file_name}.tmp"
                 keep = admitted(trust) if table in feedback else "true"
+                select = _SELECTS.get(table, f"SELECT * FROM {table}")
                 cur.execute(
-                    f"COPY (SELECT * FROM {table} WHERE {keep}) TO '{_sql_str(tmp)}' "
-                    "(FORMAT parquet)"
+                    f"COPY ({select} WHERE {keep}) TO '{_sql_str(tmp)}' (FORMAT parquet)"
                 ).fetchall()
                 _fsync(tmp)
                 tmp.rename(out_dir / file_name)

@@ -243,23 +243,30 @@ class FeedbackStore:
         finally:
             cur.close()
 
-    def read(self, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+    def read(
+        self, sql: str, params: list[Any] | dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
         with self.cursor() as cur:
             res = cur.execute(sql, params or [])
             cols = [d[0] for d in res.description]
             return [dict(zip(cols, row, strict=True)) for row in res.fetchall()]
 
-    def feedback_counts(self) -> dict[str, int]:
-        """Rows per feedback kind, plus responses and conversations."""
+    def feedback_counts(self, rater: str | None = None) -> dict[str, int]:
+        """Rows per feedback kind, plus responses and conversations: of `rater` alone if given
+        (the answers they were given, the conversations they began)."""
+        where = "" if rater is None else " WHERE rater_id = $rater"
         parts = [
-            f"SELECT '{kind}', count(*) FROM {table}" for kind, table in FEEDBACK_TABLES.items()
+            f"SELECT '{kind}', count(*) FROM {table}{where}"
+            for kind, table in FEEDBACK_TABLES.items()
         ]
         parts += [
-            "SELECT 'responses', count(*) FROM responses",
-            "SELECT 'conversations', count(*) FROM conversations",
+            f"SELECT 'responses', count(*) FROM responses{where}",
+            f"SELECT 'conversations', count(*) FROM conversations{where}",
         ]
+        params = {} if rater is None else {"rater": rater}
         with self.cursor() as cur:
-            return {k: int(n) for k, n in cur.execute(" UNION ALL ".join(parts)).fetchall()}
+            rows = cur.execute(" UNION ALL ".join(parts), params).fetchall()
+            return {k: int(n) for k, n in rows}
 
     @property
     def writing(self) -> bool:
@@ -514,9 +521,14 @@ class FeedbackStore:
         elif isinstance(fb, Edit):
             row.update(response_id=fb.response_id, text=fb.text)
         elif isinstance(fb, Comparison):
-            row.update(response_a=fb.response_a, response_b=fb.response_b, winner=fb.winner)
+            row.update(
+                response_a=fb.response_a,
+                response_b=fb.response_b,
+                winner=fb.winner,
+                task_id=fb.task_id,
+            )
         elif isinstance(fb, Ranking):
-            row.update(response_ids=list(fb.response_ids))
+            row.update(response_ids=list(fb.response_ids), task_id=fb.task_id)
         row.update(rater_id=fb.rater_id, item=vote_item(fb), created_at=now)
         p.rows[table].append(row)
         return row["id"]

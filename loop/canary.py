@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from tuneloop.core.records import ModelVersion
-from tuneloop.core.settings import GateSettings, TrustSettings
+from tuneloop.core.settings import GateSettings
 from tuneloop.feedback import registry
 from tuneloop.feedback.canary import (
     Canary,
@@ -48,13 +48,11 @@ class Canaries:
         store: FeedbackStore,
         serving: CanaryServing,
         promotion: Promotion,
-        trust: TrustSettings,
         log: Callable[[str], None],
     ) -> None:
         self.store = store
         self.serving = serving
         self.promotion = promotion
-        self.trust = trust
         self.log = log
         self._lock = threading.Lock()  # one start, check or stop at a time
 
@@ -100,7 +98,7 @@ class Canaries:
             canary = running_canary(self.store)
             if canary is None:
                 return None
-            found = human_verdict(self.store, canary, self.trust)
+            found = human_verdict(self.store, canary)
             if found.decision is None:
                 return found
             result = found.to_dict() | {"baseline": canary.baseline_id}
@@ -124,7 +122,7 @@ class Canaries:
             canary = running_canary(self.store)
             if canary is None:
                 raise CanaryError("no canary is running")
-            found = human_verdict(self.store, canary, self.trust)
+            found = human_verdict(self.store, canary)
             self.serving.stop_canary()
             finish_canary(self.store, canary.id, "stopped", found.to_dict() | {"reason": reason})
         return canary

@@ -22,7 +22,7 @@ from tuneloop.core.settings import (
     check_job,
 )
 from tuneloop.feedback import registry
-from tuneloop.feedback.canary import human_verdict, running_canary
+from tuneloop.feedback.canary import flagged_raters, human_verdict, list_canaries, running_canary
 from tuneloop.feedback.runs import fail_interrupted_runs
 from tuneloop.feedback.snapshot import latest_snapshot
 from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
@@ -70,7 +70,7 @@ class LoopControl:
         self.promotion = Promotion(store, serving.swap)
         # The human gate, where the server can serve a canary beside the served version.
         self.canaries = (
-            Canaries(store, serving, self.promotion, self.trust, self.log)
+            Canaries(store, serving, self.promotion, self.log)
             if hasattr(serving, "start_canary")
             else None
         )
@@ -212,20 +212,31 @@ class LoopControl:
             },
             "new_feedback_rows": self.new_feedback_rows(),
             "canary": self.canary_status(),
+            "flagged_canaries": self.flagged_canaries(),
         }
+
+    def flagged_canaries(self) -> list[dict[str, Any]]:
+        """Decided canaries with raters quarantined or disabled since (`flagged_raters`)."""
+        found = ((c, flagged_raters(self.store, c)) for c in list_canaries(self.store))
+        return [
+            {"version": c.version_id, "status": c.status, "raters": raters}
+            for c, raters in found
+            if raters
+        ]
 
     def canary_status(self) -> dict[str, Any] | None:
         """The running canary and what people say of it so far."""
         canary = running_canary(self.store)
         if canary is None:
             return None
-        found = human_verdict(self.store, canary, self.trust)
+        found = human_verdict(self.store, canary)
         return {
             "version": canary.version_id,
             "baseline": canary.baseline_id,
             "share": canary.share,
             "min_judgments": canary.min_judgments,
             "min_win_rate": canary.min_win_rate,
+            "max_rater_share": canary.max_rater_share,
             "started_at": canary.started_at.isoformat(),
             "verdict": found.to_dict(),
         }

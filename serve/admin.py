@@ -19,7 +19,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel, Field, create_model
 from starlette.concurrency import run_in_threadpool
 
@@ -66,7 +66,7 @@ class PromoteIn(BaseModel):
 
 class ImportIn(BaseModel):
     path: str = Field(description="a preference file in the data dir (or an --allow-files one)")
-    limit: int | None = None
+    limit: int | None = Field(None, ge=1, description="at most this many rows")
 
 
 def create_admin_router(
@@ -110,7 +110,9 @@ def create_admin_router(
         return [to_json_dict(v) for v in await run_in_threadpool(list_versions, service.store)]
 
     @router.get("/runs")
-    async def runs(_: Operator, limit: int = 50) -> list[dict[str, Any]]:
+    async def runs(
+        _: Operator, limit: Annotated[int, Query(ge=1, le=10_000)] = 50
+    ) -> list[dict[str, Any]]:
         return [to_json_dict(r) for r in await run_in_threadpool(list_runs, service.store, limit)]
 
     @router.get("/loop")

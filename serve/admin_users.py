@@ -4,6 +4,8 @@ disabled account or a replaced token stops working at once.
 
 - `GET /users`; `POST /users {"name", "role"}` -> the account and its token (shown once)
 - `POST /users/{name}/disable`, `/enable`, `/token` (a new token), `/role {"role"}`
+- `POST /users/{name}/trust`, `/distrust` (operators too): whether a user's edits may become
+  training targets (`TrustSettings.edits`)
 - `POST /users/{name}/forget`: delete the person's data everywhere (`feedback.forget`)
 - `GET /audit?limit=100`: the audit log, newest first
 """
@@ -15,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
@@ -39,6 +41,7 @@ def create_users_router(
 ) -> APIRouter:
     router = APIRouter(prefix="/v1/admin")
     Admin = Annotated[Account, Depends(principals.require("admin"))]  # noqa: N806
+    Operator = Annotated[Account, Depends(principals.require("operator"))]  # noqa: N806
 
     async def change(fn: Callable[[], Any]) -> Any:
         result = await run_in_threadpool(fn)
@@ -79,6 +82,18 @@ def create_users_router(
             await change(lambda: accounts.set_role(store, name, body.role, actor=admin.name))
         )
 
+    @router.post("/users/{name}/trust")
+    async def trust(name: str, operator: Operator) -> dict[str, Any]:
+        return to_json_dict(
+            await change(lambda: accounts.set_trusted(store, name, True, actor=operator.name))
+        )
+
+    @router.post("/users/{name}/distrust")
+    async def distrust(name: str, operator: Operator) -> dict[str, Any]:
+        return to_json_dict(
+            await change(lambda: accounts.set_trusted(store, name, False, actor=operator.name))
+        )
+
     @router.post("/users/{name}/forget")
     async def forget_user(name: str, admin: Admin) -> dict[str, Any]:
         from tuneloop.feedback.forget import forget
@@ -88,7 +103,9 @@ def create_users_router(
         return asdict(forgotten)
 
     @router.get("/audit")
-    async def audit(_: Admin, limit: int = 100) -> list[dict[str, Any]]:
+    async def audit(
+        _: Admin, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
+    ) -> list[dict[str, Any]]:
         return await run_in_threadpool(accounts.audit_log, store, limit)
 
     return router

@@ -6,7 +6,7 @@ Contract relied on by other clients and by the benchmarks:
 - `POST /v1/chat/completions` (stream or not); the completion `id` is the stored response's id.
   Extensions: `conversation_id` (continue a stored conversation), `user` (the rater id).
 - `POST /v1/feedback` -> 201 `{"id", "kind"}` once committed; 404 unknown ids; 422 bad input.
-- `GET /v1/feedback/stats` -> rows per kind.
+- `GET /v1/feedback/stats` -> rows per kind: the caller's own, or all of them for operators.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations, which
@@ -46,7 +46,7 @@ from tuneloop.feedback.validation import (
 from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService, ChatTurn
 from tuneloop.serve.errors import error_response, install_error_handlers
-from tuneloop.serve.limits import Limits
+from tuneloop.serve.limits import Limits, feedback_cost
 
 MAX_BODY_BYTES = 1_000_000
 # A streamed answer's tokens decoded within this many seconds of each other go out as one SSE
@@ -393,14 +393,17 @@ def create_api(
     )
     async def post_feedback(body: FeedbackIn, account: SignedIn) -> Any:
         _check_named(body.rater, account)
-        await limits.check(limits.feedback, account)
+        fb = body.record(account.name)
+        await limits.check(limits.feedback, account, feedback_cost(fb))
         own_only = body.kind in OWN_ANSWER_KINDS or not role_allows(account.role, "rater")
-        submitted = service.submit_feedback(body.record(account.name), own_answers_only=own_only)
+        submitted = service.submit_feedback(fb, own_answers_only=own_only)
         row_id = await asyncio.wrap_future(submitted)
         return FeedbackAck(id=row_id, kind=body.kind)
 
     @app.get("/v1/feedback/stats")
-    async def feedback_stats(_: SignedIn) -> dict[str, int]:
-        return await run_in_threadpool(service.feedback_counts)
+    async def feedback_stats(account: SignedIn) -> dict[str, int]:
+        # The caller's own rows; the whole store's only to operators.
+        rater = None if role_allows(account.role, "operator") else account.name
+        return await run_in_threadpool(service.feedback_counts, rater)
 
     return app

@@ -1,6 +1,7 @@
 """Operator routes of the human gate (`tuneloop.loop.canary`), under `/v1/admin/`, audited:
 
-- `GET /canary`: the running canary with its verdict so far, and the canaries before it
+- `GET /canary`: the running canary with its verdict so far, and the canaries before it (each
+  with `flagged`: raters who decided it and are quarantined or disabled since)
 - `POST /canary {"version", "share"?, "judgments"?, "win_rate"?}`: hold a candidate in canary
 - `POST /canary/check`: decide now if enough people judged (the loop checks every poll)
 - `POST /canary/stop {"reason"?}`: end it without a decision; the version stays a candidate
@@ -18,7 +19,8 @@ from starlette.concurrency import run_in_threadpool
 
 from tuneloop.core.records import Account
 from tuneloop.feedback.accounts import audit
-from tuneloop.feedback.canary import list_canaries
+from tuneloop.feedback.canary import flagged_raters, list_canaries
+from tuneloop.feedback.store import FeedbackStore
 from tuneloop.loop.control import LoopControl
 from tuneloop.serve.auth import Principals
 
@@ -50,8 +52,8 @@ def create_canary_router(control: LoopControl, principals: Principals) -> APIRou
     @router.get("/canary")
     async def status(_: Operator) -> dict[str, Any]:
         running = await run_in_threadpool(control.canary_status)
-        history = await run_in_threadpool(list_canaries, control.store)
-        return {"running": running, "history": [asdict(c) for c in history]}
+        history = await run_in_threadpool(_history, control.store)
+        return {"running": running, "history": history}
 
     @router.post("/canary", status_code=201)
     async def start(body: CanaryIn, account: Operator) -> dict[str, Any]:
@@ -79,3 +81,7 @@ def create_canary_router(control: LoopControl, principals: Principals) -> APIRou
         return asdict(canary)
 
     return router
+
+
+def _history(store: FeedbackStore) -> list[dict[str, Any]]:
+    return [asdict(c) | {"flagged": flagged_raters(store, c)} for c in list_canaries(store)]

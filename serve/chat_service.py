@@ -172,5 +172,5 @@ class ChatService:
     def record_feedback(self, fb: Feedback, *, own_answers_only: bool = False) -> int:
         return self.submit_feedback(fb, own_answers_only=own_answers_only).result()
 
-    def feedback_counts(self) -> dict[str, int]:
-        return self.store.feedback_counts()
+    def feedback_counts(self, rater: str | None = None) -> dict[str, int]:
+        return self.store.feedback_counts(rater)

@@ -293,7 +293,8 @@ def _messages(prompt: list[dict[str, Any]]) -> list[Message]:
 
 class TaskRefill:
     """Keeps `settings.backlog` tasks open, made from new traffic, checking every
-    `settings.refill_seconds`: a thread of the server, stopped with `close`."""
+    `settings.refill_seconds`, while `settings.from_traffic` or a canary runs: a thread of the
+    server, stopped with `close`."""
 
     def __init__(self, desk: RatingDesk, log: Callable[[str], None]) -> None:
         self._desk = desk
@@ -305,6 +306,8 @@ class TaskRefill:
     def _run(self) -> None:
         settings = self._desk.settings
         while not self._stop.wait(settings.refill_seconds):
+            if not settings.from_traffic and self._desk.service.canary_version is None:
+                continue
             wanted = settings.backlog - len(self._desk.queue)
             if wanted <= 0:
                 continue

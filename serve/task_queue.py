@@ -53,7 +53,7 @@ class Lease:
         if self.kind == "comparison":
             if winner is None or ranking is not None:
                 raise FeedbackError("a comparison task takes a winner: a, b, tie or both_bad")
-            return Comparison(self.order[0], self.order[1], winner, self.rater)
+            return Comparison(self.order[0], self.order[1], winner, self.rater, self.task_id)
         if ranking is None or winner is not None:
             raise FeedbackError(
                 "a ranking task takes a ranking: the answers' positions, best first"
@@ -62,7 +62,7 @@ class Lease:
             raise FeedbackError(
                 f"a ranking orders every answer shown once: positions 0 to {len(self.order) - 1}"
             )
-        return Ranking(tuple(self.order[i] for i in ranking), self.rater)
+        return Ranking(tuple(self.order[i] for i in ranking), self.rater, self.task_id)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from tuneloop.feedback.accounts import audit
 from tuneloop.feedback.leaderboard import version_leaderboard
 from tuneloop.feedback.validation import MAX_RANKING_SIZE, MAX_REASON_CHARS, MAX_TEXT_CHARS
 from tuneloop.serve.auth import Principals
-from tuneloop.serve.limits import Limits
+from tuneloop.serve.limits import Limits, ranking_cost
 from tuneloop.serve.rating_desk import RatingDesk
 
 MAX_PROMPTS_PER_REQUEST = 1000
@@ -114,7 +114,7 @@ def create_tasks_router(desk: RatingDesk, principals: Principals, limits: Limits
 
     @router.post("/{task_id}/judgment", status_code=201)
     async def judgment(task_id: int, body: JudgmentIn, account: Rater) -> dict[str, Any]:
-        await limits.check(limits.feedback, account)
+        await limits.check(limits.feedback, account, ranking_cost(len(body.ranking or ())))
         saved = desk.judge(account, task_id, winner=body.winner, ranking=body.ranking)
         row = await asyncio.wrap_future(saved)
         return {"id": row, "task_id": task_id, "progress": desk.progress(account)}

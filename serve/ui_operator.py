@@ -110,6 +110,11 @@ def status_markdown(status: dict[str, Any]) -> str:
             f"Canary **{canary['version']}** answers {canary['share']:.0%} of conversations: "
             f"{v['judgments']} of {canary['min_judgments']} human judgments{so_far}."
         )
+    for flagged in status.get("flagged_canaries") or ():
+        lines.append(
+            f"⚠ Canary **{flagged['version']}** was {flagged['status']} with judgments of "
+            f"{', '.join(flagged['raters'])}, quarantined or disabled since: look at it again."
+        )
     return "\n\n".join(lines)
 
 

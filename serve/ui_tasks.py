@@ -12,7 +12,7 @@ from tuneloop.core.records import Account, Winner
 from tuneloop.feedback.tasks import TaskKind
 from tuneloop.feedback.validation import FeedbackError
 from tuneloop.serve.auth import Principals
-from tuneloop.serve.limits import Limits
+from tuneloop.serve.limits import Limits, ranking_cost
 from tuneloop.serve.rating_desk import RatingDesk, TaskView
 from tuneloop.serve.task_queue import NoSuchTaskError
 from tuneloop.serve.ui_common import signed_in, within
@@ -56,7 +56,7 @@ def judge_task(
     ranking: list[int] | None = None,
 ) -> int | None:
     """Store a verdict on a task; the vote's row id, or None after warning the rater."""
-    if not within(limits.feedback, account):
+    if not within(limits.feedback, account, ranking_cost(len(ranking or ()))):
         return None
     try:
         return desk.judge(account, task_id, winner=winner, ranking=ranking).result()

@@ -21,7 +21,7 @@ SCHEMAS = {
         ]
     ),
     "kto": pa.schema([("prompt", MESSAGES), ("completion", MESSAGES), ("label", pa.bool_())]),
-    "sft": pa.schema([("messages", MESSAGES)]),
+    "sft": pa.schema([("prompt", MESSAGES), ("completion", MESSAGES)]),
 }
 TOPICS = ("lists", "tuples", "dicts", "sets", "strings", "files", "loops", "classes", "modules")
 
@@ -61,5 +61,6 @@ def write_datasets(out: Path, *, train_pairs: int = 64, heldout_pairs: int = 16)
         kto = [{"prompt": r["prompt"], "completion": r["chosen"], "label": True} for r in rows]
         kto += [{"prompt": r["prompt"], "completion": r["rejected"], "label": False} for r in rows]
         write_split(out, "kto", split, kto)
-        write_split(out, "sft", split, [{"messages": r["prompt"] + r["chosen"]} for r in rows])
+        sft = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+        write_split(out, "sft", split, sft)
     return out

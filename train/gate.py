@@ -187,8 +187,7 @@ def gate_prompts(
 ) -> list[list[dict]]:
     """Unique prompts for the gate: the operator's fixed set first (JSON lines, each a `prompt`
     or MT-bench's `turns`, whose first turn is taken), then those of the held-out dataset splits
-    (preference and kto rows' `prompt`, sft rows' `messages` without the final answer), which
-    come from traffic; the first `limit` of them. The fixed set comes first so that no flood of
+    (every dataset's `prompt` column), which come from traffic; the first `limit` of them. The fixed set comes first so that no flood of
     traffic can crowd it out."""
     import pyarrow.parquet as pq
 
@@ -207,14 +206,10 @@ def gate_prompts(
                     add([{"role": "user", "content": row.get("prompt") or row["turns"][0]}])
     for path in heldout_parquet_paths:
         table = pq.read_table(path)
-        if "prompt" in table.column_names:
-            for prompt in table.column("prompt").to_pylist():
-                add(prompt)
-        elif "messages" in table.column_names:
-            for messages in table.column("messages").to_pylist():
-                add(messages[:-1] if messages and messages[-1]["role"] == "assistant" else [])
-        else:
-            raise ValueError(f"{path}: no prompt or messages column")
+        if "prompt" not in table.column_names:
+            raise ValueError(f"{path}: no prompt column")
+        for prompt in table.column("prompt").to_pylist():
+            add(prompt)
     prompts = list(found.values())
     return prompts if limit is None else prompts[:limit]
 

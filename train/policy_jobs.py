@@ -51,10 +51,8 @@ def train_kto(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
 
 def train_sft(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
     tokenizer = load_training_tokenizer(spec)
-    # Loss on the assistant's tokens only, where the chat template marks them.
-    marked = "{% generation %}" in (tokenizer.chat_template or "")
-    defaults = {**SFT_DEFAULTS, "assistant_only_loss": marked}
-    return _train(spec, work, status, tokenizer, "sft", SFTConfig, SFTTrainer, defaults)
+    # The dataset is prompt and completion: TRL's loss falls on the completion only.
+    return _train(spec, work, status, tokenizer, "sft", SFTConfig, SFTTrainer, SFT_DEFAULTS)
 
 
 def _train(

@@ -51,7 +51,7 @@ DEFAULTS: dict[str, Any] = {
     # GRPO samples once per accumulation window: accumulating would double the answers per step.
     "gradient_accumulation_steps": 1,
 }
-PROMPT_SOURCES = {"preference": "prompt", "kto": "prompt", "sft": "messages"}
+PROMPT_SOURCES = ("preference", "kto", "sft")
 # Sampling answers is most of an RL job's time; the gate is the real evaluation.
 HELDOUT_PROMPTS = 32
 
@@ -103,9 +103,8 @@ def train_rl(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
 def unique_prompts(spec: JobSpec, work: Path, split: str) -> datasets.Dataset:
     """The distinct prompts of every dataset's `split`, as a `prompt` column, in a seeded order."""
     seen: dict[str, list[dict[str, str]]] = {}
-    for name, column in PROMPT_SOURCES.items():
-        for value in load_split_file(spec, work, name, split)[column]:
-            prompt = value[:-1] if column == "messages" else value
+    for name in PROMPT_SOURCES:
+        for prompt in load_split_file(spec, work, name, split)["prompt"]:
             seen.setdefault(json.dumps(prompt, sort_keys=True), prompt)
     prompts = [seen[key] for key in sorted(seen)]
     data = datasets.Dataset.from_dict({"prompt": prompts})

@@ -68,6 +68,9 @@ def _change(action: str) -> Callable[[argparse.Namespace], int]:
                 }
             if action == "role":
                 return to_json_dict(accounts.set_role(store, args.name, args.role, actor=actor))
+            if action in ("trust", "distrust"):
+                trusted = action == "trust"
+                return to_json_dict(accounts.set_trusted(store, args.name, trusted, actor=actor))
             changed = accounts.set_disabled(store, args.name, action == "disable", actor=actor)
             return to_json_dict(changed)
 
@@ -78,7 +81,8 @@ def _change(action: str) -> Callable[[argparse.Namespace], int]:
             print(result["token"])
         else:
             state = "disabled" if result["disabled"] else "active"
-            print(f"{result['name']}: {result['role']}, {state}")
+            trusted = ", trusted" if result["trusted"] else ""
+            print(f"{result['name']}: {result['role']}, {state}{trusted}")
         return 0
 
     return run
@@ -118,6 +122,8 @@ def register(command: Callable[..., Any]) -> None:
         ("disable", "disable an account: its token stops working at once"),
         ("enable", "enable a disabled account again"),
         ("token", "give an account a new token (the old one stops working) and print it"),
+        ("trust", "trust a user's edits as training targets (raters' always are)"),
+        ("distrust", "stop training on a user's edits"),
     ):
         command(action, help_text, _change(action), parent=sub).add_argument("name")
     forget = command(

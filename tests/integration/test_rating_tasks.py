@@ -159,7 +159,7 @@ def test_the_server_keeps_its_backlog_of_tasks_from_new_traffic(
 ) -> None:
     from tuneloop.core.settings import TaskSettings
 
-    tasks = TaskSettings(backlog=3, refill_seconds=0.2)
+    tasks = TaskSettings(backlog=3, refill_seconds=0.2, from_traffic=True)
     for server in live_server(tmp_path / "data", tiny_model_dir, ui=False, tasks=tasks):
         user = server.account("una")
         for i in range(5):

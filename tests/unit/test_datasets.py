@@ -37,12 +37,12 @@ from tuneloop.feedback.store import FeedbackStore
 TRL_COLUMNS = {
     "preference": ["prompt", "chosen", "rejected", "source"],
     "kto": ["prompt", "completion", "label"],
-    "sft": ["messages"],
+    "sft": ["prompt", "completion"],
 }
 
 
-# The rows here carry made-up rater names, not accounts: admit them.
-ANY_RATER = TrustSettings(anonymous=True)
+# The rows here carry made-up rater names, not accounts: admit them, and their edits.
+ANY_RATER = TrustSettings(anonymous=True, edits="all")
 
 
 class Feed:
@@ -258,7 +258,9 @@ def test_kto_labels_from_net_thumbs(built) -> None:
 
 def test_sft_from_edits_and_well_rated_answers(built) -> None:
     _, ds = built
-    got = sorted(tuple(m["content"] for m in r["messages"]) for r in rows(ds["sft"]))
+    got = sorted(
+        tuple(m["content"] for m in r["prompt"] + r["completion"]) for r in rows(ds["sft"])
+    )
     haiku = "Grey rain on tin roofs /\nthe gutters hum their one note /\nthe cat stays inside"
     rate = tuple(m.content for m in RATE)
     assert got == sorted(
@@ -269,9 +271,9 @@ def test_sft_from_edits_and_well_rated_answers(built) -> None:
             (*rate, "Hamlet (Act 3, Scene 1)."),  # 4
         ]
     )
-    multi_turn = [r["messages"] for r in rows(ds["sft"]) if len(r["messages"]) == 4]
-    assert multi_turn[0][:3] == msgs(RATE)  # roles, quotes, newline and dash round-trip
-    assert multi_turn[0][3]["role"] == "assistant"
+    multi_turn = [r for r in rows(ds["sft"]) if len(r["prompt"]) == 3]
+    assert multi_turn[0]["prompt"] == msgs(RATE)  # roles, quotes, newline and dash round-trip
+    assert [m["role"] for m in multi_turn[0]["completion"]] == ["assistant"]
 
 
 def test_files_load_with_datasets_in_trl_columns(built, tmp_path: Path) -> None:
@@ -289,7 +291,7 @@ def test_files_load_with_datasets_in_trl_columns(built, tmp_path: Path) -> None:
         if name == "kto":
             assert data.features["label"].dtype == "bool"
         if name == "sft":
-            assert first["messages"][-1]["role"] == "assistant"
+            assert first["completion"][-1]["role"] == "assistant"
 
 
 def test_split_by_prompt_hash_never_shares_a_prompt(tmp_path: Path) -> None:
@@ -336,7 +338,7 @@ def test_split_by_prompt_hash_never_shares_a_prompt(tmp_path: Path) -> None:
         for split in ("train", "heldout"):
             hashes = set()
             for r in rows(files, split):
-                prompt = r["messages"][:-1] if name == "sft" else r["prompt"]
+                prompt = r["prompt"]
                 h = prompt_hash([Message(**m) for m in prompt])
                 assert (heldout_bucket(h) < 50) == (split == "heldout"), (name, h)
                 hashes.add(h)
@@ -395,7 +397,7 @@ def test_the_trust_policy_names_the_pair_sources_training_takes(tmp_path: Path) 
         f.feedback(Comparison(a, b, "a", rater_id="r1"), Edit(b, "4, of course", rater_id="u1"))
         built = {}
         for sources in ("all", "comparison", "edit,regenerate"):
-            trust = TrustSettings(anonymous=True, pair_sources=sources)
+            trust = TrustSettings(anonymous=True, pair_sources=sources, edits="all")
             snap = create_snapshot(store, tmp_path / sources, trust)
             preference = build_datasets(snap.path, heldout_percent=0)["preference"]
             built[sources] = {r["source"] for r in rows(preference)}

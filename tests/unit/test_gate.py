@@ -197,7 +197,7 @@ def test_gate_cli_on_a_datasets_dir_against_another_policy(
     """The pipeline's call: prompts from held-out splits + MT-bench, a status file, a decision."""
     datasets = tmp_path / "datasets"
     datasets.mkdir()
-    rows = [{"messages": [*p, A]} for p in PROMPTS[:5]]
+    rows = [{"prompt": p, "completion": [A]} for p in PROMPTS[:5]]
     pq.write_table(pa.Table.from_pylist(rows), datasets / "sft.heldout.parquet")
     mt_bench = tmp_path / "questions.jsonl"
     mt_bench.write_text(
@@ -295,7 +295,8 @@ def test_gate_prompts_the_fixed_set_first_then_heldout_splits(tmp_path: Path) ->
         tmp_path / "kto.heldout.parquet",
     )
     pq.write_table(
-        pa.Table.from_pylist([{"messages": msgs("q4", "a4")}]), tmp_path / "sft.heldout.parquet"
+        pa.Table.from_pylist([{"prompt": msgs("q4"), "completion": msgs("x", "a4")[1:]}]),
+        tmp_path / "sft.heldout.parquet",
     )
     mt_bench = tmp_path / "questions.jsonl"
     question = {"question_id": 81, "category": "writing", "turns": ["Write.", "Rewrite."]}

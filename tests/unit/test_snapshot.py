@@ -279,7 +279,12 @@ def test_the_trust_policy_keeps_accounts_and_imports_and_drops_the_rest(
 
     strict = create_snapshot(store, tmp_path / "snaps")
     tables = strict.manifest["tables"]
-    assert strict.manifest["trust"] == {"anonymous": False, "pair_sources": "all"}
+    assert strict.manifest["trust"] == {
+        "anonymous": False,
+        "pair_sources": "all",
+        "max_user_share": 0.05,
+        "edits": "trusted",
+    }
     assert (tables["thumbs"]["rows"], tables["thumbs"]["left_out"]) == (2, 1)  # alice, import
     assert (tables["edits"]["rows"], tables["edits"]["left_out"]) == (0, 6)  # bob's 5, carol's
     assert (tables["comparisons"]["rows"], tables["comparisons"]["left_out"]) == (0, 1)
