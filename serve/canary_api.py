@@ -2,7 +2,8 @@
 
 - `GET /canary`: the running canary with its verdict so far, and the canaries before it (each
   with `flagged`: raters who decided it and are quarantined or disabled since)
-- `POST /canary {"version", "share"?, "judgments"?, "win_rate"?}`: hold a candidate in canary
+- `POST /canary {"version", "share"?, "judgments"?, "win_rate"?, "rater_share"?}`: hold a
+  candidate in canary
 - `POST /canary/check`: decide now if enough people judged (the loop checks every poll)
 - `POST /canary/stop {"reason"?}`: end it without a decision; the version stays a candidate
 """
@@ -31,6 +32,9 @@ class CanaryIn(BaseModel):
     share: float | None = Field(None, gt=0, le=1, description="default: the server's")
     judgments: int | None = Field(None, ge=1, description="before the human gate decides")
     win_rate: float | None = Field(None, ge=0, lt=1, description="the bar for the lower bound")
+    rater_share: float | None = Field(
+        None, gt=0, le=1, description="one rater's judgments count for at most this share"
+    )
 
 
 class StopIn(BaseModel):
@@ -64,6 +68,7 @@ def create_canary_router(control: LoopControl, principals: Principals) -> APIRou
             canary_share=body.share or gate.canary_share,
             human_judgments=body.judgments or gate.human_judgments,
             human_min_win_rate=gate.human_min_win_rate if body.win_rate is None else body.win_rate,
+            human_max_rater_share=body.rater_share or gate.human_max_rater_share,
         )
         canary = await run_in_threadpool(canaries().start, body.version, gate)
         await run_in_threadpool(record, account, "canary.start", body.version, share=canary.share)

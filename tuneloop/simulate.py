@@ -99,6 +99,12 @@ class SimulationConfig:
     human_judgments: int = setting(
         100, "judgments the human gate waits for", option="human_judgments"
     )
+    gate_attacker: int = setting(
+        0,
+        "with --human-gate: one plain account also sends this many judgments for the candidate "
+        "through every route a user has (they must not count)",
+        option="gate_attacker",
+    )
     canary_share: float = setting(
         GateSettings.canary_share, "the share of conversations the canary answers",
         option="canary_share",
@@ -252,8 +258,10 @@ def _human_gate(
         concurrency=config.concurrency,
         rng=rng,
         log=config.log,
+        attacker=config.gate_attacker,
     )
-    return {"status": decided["status"], **(decided["result"] or {})}
+    attack = {"attack": decided["attack"]} if "attack" in decided else {}
+    return {"status": decided["status"], **(decided["result"] or {}), **attack}
 
 
 class _Stopwatch:

@@ -83,7 +83,7 @@ def test_a_canary_gets_its_share_and_people_promote_then_reject(
 ) -> None:
     started = post(
         server, "/v1/admin/canary", people["otto"], version="policy-v2", share=SHARE,
-        judgments=12, win_rate=0.5,
+        judgments=12, win_rate=0.5, rater_share=0.34,
     )  # fmt: skip
     assert started.status_code == 201, started.text
     assert post(server, "/v1/admin/canary", people["otto"], version="policy-v3").status_code == 409
@@ -116,7 +116,10 @@ def test_a_canary_gets_its_share_and_people_promote_then_reject(
     assert versions["policy-v2"]["metrics"]["human_gate"]["win_rate"] == 1.0
 
     # A worse candidate: people prefer what serves, and it goes.
-    post(server, "/v1/admin/canary", people["otto"], version="policy-v3", judgments=6)
+    post(
+        server, "/v1/admin/canary", people["otto"], version="policy-v3", judgments=6,
+        rater_share=0.34,
+    )  # fmt: skip
     for i in range(40):
         chat(server, people["una"], f"again {i}")
     post(server, "/v1/admin/tasks", people["otto"], limit=2, overlap=3).raise_for_status()

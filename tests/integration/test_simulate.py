@@ -110,7 +110,9 @@ def test_simulated_people_promote_a_better_canary_and_reject_a_worse_one(
             "--data-dir", str(tmp_path / "sim"), "--model", str(demo),
             "--preference", "concise", "--comparisons", "600", "--heldout", "16",
             "--samples", "2", "--human-gate", "--human-judgments", "60",
-            *(["--invert"] if invert else []),
+            # Trained on the opposite, one plain account pushes it through every route a user
+            # has: people, not the attacker, decide.
+            *(["--invert", "--gate-attacker", "200"] if invert else []),
         ],
         capture_output=True,
         text=True,
@@ -123,6 +125,10 @@ def test_simulated_people_promote_a_better_canary_and_reject_a_worse_one(
     assert human["judgments"] >= 60 and human["baseline"] == "policy-v1"
     if invert:
         assert human["status"] == "rejected" and human["win_rate"] < 0.5, human
+        attack = human["attack"]
+        assert attack["sent"] == 200 and attack["tasks_next_status"] == 403, attack
+        assert sum(attack["stored"].values()) == 200  # stored as the user's own feedback
+        assert "sim-attacker" not in human["by_rater"]
         assert summary["promoted"] is False and summary["win_rate"] < 0.5
     else:
         assert human["status"] == "promoted" and human["lower"] > 0.5, human

@@ -66,3 +66,9 @@ def test_the_human_verdict_stands_beside_the_gates_and_the_canary_in_the_status(
         "Canary **policy-v3** answers 10% of conversations: 40 of 385 human judgments, win rate "
         "so far **0.55**." in status_markdown(status)
     )
+    assert "look at it again" not in status_markdown(status)
+    flagged = {"version": "policy-v2", "status": "promoted", "raters": ["rnd"]}
+    assert (
+        "Canary **policy-v2** was promoted with judgments of rnd, quarantined or disabled since"
+        in status_markdown(status | {"flagged_canaries": [flagged]})
+    )
