@@ -92,6 +92,10 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
+# The first admin's token of each data dir a benchmark started a server on (see `auth`).
+_ADMIN_TOKENS: dict[Path, str] = {}
+
+
 class ServerProcess:
     """`tuneloop up --no-ui` serving `model` from `data_dir` (which must be fresh) on a free port.
 
@@ -131,8 +135,12 @@ class ServerProcess:
 
     @property
     def auth(self) -> dict[str, str]:
-        """Headers that sign in as the first admin (its token is in the data dir)."""
-        return {"Authorization": f"Bearer {(self.data_dir / 'admin.token').read_text().strip()}"}
+        """Headers that sign in as the first admin. Its token is in the data dir until its first
+        sign-in, which removes the file: it is read once per data dir, and kept."""
+        key = self.data_dir.resolve()
+        if key not in _ADMIN_TOKENS:
+            _ADMIN_TOKENS[key] = (self.data_dir / "admin.token").read_text().strip()
+        return {"Authorization": f"Bearer {_ADMIN_TOKENS[key]}"}
 
     def __enter__(self) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from tuneloop.core.settings import (
     TaskSettings,
     TrustSettings,
 )
+from tuneloop.core.web_settings import WebSettings
 
 DEFAULT_DATA_DIR = Path("tuneloop-data")
 DEFAULT_HOST = "127.0.0.1"
@@ -144,3 +145,4 @@ class ServeConfig:
     # Folders besides the data dir whose files the admin API may read (imports, configs).
     file_dirs: tuple[Path, ...] = ()
     vllm: VllmSettings = field(default_factory=VllmSettings)
+    web: WebSettings = field(default_factory=WebSettings)

@@ -78,12 +78,20 @@ def setting(
     choices: Callable[[], Sequence[str]] | None = None,
     flag: str | None = None,
     positional: bool = False,
+    metavar: str | None = None,
 ) -> Any:
     """A settings field with its default and help. `option` exposes it under that name: in the
     admin API's request, and on the command line with dashes (`gate_prompts`: `--gate-prompts`)
     unless `flag` names it otherwise, or as an argument when `positional`; `choices` gives the
-    allowed values when asked (so that a kind added later is among them). See `options`."""
-    metadata = {"help": help, "option": option, "choices": choices, "flag": flag}
+    allowed values when asked (so that a kind added later is among them); `metavar` names a
+    repeatable option's value in the help (default KEY=VALUE). See `options`."""
+    metadata = {
+        "help": help,
+        "option": option,
+        "choices": choices,
+        "flag": flag,
+        "metavar": metavar,
+    }
     return field(default=default, metadata={**metadata, "positional": positional})
 
 
@@ -452,7 +460,8 @@ class LimitSettings:
     )
     logins_per_minute: int = setting(
         10,
-        "sign-in attempts per minute from one address to the UI (0: no limit)",
+        "sign-in attempts to the UI per minute, from one address and for one account name "
+        "(0: no limit)",
         option="logins_per_minute",
     )
 

@@ -4,18 +4,23 @@ memory, and what their role allows.
 `Principals` holds every enabled account by the SHA-256 of its token, loaded once at start and
 again after each account change made through this server (the only writer of the database while
 it runs), so a request costs a hash and a dict lookup, never a database round trip. The routes
-take `Depends(principals.require(role))`; the UI signs in with the same accounts.
+take `Depends(principals.require(role))`; the UI signs in with the same accounts, in sessions
+tied to the token (`serve.sessions`, `principals.sessions` where the server has a UI).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from fastapi import Header, HTTPException
 
 from tuneloop.core.records import Account, role_allows
 from tuneloop.feedback.accounts import token_sha256
+
+if TYPE_CHECKING:
+    from tuneloop.serve.sessions import Sessions
 
 
 class Principals:
@@ -27,6 +32,9 @@ class Principals:
         self._lock = threading.Lock()
         self._by_hash: dict[str, Account] = {}
         self._by_name: dict[str, Account] = {}
+        self._first_use: dict[str, Callable[[], None]] = {}
+        # The UI's sessions, set by `server.build_app` when it mounts the UI.
+        self.sessions: Sessions | None = None
         self.reload()
 
     def reload(self) -> None:
@@ -35,15 +43,30 @@ class Principals:
         with self._lock:
             self._by_hash = fresh
             self._by_name = {a.name: a for a in fresh.values()}
+        if self.sessions is not None:
+            self.sessions.end_invalid()
 
     def signed_in(self, token: str) -> Account | None:
         """The enabled account this token signs in, if any."""
-        return self._by_hash.get(token_sha256(token.strip())) if token else None
+        if not token:
+            return None
+        sha = token_sha256(token.strip())
+        account = self._by_hash.get(sha)
+        if account is not None and self._first_use:
+            with self._lock:
+                action = self._first_use.pop(sha, None)
+            if action is not None:
+                action()
+        return account
 
-    def check_password(self, name: str, token: str) -> bool:
-        """The UI's sign-in: the account's name and its token."""
-        account = self.signed_in(token)
-        return account is not None and account.name == name
+    def when_first_used(self, token: str, action: Callable[[], None]) -> None:
+        """Run `action` once, at the first sign-in with `token` (through the API or the UI)."""
+        with self._lock:
+            self._first_use[token_sha256(token.strip())] = action
+
+    def by_hash(self, sha256: str) -> Account | None:
+        """The enabled account whose token has this SHA-256 (a UI session keeps only that)."""
+        return self._by_hash.get(sha256)
 
     def by_name(self, name: str) -> Account | None:
         """An enabled account by name (the UI knows who signed in by name only)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -32,13 +33,13 @@ from tuneloop.serve.gateway_store import (
     primary_client,
 )
 from tuneloop.serve.limits import Limits, RateLimiter
-from tuneloop.serve.server import log, open_engine, serve_app
+from tuneloop.serve.server import guarded, log, open_engine, serve_app
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
     primary: str  # the primary's URL
-    token: str  # the primary's gateway token (`<data-dir>/gateway.token`)
+    token_file: Path  # holds the primary's gateway token; read again as it changes
     serve: ServeConfig  # host, port and engine; its data dir and limits are not used
     follow_s: float = 1.0
 
@@ -84,7 +85,7 @@ def run_gateway(
 ) -> None:
     """Serve until interrupted (or `stop` is set); writes waiting for the primary are sent
     before it exits."""
-    client = primary_client(config.primary, config.token)
+    client = primary_client(config.primary, config.token_file)
     store = RemoteStore(client)
     principals = RemotePrincipals(client)
     engine = open_engine(config.serve, served_version(client))
@@ -98,7 +99,7 @@ def run_gateway(
             RateLimiter(0, "feedback rows"),
             RateLimiter(0, "sign-in attempts"),
         )
-        app = create_api(service, principals, limits)
+        app = guarded(create_api(service, principals, limits), config.serve.web)
         serve_app(app, config.serve.host, config.serve.port, on_ready, stop)
     finally:
         follower.close()

@@ -2,7 +2,9 @@
 same engine, each with no store of its own. This server owns the DuckDB file; gateways send it
 the answers and feedback they take, in batches, and read through it what they need. Every route
 takes the gateway token (`<data-dir>/gateway.token`, which only the data dir's owner may read),
-never an account's: accounts sign in at the gateways.
+never an account's: accounts sign in at the gateways. The file is read again whenever it changes,
+so `tuneloop gateway token` (`rotate_gateway_token`) replaces the token of a running server: the
+old one is refused from the next request on.
 
 - `POST /v1/gateway/writes {"ops": [...]}`: each op (`{"response": {...}, "new_conversation":
   bool}` or `{"feedback": {...}, "own_answers_only": bool}`) goes to the store as if it came
@@ -18,7 +20,7 @@ never an account's: accounts sign in at the gateways.
   answer of the account from this server's own bucket. With the feedback counted in `writes`,
   an account's limits hold across the primary and every gateway together.
 - `GET /v1/gateway/conversations/{id}/owner`, `GET /v1/gateway/served` (the version and its
-  files), `GET /v1/gateway/counts`.
+  files), `GET /v1/gateway/counts?rater=NAME` (all rows without a rater).
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations.
@@ -42,7 +44,7 @@ from tuneloop.feedback.registry import get_version
 from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService
 from tuneloop.serve.errors import STATUS_BY_ERROR, RateLimitedError, status_of
-from tuneloop.serve.limits import Limits
+from tuneloop.serve.limits import Limits, feedback_cost
 
 MAX_OPS = 4096
 
@@ -56,6 +58,44 @@ def gateway_token(data_dir: DataDir) -> str:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32))
     return path.read_text().strip()
+
+
+def rotate_gateway_token(data_dir: DataDir) -> Path:
+    """Write a new gateway token (0600) in place of the old one, atomically; its path."""
+    path = data_dir.gateway_token_file
+    data_dir.root.mkdir(parents=True, exist_ok=True)
+    fresh = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32))
+    os.replace(fresh, path)
+    return path
+
+
+class GatewayToken:
+    """The gateway token as its file holds it now: read again when the file changes (another
+    inode, size or modification time), so a rotation takes effect at the next request. No file,
+    or an empty one, lets no one in."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._seen: tuple[int, int, int] | None = None
+        self._token = ""
+
+    def matches(self, given: str) -> bool:
+        token = self.current()
+        return bool(token) and hmac.compare_digest(given.strip(), token)
+
+    def current(self) -> str:
+        """The token the file holds now ("" without one)."""
+        try:
+            st = os.stat(self._path)
+            seen = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if seen != self._seen:
+                self._token, self._seen = self._path.read_text().strip(), seen
+        except OSError:
+            self._token, self._seen = "", None
+        return self._token
 
 
 class WritesIn(BaseModel):
@@ -74,12 +114,13 @@ class TakeIn(BaseModel):
 def create_gateway_router(
     service: ChatService, data_dir: DataDir, principals: Principals, limits: Limits
 ) -> APIRouter:
-    token = gateway_token(data_dir)
+    gateway_token(data_dir)
+    token = GatewayToken(data_dir.gateway_token_file)
     store = service.store
 
     async def gateway(authorization: str = Header("")) -> None:
         scheme, _, given = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+        if scheme.lower() != "bearer" or not token.matches(given):
             raise HTTPException(401, "gateway routes take the gateway token")
 
     router = APIRouter(prefix="/v1/gateway", dependencies=[Depends(gateway)])
@@ -95,7 +136,7 @@ def create_gateway_router(
             # The gateway checked who sent it; its limit is counted here, with the rater's
             # feedback through every other server.
             rater = principals.by_name(fb.rater_id) or Account(fb.rater_id, "user")
-            Limits.take(limits.feedback, rater)
+            Limits.take(limits.feedback, rater, feedback_cost(fb))
             own = bool(op.get("own_answers_only"))
             return store.submit_feedback(fb, own_answers_only=own)
         raise WireError("an op is a response or a feedback")
@@ -144,8 +185,8 @@ def create_gateway_router(
         return {"version": service.version, "path": str(Path(path)) if path else None}
 
     @router.get("/counts")
-    async def counts() -> dict[str, int]:
-        return await run_in_threadpool(store.feedback_counts)
+    async def counts(rater: str | None = None) -> dict[str, int]:
+        return await run_in_threadpool(store.feedback_counts, rater)
 
     return router
 

@@ -18,8 +18,11 @@ import contextlib
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from starlette.concurrency import run_in_threadpool
@@ -35,6 +38,7 @@ from tuneloop.feedback.validation import (
 from tuneloop.serve.auth import Principals
 from tuneloop.serve.engine import EngineUnavailableError
 from tuneloop.serve.errors import RateLimitedError
+from tuneloop.serve.gateway_api import GatewayToken
 from tuneloop.serve.limits import RateLimiter
 
 ID_BLOCK = 256
@@ -54,13 +58,24 @@ class StoreUnavailableError(EngineUnavailableError):
     """The primary, which keeps the store, cannot be reached: nothing was written."""
 
 
-def primary_client(url: str, token: str, timeout: float = 30.0) -> httpx.Client:
-    """A client of the primary's gateway routes (`url` is the primary's own)."""
+def primary_client(url: str, token_file: Path, timeout: float = 30.0) -> httpx.Client:
+    """A client of the primary's gateway routes (`url` is the primary's own), signed in with
+    the token `token_file` holds at each request: after `tuneloop gateway token` rewrites the
+    file, a gateway goes on with the new token, unrestarted."""
     return httpx.Client(
         base_url=f"{url.rstrip('/')}/v1/gateway",
-        headers={"Authorization": f"Bearer {token}"},
+        auth=_TokenFileAuth(GatewayToken(token_file)),
         timeout=timeout,
     )
+
+
+class _TokenFileAuth(httpx.Auth):
+    def __init__(self, token: GatewayToken) -> None:
+        self._token = token
+
+    def auth_flow(self, request: httpx.Request) -> Iterator[httpx.Request]:
+        request.headers["Authorization"] = f"Bearer {self._token.current()}"
+        yield request
 
 
 class RemoteStore:
@@ -177,8 +192,8 @@ class RemoteStore:
 
     # --- reads ---
 
-    def feedback_counts(self) -> dict[str, int]:
-        return self._call("GET", "/counts")
+    def feedback_counts(self, rater: str | None = None) -> dict[str, int]:
+        return self._call("GET", "/counts" if rater is None else f"/counts?rater={quote(rater)}")
 
     @property
     def writing(self) -> bool:
@@ -257,7 +272,8 @@ class SharedLimiter(RateLimiter):
     def _due(self) -> bool:
         return self._clock() - self._read_at > self._refresh_s
 
-    def wait_s(self, key: str) -> float:
+    def wait_s(self, key: str, cost: int = 1) -> float:
+        """One answer of `key` from the primary's bucket (answers cost one each)."""
         if self._due():
             self._read_limit()
         if self.per_minute <= 0:
@@ -269,9 +285,9 @@ class SharedLimiter(RateLimiter):
             self.per_minute = int(taken["per_minute"])
             return float(taken["wait_s"])
         except (httpx.HTTPError, ValueError, KeyError):
-            return super().wait_s(key)
+            return super().wait_s(key, cost)
 
-    async def wait_s_async(self, key: str) -> float:
+    async def wait_s_async(self, key: str, cost: int = 1) -> float:
         if self.per_minute <= 0 and not self._due():
             return 0.0
-        return await run_in_threadpool(self.wait_s, key)
+        return await run_in_threadpool(self.wait_s, key, cost)

@@ -12,11 +12,10 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
-from tuneloop.core.records import Account, role_allows
+from tuneloop.core.records import Account, Feedback, Ranking, role_allows
 from tuneloop.core.settings import LimitSettings
-from tuneloop.serve.errors import RateLimitedError, error_response
+from tuneloop.serve.errors import RateLimitedError
 
 _FORGET_AFTER_S = 3600.0
 _TIDY_AT = 10_000
@@ -28,26 +27,28 @@ class RateLimiter:
         self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last refill)
         self._lock = threading.Lock()
 
-    def wait_s(self, key: str) -> float:
-        """Take one request for `key`: 0.0 when allowed, else the seconds until it would be."""
+    def wait_s(self, key: str, cost: int = 1) -> float:
+        """Take `cost` requests for `key` (at most a full bucket): 0.0 when allowed, else the
+        seconds until they would be."""
         if self.per_minute <= 0:
             return 0.0
         rate, now = self.per_minute / 60.0, self._clock()
+        cost = min(max(cost, 1), self.per_minute)
         with self._lock:
             tokens, last = self._buckets.get(key, (float(self.per_minute), now))
             tokens = min(float(self.per_minute), tokens + (now - last) * rate)
-            if tokens >= 1.0:
-                self._buckets[key] = (tokens - 1.0, now)
+            if tokens >= cost:
+                self._buckets[key] = (tokens - cost, now)
                 if len(self._buckets) > _TIDY_AT:
                     self._tidy(now)
                 return 0.0
             self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / rate
+            return (cost - tokens) / rate
 
-    async def wait_s_async(self, key: str) -> float:
+    async def wait_s_async(self, key: str, cost: int = 1) -> float:
         """`wait_s` from the event loop: the same here; a limiter that asks another server
         (a gateway's, `serve.gateway_store.SharedLimiter`) does it off the loop."""
-        return self.wait_s(key)
+        return self.wait_s(key, cost)
 
     def refusal(self, key: str, wait: float) -> RateLimitedError:
         """The error for `key`, `wait` seconds short of a request."""
@@ -81,46 +82,35 @@ class Limits:
         )
 
     @staticmethod
-    def take(limiter: RateLimiter, account: Account) -> None:
-        """Take one request of `account` from `limiter`, or raise its `RateLimitedError`;
+    def take(limiter: RateLimiter, account: Account, cost: int = 1) -> None:
+        """Take `cost` requests of `account` from `limiter`, or raise its `RateLimitedError`;
         operators and admins pass."""
-        wait = Limits.wait_s(limiter, account)
+        wait = Limits.wait_s(limiter, account, cost)
         if wait > 0:
             raise limiter.refusal(account.name, wait)
 
     @staticmethod
-    def wait_s(limiter: RateLimiter, account: Account) -> float:
-        """Take one request of `account` from `limiter`: 0.0, or the seconds to wait."""
-        return 0.0 if role_allows(account.role, "operator") else limiter.wait_s(account.name)
+    def wait_s(limiter: RateLimiter, account: Account, cost: int = 1) -> float:
+        """Take `cost` requests of `account` from `limiter`: 0.0, or the seconds to wait."""
+        if role_allows(account.role, "operator"):
+            return 0.0
+        return limiter.wait_s(account.name, cost)
 
     @staticmethod
-    async def check(limiter: RateLimiter, account: Account) -> None:
+    async def check(limiter: RateLimiter, account: Account, cost: int = 1) -> None:
         """`take` from the event loop (a gateway's limiter asks the primary off the loop)."""
         if not role_allows(account.role, "operator"):
-            wait = await limiter.wait_s_async(account.name)
+            wait = await limiter.wait_s_async(account.name, cost)
             if wait > 0:
                 raise limiter.refusal(account.name, wait)
 
 
-class LoginLimit:
-    """ASGI middleware: at most `limiter.per_minute` sign-in attempts (`POST /login`, Gradio's
-    form) per client address; more get a 429 before the password is checked."""
+def feedback_cost(fb: Feedback) -> int:
+    """What one feedback row counts against the feedback limit: the preference pairs it makes
+    (a k-way ranking is k(k-1)/2 of them, as training sees it), at least 1."""
+    return ranking_cost(len(fb.response_ids)) if isinstance(fb, Ranking) else 1
 
-    def __init__(self, app: Any, limiter: RateLimiter) -> None:
-        self.app, self.limiter = app, limiter
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["method"] == "POST"
-            and scope["path"].rstrip("/") == "/login"
-        ):
-            address = (scope.get("client") or ("unknown",))[0]
-            wait = self.limiter.wait_s(address)
-            if wait > 0:
-                seconds = str(math.ceil(wait))
-                message = f"too many sign-in attempts from {address}; try again in {seconds} s"
-                response = error_response(429, message, {"Retry-After": seconds})
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+def ranking_cost(answers: int) -> int:
+    """`feedback_cost` of a ranking of `answers` answers (0: a vote that is no ranking)."""
+    return max(1, answers * (answers - 1) // 2)

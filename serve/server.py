@@ -16,6 +16,7 @@ from tuneloop.core.config import DataDir, ServeConfig
 from tuneloop.core.files import write_json_atomic
 from tuneloop.core.records import ModelVersion
 from tuneloop.core.settings import DEFAULT_MODEL, LimitSettings
+from tuneloop.core.web_settings import WebSettings
 from tuneloop.feedback.accounts import FIRST_ADMIN, ensure_first_admin, token_index
 from tuneloop.feedback.registry import ensure_served_policy
 from tuneloop.feedback.store import FeedbackStore
@@ -29,9 +30,11 @@ from tuneloop.serve.canary_api import create_canary_router
 from tuneloop.serve.chat_service import ChatService
 from tuneloop.serve.engine import EmbeddedEngine, Engine
 from tuneloop.serve.gateway_api import create_gateway_router
-from tuneloop.serve.limits import Limits, LoginLimit
+from tuneloop.serve.limits import Limits
 from tuneloop.serve.rating_desk import RatingDesk, TaskRefill
+from tuneloop.serve.sessions import Sessions, SignInLimit, mounted_gradio
 from tuneloop.serve.tasks_api import create_raters_router, create_tasks_router
+from tuneloop.serve.web_security import WebGuard
 
 
 def open_engine(config: ServeConfig, version: ModelVersion) -> Engine:
@@ -58,9 +61,12 @@ def build_app(
     with_ui: bool = True,
     limits: LimitSettings | None = None,
     file_dirs: tuple[Path, ...] = (),
+    web: WebSettings | None = None,
 ) -> FastAPI:
+    web = web or WebSettings()
     limits = Limits.of(limits or LimitSettings())
     principals = Principals(lambda: token_index(service.store))
+    remove_at_first_sign_in(principals, data_dir.admin_token_file)
     app = create_api(service, principals, limits)
     app.include_router(create_admin_router(service, control, data_dir, principals, file_dirs))
     app.include_router(create_users_router(service.store, principals, desk.reload))
@@ -73,15 +79,41 @@ def build_app(
 
         from tuneloop.serve.ui import build_ui
 
+        sessions = Sessions(principals, web.session_idle_s, web.session_max_s)
+        principals.sessions = sessions
         app = gr.mount_gradio_app(
             app,
             build_ui(service, control, desk, principals, limits),
             path="/",
-            auth=principals.check_password,
+            auth=sessions.check_password,
             auth_message="Sign in with your account's name and token (`tuneloop users add`).",
+            # Gradio's app would serve its own /openapi.json to anyone (its API's description
+            # is at /gradio_api/info, behind the sign-in).
+            app_kwargs={"openapi_url": None},
         )
-        app.add_middleware(LoginLimit, limiter=limits.logins)
+        sessions.install(mounted_gradio(app))
+        app.add_middleware(SignInLimit, limiter=limits.logins)
+    return guarded(app, web)
+
+
+def guarded(app: FastAPI, web: WebSettings) -> FastAPI:
+    """`app` with the web's defences (`serve.web_security`) and without its API docs unless
+    `web.api_docs`: the primary's, and each gateway's."""
+    if not web.api_docs:
+        hide_api_docs(app)
+    # Added last, so outermost: it resolves the client for the sign-in limit, and answers first.
+    app.add_middleware(
+        WebGuard, allowed_origins=web.allowed_origins, trusted_proxies=web.proxy_networks()
+    )
     return app
+
+
+def hide_api_docs(app: FastAPI) -> None:
+    """Take FastAPI's /docs, /redoc and /openapi.json off `app`: they describe every route to
+    anyone, signed in or not (`tuneloop up --api-docs` keeps them)."""
+    hidden = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
+    app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in hidden]
+    app.openapi_url = app.docs_url = app.redoc_url = None
 
 
 def log(message: str) -> None:
@@ -113,8 +145,9 @@ def create_control(config: ServeConfig, service: ChatService) -> LoopControl:
 
 
 def first_admin(store: FeedbackStore, data_dir: DataDir) -> None:
-    """On a data dir without an admin: make one, write its token to `admin.token` (which only
-    the data dir's owner may read; the CLI uses it) and say how to sign in."""
+    """On a data dir without an admin: make one, print its token to the log and write it to
+    `admin.token` (which only the data dir's owner may read) for a first sign-in; the file goes
+    at that sign-in (`remove_at_first_sign_in`)."""
     token = ensure_first_admin(store)
     if token is None:
         return
@@ -124,10 +157,30 @@ def first_admin(store: FeedbackStore, data_dir: DataDir) -> None:
         f.write(token)
     os.chmod(data_dir.admin_token_file, 0o600)  # O_CREAT's mode does not apply to an old file
     log(
-        f"made the first account, {FIRST_ADMIN!r} (admin): sign in with the token in "
-        f"{data_dir.admin_token_file}; `tuneloop users add NAME --role user|rater|operator` "
-        "makes accounts for others"
+        f"made the first account, {FIRST_ADMIN!r} (admin), whose token is {token} (shown once; "
+        f"also in {data_dir.admin_token_file} until its first sign-in, which removes the file); "
+        "`tuneloop users add NAME --role user|rater|operator` makes accounts for others"
     )
+
+
+def remove_at_first_sign_in(principals: Principals, token_file: Path) -> None:
+    """Remove the first admin's token file at the first sign-in with it (the UI, or an API call
+    such as the CLI's): a secret that has been used has no business on disk. A file left by an
+    earlier start that no one signed in with goes the same way."""
+    try:
+        token = token_file.read_text().strip()
+    except FileNotFoundError:
+        return
+
+    def remove() -> None:
+        token_file.unlink(missing_ok=True)
+        log(
+            f"removed {token_file}: its token has signed in; the CLI now needs "
+            "TUNELOOP_TOKEN while this server runs"
+        )
+
+    if token:
+        principals.when_first_used(token, remove)
 
 
 def run_server(
@@ -169,6 +222,7 @@ def run_server(
             with_ui=config.ui,
             limits=config.limits,
             file_dirs=config.file_dirs,
+            web=config.web,
         )
 
         def ready(url: str) -> None:
@@ -201,7 +255,16 @@ def serve_app(
     import uvicorn
 
     server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+            # X-Forwarded-* are believed from --trusted-proxy peers only (`web_security`);
+            # uvicorn's own handling would believe any local peer.
+            proxy_headers=False,
+        )
     )
     watcher = threading.Thread(target=_announce, daemon=True, args=(server, on_ready, stop))
     watcher.start()

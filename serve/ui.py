@@ -27,7 +27,8 @@ def build_ui(
 ) -> gr.Blocks:
     """The Blocks app; `server.build_app` mounts it next to the API with `principals`' sign-in,
     and the same `limits`."""
-    with gr.Blocks(title="tuneloop") as ui:
+    # No analytics: Gradio would otherwise report to its servers and check its version there.
+    with gr.Blocks(title="tuneloop", analytics_enabled=False) as ui:
         with gr.Row():
             with gr.Column(scale=3):
                 gr.Markdown(

@@ -15,7 +15,7 @@ from tuneloop.feedback.validation import FeedbackError
 from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService, ChatTurn
 from tuneloop.serve.engine import PromptTooLongError
-from tuneloop.serve.limits import Limits, RateLimiter
+from tuneloop.serve.limits import Limits, RateLimiter, feedback_cost
 
 CHAT_PARAMS = SamplingParams(max_tokens=256, temperature=0.7)
 # Events that generate run this many at once (Gradio's default is one per event function).
@@ -44,13 +44,18 @@ def start_turn(
 
 
 def signed_in(principals: Principals, request: gr.Request, role: str = "user") -> Account | None:
-    """The account behind this event (Gradio's sign-in names it), which must have `role`; or
-    None after telling the person why not. Every handler that reads or changes anything asks:
-    a call to Gradio's API without the role changes nothing."""
-    name = getattr(request, "username", None)
-    account = principals.by_name(name) if name else None
-    if account is None:
-        gr.Warning("Sign in again: this account is unknown or disabled.")
+    """The account of this event's session, which must have `role`; or None after telling the
+    person why not. The session is the one its cookie names (`serve.sessions`), valid only while
+    the token it signed in with still signs in the same enabled account with the same role, and
+    within its time limits. Every handler that reads or changes anything asks: a call to
+    Gradio's API without a valid session or the role changes nothing."""
+    sessions = principals.sessions
+    account = sessions.account_of(request) if sessions is not None else None
+    if account is None or account.name != getattr(request, "username", None):
+        gr.Warning(
+            "Sign in again: this session has ended (signed out, timed out, or the account's "
+            "token, role or state changed)."
+        )
         return None
     if not role_allows(account.role, role):
         gr.Warning(f"{account.name} is a {account.role}; this needs {role}.")
@@ -58,8 +63,8 @@ def signed_in(principals: Principals, request: gr.Request, role: str = "user") -
     return account
 
 
-def within(limiter: RateLimiter, account: Account) -> bool:
-    wait = Limits.wait_s(limiter, account)
+def within(limiter: RateLimiter, account: Account, cost: int = 1) -> bool:
+    wait = Limits.wait_s(limiter, account, cost)
     if wait > 0:
         gr.Warning(
             f"Over the limit of {limiter.per_minute} {limiter.what} a minute: "
@@ -72,7 +77,7 @@ def record(service: ChatService, limits: Limits, account: Account, fb: Feedback)
     """Store `account`'s feedback; the row's id, or None after warning the rater what was wrong
     (over its limit, an answer not theirs: in the UI everyone judges the answers given to
     them)."""
-    if not within(limits.feedback, account):
+    if not within(limits.feedback, account, feedback_cost(fb)):
         return None
     try:
         return service.record_feedback(fb, own_answers_only=True)

@@ -444,7 +444,9 @@ def operator_visibility(principals: Principals) -> Callable[[gr.Request], gr.Tab
     """The page-load handler that shows the Operator tab to operators and admins only."""
 
     def show(request: gr.Request) -> gr.Tab:
-        account = principals.by_name(getattr(request, "username", None) or "")
+        # The session's account (`serve.sessions`), not just the name Gradio knows it by.
+        sessions = principals.sessions
+        account = sessions.account_of(request) if sessions is not None else None
         return gr.Tab(visible=account is not None and role_allows(account.role, "operator"))
 
     return show

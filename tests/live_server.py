@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +20,9 @@ class LiveServer:
     url: str
     data_dir: DataDir
     model_dir: Path | None
-
-    @property
-    def token(self) -> str:
-        """The first admin's token, which the server wrote to the data dir on its first start."""
-        return self.data_dir.admin_token_file.read_text().strip()
+    # The first admin's token, read from the data dir as the server starts: the server removes
+    # the file at the token's first sign-in.
+    token: str
 
     @property
     def auth(self) -> dict[str, str]:
@@ -31,11 +31,31 @@ class LiveServer:
 
     def account(self, name: str, role: str = "user") -> dict[str, str]:
         """Make an account through the API; headers that sign in as it."""
+        return {"Authorization": f"Bearer {self.account_token(name, role)}"}
+
+    def account_token(self, name: str, role: str = "user") -> str:
+        """Make an account through the API; its token."""
         made = httpx.post(
             f"{self.url}/v1/admin/users", json={"name": name, "role": role}, headers=self.auth
         )
         made.raise_for_status()
-        return {"Authorization": f"Bearer {made.json()['token']}"}
+        return made.json()["token"]
+
+    @contextmanager
+    def ui_client(self, name: str, token: str) -> Iterator[httpx.Client]:
+        """A client signed in to the UI as `name` through Gradio's login form, keeping its
+        session cookie (`ui_call` calls the UI's handlers with it)."""
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            signed = client.post("/login", data={"username": name, "password": token})
+            assert signed.status_code == 200, signed.text
+            yield client
+
+
+def ui_call(client: httpx.Client, handler: str, *inputs: object) -> httpx.Response:
+    """Call a UI event handler by its Gradio API name (`/gradio_api/info` lists them), as the
+    page does for events that skip the queue (a generator gives its first output and goes no
+    further: `ui_queue_call` runs one to its end)."""
+    return client.post(f"/gradio_api/run/{handler}", json={"data": list(inputs)})
 
 
 def _local_only(spec: str) -> str:
@@ -57,4 +77,29 @@ def live_server(data_root: Path, model_dir: Path | None, **config: object) -> It
         DataDir(data_root), model=str(model_dir) if model_dir else None, port=0, **config
     )
     with server_in_thread(cfg, _local_only) as url:
-        yield LiveServer(url, cfg.data_dir, model_dir)
+        token = cfg.data_dir.admin_token_file.read_text().strip()
+        yield LiveServer(url, cfg.data_dir, model_dir, token)
+
+
+def ui_queue_call(
+    client: httpx.Client, handler: str, *inputs: object, headers: dict[str, str] | None = None
+) -> tuple[int, str]:
+    """Call a handler through Gradio's queue, as the page does for most events: join, then
+    read the event's stream to its end (every input, a `gr.State`'s too). The join's status,
+    and the stream's text."""
+    config = client.get("/config")
+    if config.status_code != 200:
+        return config.status_code, ""
+    fn = next(d["id"] for d in config.json()["dependencies"] if d.get("api_name") == handler)
+    session = uuid.uuid4().hex
+    body = {"data": list(inputs), "fn_index": fn, "session_hash": session}
+    joined = client.post("/gradio_api/queue/join", json=body, headers=headers)
+    if joined.status_code != 200:
+        return joined.status_code, joined.text
+    lines = []
+    with client.stream("GET", f"/gradio_api/queue/data?session_hash={session}") as stream:
+        for line in stream.iter_lines():
+            lines.append(line)
+            if "process_completed" in line:
+                break
+    return 200, "\n".join(lines)

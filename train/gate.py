@@ -187,8 +187,8 @@ def gate_prompts(
 ) -> list[list[dict]]:
     """Unique prompts for the gate: the operator's fixed set first (JSON lines, each a `prompt`
     or MT-bench's `turns`, whose first turn is taken), then those of the held-out dataset splits
-    (every dataset's `prompt` column), which come from traffic; the first `limit` of them. The fixed set comes first so that no flood of
-    traffic can crowd it out."""
+    (every dataset's `prompt` column), which come from traffic; the first `limit` of them. The
+    fixed set comes first so that no flood of traffic can crowd it out."""
     import pyarrow.parquet as pq
 
     found: dict[str, list[dict]] = {}

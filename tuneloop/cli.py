@@ -44,6 +44,7 @@ from tuneloop.core.settings import (
     TaskSettings,
     TrustSettings,
 )
+from tuneloop.core.web_settings import WebSettings
 from tuneloop.models import ModelError, resolve_model
 from tuneloop.remote import ServerError, local_or_server
 
@@ -69,13 +70,15 @@ def _cmd_up(args: argparse.Namespace) -> int:
         trust=settings_from_args(TrustSettings, args),
         tasks=settings_from_args(TaskSettings, args),
         file_dirs=tuple(p.resolve() for p in args.allow_files),
+        web=settings_from_args(WebSettings, args),
     )
 
     def resolve(spec: str) -> str:
         return resolve_model(spec, demo_seconds=args.demo_seconds)
 
     def ready(url: str) -> None:
-        print(f"tuneloop: serving {url}  (chat UI at /, API at /v1, docs at /docs)", flush=True)
+        docs = ", docs at /docs" if config.web.api_docs else ""
+        print(f"tuneloop: serving {url}  (chat UI at /, API at /v1{docs})", flush=True)
 
     from tuneloop.serve.vllm_server import VllmError
 
@@ -206,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(up, LimitSettings)
     add_options(up, TrustSettings)
     add_options(up, TaskSettings)
+    add_options(up, WebSettings)
 
     gateway = command(
         "gateway",

@@ -1,5 +1,5 @@
 """`tuneloop gateway`: one more server in front of the engine, recording into the primary's store
-(`tuneloop.serve.gateway`)."""
+(`tuneloop.serve.gateway`); `tuneloop gateway token`: a new gateway token."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.cli_engine import add_engine_arguments, vllm_settings
-from tuneloop.core.config import DEFAULT_HOST, DataDir, ServeConfig
+from tuneloop.core.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DataDir, ServeConfig
 
 DEFAULT_GATEWAY_PORT = 7870
 
@@ -35,6 +35,23 @@ def add_gateway_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-concurrency", type=int, default=8, help="answers generated at once (default: 8)"
     )
+    actions = p.add_subparsers(
+        dest="gateway_action", metavar="[ACTION]", title="actions (without one, serve)"
+    )
+    token_help = (
+        "write a new gateway token to <data-dir>/gateway.token (0600): a running primary "
+        "reads the file again when it changes, so the old token is refused from its next "
+        "gateway request on, and gateways that read the same file (--gateway-token-file) "
+        "use the new token from their next request; copy it to gateways on other machines"
+    )
+    token = actions.add_parser("token", help=token_help, description=token_help)
+    token.add_argument(
+        "--data-dir",
+        type=Path,
+        default=argparse.SUPPRESS,  # else this default would win over `gateway --data-dir`
+        help=f"the primary's data dir (default: {DEFAULT_DATA_DIR})",
+    )
+    token.set_defaults(fn=cmd_gateway_token)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -42,9 +59,9 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     dd = DataDir(args.data_dir)
     primary = args.primary or _running_primary(dd)
-    token_file = args.gateway_token_file or dd.gateway_token_file
+    token_file = Path(args.gateway_token_file or dd.gateway_token_file)
     try:
-        token = Path(token_file).read_text().strip()
+        token_file.read_text()
     except OSError as exc:
         raise SystemExit(f"tuneloop: cannot read the gateway token: {exc}") from None
     vllm = vllm_settings(args)
@@ -64,7 +81,19 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         print(f"tuneloop: gateway at {url}, recording into {primary}", flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
-        run_gateway(GatewayConfig(primary, token, serve), on_ready=ready)
+        run_gateway(GatewayConfig(primary, token_file, serve), on_ready=ready)
+    return 0
+
+
+def cmd_gateway_token(args: argparse.Namespace) -> int:
+    from tuneloop.serve.gateway_api import rotate_gateway_token
+
+    path = rotate_gateway_token(DataDir(args.data_dir))
+    print(
+        f"tuneloop: wrote a new gateway token to {path}; a running primary takes it at its next "
+        "gateway request, and so do gateways reading this file; copy it to gateways elsewhere",
+        flush=True,
+    )
     return 0
 
 

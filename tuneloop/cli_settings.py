@@ -26,8 +26,9 @@ def add_options(parser: argparse.ArgumentParser, settings_class: type) -> None:
             parser.add_argument(flag, dest=key, action=action, help=help_text)
             continue
         if typing.get_origin(hint) is tuple:
+            metavar = f.metadata.get("metavar") or "KEY=VALUE"
             parser.add_argument(
-                flag, dest=key, action="append", default=[], metavar="KEY=VALUE", help=help_text
+                flag, dest=key, action="append", default=[], metavar=metavar, help=help_text
             )
             continue
         value_type = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))

@@ -95,8 +95,9 @@ def stage_file(dd: DataDir, path: Path) -> Path:
 
 
 def cli_token(dd: DataDir) -> str:
-    """The token the CLI signs in with: `$TUNELOOP_TOKEN`, else the first admin's, which the
-    server wrote to the data dir's `admin.token`."""
+    """The token the CLI signs in with: `$TUNELOOP_TOKEN`, else the first admin's while the
+    data dir's `admin.token` still holds it (the server removes the file at that token's first
+    sign-in)."""
     token = os.environ.get("TUNELOOP_TOKEN", "").strip()
     if token:
         return token
@@ -104,8 +105,10 @@ def cli_token(dd: DataDir) -> str:
         return dd.admin_token_file.read_text().strip()
     except OSError as exc:
         raise ServerError(
-            f"no token to sign in with: set TUNELOOP_TOKEN, or read {dd.admin_token_file} "
-            f"({exc.strerror})"
+            "no token to sign in with: set TUNELOOP_TOKEN to an operator's or admin's token "
+            f"({dd.admin_token_file} held the first admin's until its first sign-in; the server "
+            "printed it in its log at its first start, and with the server stopped, `tuneloop "
+            "users token NAME` gives an account a new one)"
         ) from exc
 
 

@@ -23,6 +23,7 @@ from tuneloop.core.config import DataDir
 from tuneloop.core.settings import LimitSettings
 from tuneloop.feedback.registry import ensure_served_policy
 from tuneloop.feedback.store import FeedbackStore
+from tuneloop.serve.gateway_api import rotate_gateway_token
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +119,12 @@ def test_accounts_are_the_primarys_and_gateway_routes_take_the_gateway_token(
         time.sleep(0.2)
     # Operator routes are not served by a gateway.
     assert httpx.get(f"{a}/v1/admin/versions", headers=primary.auth).status_code == 404
+    # A new gateway token: the gateway reads its file again and goes on, unrestarted.
+    rotate_gateway_token(primary.data_dir)
+    dora = account(primary, [a], "dora")
+    answer = ask(a, dora)["id"]
+    thumbs = {"kind": "thumbs", "response_id": int(answer), "value": 1}
+    assert httpx.post(f"{a}/v1/feedback", json=thumbs, headers=dora).status_code == 201
 
 
 def test_an_accounts_limits_hold_across_the_primary_and_a_gateway(

@@ -74,7 +74,7 @@ def test_only_raters_blind_judgments_on_canary_tasks_count(
 
     # A plain user asks one question until they hold answers of both versions ...
     answers: dict[str, list[int]] = {}
-    for i in range(60):
+    for _ in range(60):
         body = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 1}
         done = post(server, "/v1/chat/completions", people["mal"], **body).json()
         answers.setdefault(done["model"], []).append(int(done["id"]))

@@ -78,10 +78,13 @@ def test_commands_open_the_file_when_no_server_runs(tmp_path: Path) -> None:
 
 
 def test_commands_go_through_the_server_that_holds_the_file(
-    tmp_path: Path, tiny_model_dir: Path
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for server in live_server(tmp_path / "data", tiny_model_dir, ui=False):
         dd = str(server.data_dir.root)
+        # The first admin's token file is gone once the token signed in (below): the CLI takes
+        # the token from the environment.
+        monkeypatch.setenv("TUNELOOP_TOKEN", server.token)
         chat = httpx.post(
             f"{server.url}/v1/chat/completions",
             timeout=60,

@@ -285,10 +285,14 @@ def test_train_on_a_fresh_data_dir_registers_its_model(
 
 
 @pytest.mark.slow
-def test_commands_go_through_a_running_server(two_policies: Path, tmp_path: Path) -> None:
+def test_commands_go_through_a_running_server(
+    two_policies: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pairs_file = write_pairs(tmp_path / "pairs.jsonl", PAIRS)
     for server in live_server(two_policies, None, ui=False):
         dd = ["--data-dir", str(two_policies)]
+        # The first admin's token file goes at the token's first sign-in (the first command).
+        monkeypatch.setenv("TUNELOOP_TOKEN", server.token)
         assert health(server.url) == "policy-v2"
 
         promoted = tuneloop("promote", "policy-v1", *dd)
