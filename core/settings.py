@@ -59,8 +59,24 @@ def policy_jobs() -> tuple[str, ...]:
 
 
 def simulated_jobs() -> tuple[str, ...]:
-    """The policy jobs `tuneloop simulate` can run."""
-    return tuple(name for name, kind in JOB_KINDS.items() if kind.policy and kind.simulated)
+    """The policy jobs `tuneloop simulate` can run, or `auto`."""
+    kinds = (name for name, kind in JOB_KINDS.items() if kind.policy and kind.simulated)
+    return (*kinds, AUTO_JOB)
+
+
+# A cycle's policy job chosen from the data its snapshot holds (`tuneloop.loop.job_choice`):
+# DPO where preference pairs suffice, KTO where thumbs dominate, and so on.
+AUTO_JOB = "auto"
+
+
+def cycle_jobs() -> tuple[str, ...]:
+    """What a training cycle may be asked to run: any job kind, or `auto`."""
+    return (*jobs(), AUTO_JOB)
+
+
+def scheduled_jobs() -> tuple[str, ...]:
+    """The policy job of scheduled and "train now" cycles: a policy job, or `auto`."""
+    return (*policy_jobs(), AUTO_JOB)
 
 
 def check_job(kind: str, allowed: Callable[[], tuple[str, ...]] = jobs) -> str:
@@ -259,7 +275,11 @@ class CycleSettings:
     new snapshot first, and whether the policy is gated (and promoted if it passes)."""
 
     kind: str = setting(
-        DEFAULT_POLICY_JOB, "the job to run", option="kind", choices=jobs, positional=True
+        DEFAULT_POLICY_JOB,
+        "the job to run (auto: the policy job the snapshot's data calls for)",
+        option="kind",
+        choices=cycle_jobs,
+        positional=True,
     )
     overrides: tuple[str, ...] = setting(
         (),
@@ -295,7 +315,7 @@ class CycleSettings:
     num_processes: int | None = _num_processes_setting()
 
     def __post_init__(self) -> None:
-        check_job(self.kind)
+        check_job(self.kind, cycle_jobs)
         object.__setattr__(self, "overrides", tuple(self.overrides))
         object.__setattr__(self, "reward_overrides", tuple(self.reward_overrides))
         self.launch()  # a SettingsError now, not in the job
@@ -344,6 +364,15 @@ class GateSettings:
         1.0,
         "reject a candidate further than this KL (nats per token) from its parent",
         option="gate_max_kl",
+    )
+    # Sparse signals invite a policy to please the signal, not the person: longer, flattering
+    # answers. A candidate whose answers on the gate's prompts are this many times as long as
+    # its parent's (in tokens, mean) is refused whatever its win rate.
+    max_length_ratio: float | None = setting(
+        2.0,
+        "reject a candidate whose answers are on average this many times as long as the served "
+        "policy's (tokens, on the gate's prompts)",
+        option="gate_max_length_ratio",
     )
     max_prompts: int = setting(
         128, "held-out prompts the gate compares on, at most", option="gate_prompts"
@@ -398,6 +427,8 @@ class GateSettings:
             raise SettingsError("the gate needs at least 1 prompt and 1 token per answer")
         if self.max_kl is not None and self.max_kl < 0:
             raise SettingsError(f"a KL limit is never negative, got {self.max_kl}")
+        if self.max_length_ratio is not None and self.max_length_ratio <= 0:
+            raise SettingsError(f"a length ratio is above 0, got {self.max_length_ratio}")
         if not 0 < self.canary_share <= 1 or self.human_judgments < 1:
             raise SettingsError(
                 "a canary's share is above 0 and at most 1, and the human gate needs a judgment"
@@ -424,10 +455,11 @@ class ScheduleSettings:
         30.0, "scheduled retraining: at most this often", option="every_minutes"
     )
     kind: str = setting(
-        DEFAULT_POLICY_JOB,
-        "the policy job of scheduled and 'train now' cycles",
+        AUTO_JOB,
+        "the policy job of scheduled and 'train now' cycles (auto: the one the snapshot's data "
+        "calls for, with the reason recorded)",
         option="train_kind",
-        choices=policy_jobs,
+        choices=scheduled_jobs,
     )
     launcher: str = _launcher_setting()
     accelerate_config: Path | None = _accelerate_config_setting()
@@ -510,6 +542,15 @@ class TrustSettings:
         "trusts: `tuneloop users trust NAME`) or all",
         option="trust_edits",
         choices=lambda: EDIT_TRUST,
+    )
+    # Off: every rater's judgment weighs 1 and no one is quarantined for a low weight, the
+    # unweighted loop to compare against (`feedback.raters.apply_trust`).
+    rater_weights: bool = setting(
+        True,
+        "weigh each rater's judgments in training by their trust weight (agreement and gold "
+        "accuracy), and quarantine raters whose weight falls below 0.5",
+        option="rater_weights",
+        flag="--no-rater-weights",
     )
 
     def __post_init__(self) -> None:

@@ -20,6 +20,7 @@ from tuneloop.core.settings import (
     ScheduleSettings,
     TrustSettings,
     check_job,
+    cycle_jobs,
 )
 from tuneloop.feedback import registry
 from tuneloop.feedback.canary import flagged_raters, human_verdict, list_canaries, running_canary
@@ -126,7 +127,7 @@ class LoopControl:
         `Pipeline.run`'s keywords (reward_settings, retrain_reward, gate, gate_settings).
         Without `settings` (the scheduler, the Operator tab) its jobs start as the server's
         `ScheduleSettings` say (`--launcher`)."""
-        check_job(kind)
+        check_job(kind, cycle_jobs)
         if settings is None:
             launch = self.schedule.launch()
             settings = JobSettings(launch=launch)

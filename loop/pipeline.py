@@ -23,11 +23,13 @@ from tuneloop.core.config import DataDir
 from tuneloop.core.job_spec import GateSpec, JobSpec
 from tuneloop.core.records import ModelVersion
 from tuneloop.core.settings import (
+    AUTO_JOB,
     GateSettings,
     JobSettings,
     LaunchSettings,
     TrustSettings,
     check_job,
+    cycle_jobs,
     policy_jobs,
 )
 from tuneloop.feedback import registry
@@ -37,6 +39,7 @@ from tuneloop.feedback.runs import finish_run, start_run
 from tuneloop.feedback.snapshot import Snapshot, create_snapshot
 from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
 from tuneloop.loop.canary import Canaries
+from tuneloop.loop.job_choice import NoJobError, choose_policy_job
 from tuneloop.loop.job_runner import JobFailed, JobProcess, job_command, run_job
 from tuneloop.loop.promotion import Promotion
 
@@ -56,6 +59,7 @@ class CycleResult:
     promoted: bool = False
     canary: bool = False  # held in canary for the human gate
     reason: str = ""
+    job_choice: dict[str, str] | None = None  # the policy job `auto` chose, and why
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +70,7 @@ class CycleResult:
             "promoted": self.promoted,
             "canary": self.canary,
             "reason": self.reason,
+            "job_choice": self.job_choice,
         }
 
 
@@ -116,12 +121,20 @@ class Pipeline:
         """Snapshot, then train `kind`. A policy job is gated against the served policy and
         promoted if it passes. The reward model the gate (and RL) scores with is retrained on
         the same snapshot first when `retrain_reward`, or when there is none yet.
-        `gate_settings` replaces the pipeline's for this cycle."""
-        check_job(kind)
+        `gate_settings` replaces the pipeline's for this cycle. `kind` `auto` trains the policy
+        job the snapshot's data calls for (`loop.job_choice`)."""
+        check_job(kind, cycle_jobs)
         settings = settings or JobSettings()
         self._served_policy()  # fail before snapshotting when nothing is served yet
-        snapshot, datasets_dir = self.snapshot()
+        snapshot, datasets_dir, rows = self.snapshot()
         result = CycleResult(snapshot.id)
+        if kind == AUTO_JOB:
+            try:
+                kind, why = choose_policy_job(rows)
+            except NoJobError as exc:
+                raise NothingToTrainError(str(exc)) from exc
+            result.job_choice = {"kind": kind, "reason": why}
+            self.log(f"job chosen from the data: {why}")
         if kind == "rm":
             result.reward = self.train_reward(snapshot, datasets_dir, settings)
             result.promoted, result.reason = True, "newest reward model"
@@ -131,6 +144,8 @@ class Pipeline:
             reward = self.train_reward(snapshot, datasets_dir, reward_settings or JobSettings())
         result.reward = reward
         candidate = self.train_policy(kind, snapshot, datasets_dir, settings, reward)
+        if result.job_choice is not None:
+            registry.update_metrics(self.store, candidate.id, {"job_choice": result.job_choice})
         result.candidate = candidate
         if not gate:
             result.reason = "not gated: left as a candidate"
@@ -148,12 +163,13 @@ class Pipeline:
         result.candidate = registry.get_version(self.store, candidate.id)
         return result
 
-    def snapshot(self) -> tuple[Snapshot, Path]:
+    def snapshot(self) -> tuple[Snapshot, Path, dict[str, int]]:
+        """A new snapshot, its datasets' folder, and their training rows by dataset."""
         snapshot = create_snapshot(self.store, self.dd.snapshots, self.trust)
         built = build_datasets(snapshot.path)
         rows = {name: files.train_rows for name, files in built.items()}
         self.log(f"snapshot {snapshot.id}: train rows {rows}")
-        return snapshot, next(iter(built.values())).train.parent
+        return snapshot, next(iter(built.values())).train.parent, rows
 
     # ---- jobs --------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import gradio as gr
 import pandas as pd
 
 from tuneloop.core.records import ModelVersion, TrainingRun, role_allows
-from tuneloop.core.settings import DEFAULT_POLICY_JOB, JOB_KINDS
+from tuneloop.core.settings import AUTO_JOB, DEFAULT_POLICY_JOB, JOB_KINDS
 from tuneloop.feedback import accounts
 from tuneloop.feedback.registry import list_versions
 from tuneloop.feedback.runs import list_runs
@@ -44,6 +44,7 @@ VERSION_COLUMNS = [
     "win rate",
     "95% CI",
     "KL to parent",
+    "length vs served",
     "people",
     "created (UTC)",
 ]
@@ -183,11 +184,17 @@ def versions_frame(versions: list[ModelVersion]) -> pd.DataFrame:
                 _num(gate.get("win_rate")),
                 ci,
                 kl,
+                _ratio(gate.get("length_ratio")),
                 _people(v.metrics.get("human_gate")),
                 _utc(v.created_at, "%Y-%m-%d %H:%M"),
             ]
         )
     return pd.DataFrame(rows, columns=VERSION_COLUMNS)
+
+
+def _ratio(value: float | None) -> str:
+    """A length ratio as `1.40x` (blank for gates from before it was measured)."""
+    return "" if value is None else f"{value:.2f}x"
 
 
 def _people(human: dict[str, Any] | None) -> str:
@@ -264,8 +271,9 @@ def feedback_volume(store: FeedbackStore) -> tuple[pd.DataFrame, str]:
 
 
 def job_choices() -> list[tuple[str, str]]:
-    """The Job menu: every job kind, with what it learns from."""
-    return [(f"{name}: {kind.learns_from}", name) for name, kind in JOB_KINDS.items()]
+    """The Job menu: every job kind, with what it learns from, and `auto`."""
+    kinds = [(f"{name}: {kind.learns_from}", name) for name, kind in JOB_KINDS.items()]
+    return [*kinds, (f"{AUTO_JOB}: the policy job the feedback calls for", AUTO_JOB)]
 
 
 def promote_choices(versions: list[ModelVersion]) -> list[tuple[str, str]]:

@@ -62,13 +62,24 @@ class GateResult:
     kl_to_parent: float | None  # mean per-token KL(candidate || incumbent); None: tokenizers differ
     mean_reward_candidate: float
     mean_reward_incumbent: float
+    # Mean answer length in tokens (the end-of-turn token included), to see a policy that
+    # games its reward by talking longer (`decide`'s `max_length_ratio`).
+    mean_tokens_candidate: float = 0.0
+    mean_tokens_incumbent: float = 0.0
+
+    @property
+    def length_ratio(self) -> float | None:
+        """The candidate's mean answer length over the incumbent's (None: no incumbent tokens)."""
+        if self.mean_tokens_incumbent <= 0:
+            return None
+        return self.mean_tokens_candidate / self.mean_tokens_incumbent
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self) | {"length_ratio": self.length_ratio}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GateResult:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, float]:
@@ -146,6 +157,8 @@ def evaluate_candidate(
         kl_to_parent=kl,
         mean_reward_candidate=sum(cand_scores) / n,
         mean_reward_incumbent=sum(inc_scores) / n,
+        mean_tokens_candidate=sum(map(len, cand.answer_ids)) / n,
+        mean_tokens_incumbent=sum(map(len, inc.answer_ids)) / n,
     )
 
 
@@ -155,10 +168,12 @@ def decide(
     min_win_rate: float = GateSettings.min_win_rate,
     use_lower_bound: bool = False,
     max_kl: float | None = None,
+    max_length_ratio: float | None = None,
 ) -> tuple[bool, str]:
     """Promote or not, with the reason in words. With `use_lower_bound`, the interval's lower
     end must clear the bar (the candidate is better with 97.5% confidence), not the point estimate.
-    With `max_kl`, a candidate too far from its parent (or of unknown distance) is rejected."""
+    With `max_kl`, a candidate too far from its parent (or of unknown distance) is rejected; with
+    `max_length_ratio`, one whose answers grew that many times longer."""
     stat = result.ci_low if use_lower_bound else result.win_rate
     passed = stat >= min_win_rate
     reason = (
@@ -176,6 +191,15 @@ def decide(
             reason += f"; KL to parent {kl:.3g} exceeds the limit {max_kl:.3g}"
         else:
             reason += f"; KL to parent {kl:.3g} is within the limit {max_kl:.3g}"
+    ratio = result.length_ratio
+    if ratio is not None:
+        reason += (
+            f"; answers {result.mean_tokens_candidate:.1f} tokens against "
+            f"{result.mean_tokens_incumbent:.1f} ({ratio:.2f}x)"
+        )
+        if max_length_ratio is not None and ratio > max_length_ratio:
+            passed = False
+            reason += f", past the limit {max_length_ratio:.3g}x"
     return passed, reason
 
 
@@ -282,6 +306,7 @@ def run_gate(spec: GateSpec, on_progress: Callable[[float], None]) -> dict[str, 
         min_win_rate=settings.min_win_rate,
         use_lower_bound=settings.use_lower_bound,
         max_kl=settings.max_kl,
+        max_length_ratio=settings.max_length_ratio,
     )
     return result.to_dict() | {"promote": promote, "reason": reason}
 

@@ -226,7 +226,9 @@ def test_gate_cli_on_a_datasets_dir_against_another_policy(
     assert result.win_rate == (result.wins + result.ties / 2) / 10
     assert written["promote"] is False
     assert "clears the bar 0.00; KL to parent" in written["reason"]
-    assert written["reason"].endswith("exceeds the limit 1e-09")
+    assert "exceeds the limit 1e-09; answers " in written["reason"]
+    assert result.mean_tokens_candidate > 0 and result.mean_tokens_incumbent > 0
+    assert written["length_ratio"] == result.length_ratio
     done = json.loads(status.read_text())
     assert (done["job"], done["state"], done["progress"]) == ("gate", "done", 1.0)
 
@@ -313,3 +315,16 @@ def test_gate_prompts_the_fixed_set_first_then_heldout_splits(tmp_path: Path) ->
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
     assert gate.load_prompts(path) == prompts
+
+
+def test_a_candidate_whose_answers_grew_too_long_is_refused() -> None:
+    """Reward hacking by length: reported beside the win rate, refused past the limit."""
+    longer = GateResult(0.8, 0.7, 0.9, 90, 12, 18, 120, 0.05, 1.0, 0.5, 60.0, 20.0)
+    assert longer.length_ratio == 3.0 and longer.to_dict()["length_ratio"] == 3.0
+    promote, reason = decide(longer, max_length_ratio=2.0)
+    assert not promote
+    assert reason.endswith("; answers 60.0 tokens against 20.0 (3.00x), past the limit 2x")
+    promote, reason = decide(longer, max_length_ratio=4.0)
+    assert promote and reason.endswith("(3.00x)")
+    assert decide(longer)[0]  # no limit
+    assert GateResult.from_dict(longer.to_dict()) == longer

@@ -16,13 +16,14 @@ from typing import Any
 import pytest
 
 from tuneloop.core.config import DataDir
-from tuneloop.core.records import ModelVersion
+from tuneloop.core.records import Message, ModelVersion, Response, SamplingParams, Thumbs
 from tuneloop.core.settings import JobSettings
 from tuneloop.feedback import registry
+from tuneloop.feedback.accounts import add_account
 from tuneloop.feedback.runs import list_runs
 from tuneloop.feedback.store import FeedbackStore
 from tuneloop.loop.job_runner import JobFailed
-from tuneloop.loop.pipeline import Pipeline
+from tuneloop.loop.pipeline import NothingToTrainError, Pipeline
 from tuneloop.loop.promotion import Promotion
 
 STUB = f"""#!{sys.executable}
@@ -195,3 +196,29 @@ def test_stop_ends_a_running_job_and_the_runner_shows_its_stage(
     assert (stopped.status, stopped.error) == ("failed", "stopped by the operator")
     assert registry.promoted_version(store, "reward") is None
     assert not (tmp_path / "data/models/reward-v1").exists()
+
+
+def test_auto_trains_the_job_the_data_calls_for_and_records_why(
+    tmp_path: Path, store: FeedbackStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop, _ = pipeline(tmp_path, store, monkeypatch)
+    with pytest.raises(NothingToTrainError, match="no rows any policy job learns from"):
+        loop.run("auto")
+    # Sparse reactions: thumbs on answers to 20 prompts, no pair among them (a rater's: one
+    # user's would be capped at 5 % of the rows, `TrustSettings.max_user_share`).
+    add_account(store, "rae", "rater", actor="test")
+    for i in range(20):
+        conversation = store.new_conversation_id("rae")
+        rid = store.new_response_id()
+        prompt = (Message("user", f"question {i}"),)
+        answer = Response(rid, conversation, prompt, f"answer {i}", "policy-v1", SamplingParams(),
+                          2, 2, 1.0, rater_id="rae")  # fmt: skip
+        store.submit_response(answer).result()
+        store.record_feedback(Thumbs(rid, 1 if i % 2 else -1, "rae"))
+    result = loop.run("auto")
+    assert result.job_choice["kind"] == "kto"
+    assert result.job_choice["reason"].startswith("kto: thumbs dominate (0 preference pairs")
+    assert runs_by_kind(store)["kto"].status == "done"
+    candidate = registry.get_version(store, result.candidate.id)
+    assert candidate.metrics["job_choice"] == result.job_choice
+    assert result.to_dict()["job_choice"] == result.job_choice

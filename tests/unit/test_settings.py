@@ -101,7 +101,7 @@ def test_a_new_job_kind_appears_in_the_cli_the_api_the_operator_tab_and_the_job(
     assert settings_from_args(ScheduleSettings, up).kind == "dummy"
 
     schema = train_request().model_json_schema()["properties"]
-    assert schema["kind"]["enum"] == list(jobs()) and "dummy" in schema["kind"]["enum"]
+    assert schema["kind"]["enum"] == [*jobs(), "auto"] and "dummy" in schema["kind"]["enum"]
     assert {"overrides", "keep_reward", "gate", "min_win_rate", "gate_prompts"} <= set(schema)
     # The route takes it as its JSON body (the OpenAPI schema the server publishes).
     app = FastAPI()
@@ -130,7 +130,7 @@ def test_a_new_job_kind_appears_in_the_cli_the_api_the_operator_tab_and_the_job(
 
 
 def test_the_operator_tab_offers_every_job_kind() -> None:
-    assert [k for _, k in job_choices()] == list(jobs())
+    assert [k for _, k in job_choices()] == [*jobs(), "auto"]
 
 
 def test_bad_cycle_requests_are_refused_with_the_reason() -> None:

@@ -92,6 +92,7 @@ def versions(store: FeedbackStore) -> list[ModelVersion]:
     )
     registry.promote(store, "policy-v2", reason="gate: win rate 0.60 clears the bar 0.55")
     rejected = GATE | {"win_rate": 0.4, "ci_low": 0.3, "ci_high": 0.5, "kl_to_parent": None}
+    rejected |= {"length_ratio": 2.5}
     add_version(
         store,
         "policy-v3",
@@ -122,6 +123,7 @@ def test_versions_table_shows_provenance_and_metrics(versions: list[ModelVersion
     assert v2["RM accuracy"] == ""
     v3 = frame.loc["policy-v3"]
     assert (v3["status"], v3["win rate"], v3["KL to parent"]) == ("rejected", "0.400", "unknown")
+    assert (v3["length vs served"], v2["length vs served"]) == ("2.50x", "")
     assert v3["feedback rows"] == "none"
     assert frame.loc["reward-v2", "RM accuracy"] == "0.850"
     assert frame.loc["reward-v2", "created (UTC)"] == "2026-11-23 10:20"
