@@ -575,6 +575,8 @@ class TrustSettings:
         )
 
 
+# How the rating queue orders tasks of normal priority (`tuneloop.serve.task_queue`).
+TASK_SELECTIONS = ("oldest", "random", "active")
 # Answers one rating task shows at most (the Rank tab has room for this many).
 MAX_TASK_ANSWERS = 8
 
@@ -607,6 +609,13 @@ class TaskSettings:
         "keep the backlog filled with tasks made from users' conversations (without it, only "
         "while a canary runs)",
         option="tasks_from_traffic",
+    )
+    selection: str = setting(
+        "oldest",
+        "which rating tasks raters get first (after a canary's and those begun): oldest, "
+        "random, or active (those whose judgment would tell the reward model the most)",
+        option="task_selection",
+        choices=lambda: TASK_SELECTIONS,
     )
     gold_every: int = 10  # one fetch in this many offers a gold task first
     refill_seconds: float = 30.0

@@ -10,6 +10,8 @@ which rater drags it down:
   adversarial rater.
 - `cohen_kappa`: chance-corrected agreement of every pair of raters over the units both judged.
 - `gold_accuracy`: how often each rater gives the known answer on gold (control) units.
+- `reliability`: how likely each rater is to be right, from their agreement with the others
+  (weighted by how reliable those others are) and their gold answers.
 
 `units` maps a unit (one rating task) to {rater name: the value that rater gave}; a value is any
 hashable nominal verdict (the id of the winning answer, "tie", ...). A rater who did not judge a
@@ -149,3 +151,74 @@ def gold_accuracy(answers: Iterable[tuple[str, Hashable, Hashable]]) -> dict[str
         correct[rater] += given == gold
         total[rater] += 1
     return {rater: GoldScore(correct[rater], total[rater]) for rater in sorted(total)}
+
+
+# The partner a gold answer is: always right (no rater's name starts with NUL).
+_GOLD = "\x00gold"
+
+
+@dataclass(frozen=True)
+class Reliability:
+    value: float  # 2p - 1, p the chance the rater is right: 1 always, 0 a coin flip, -1 never
+    evidence: float  # votes' worth behind it: each vote counts its partners' value squared
+
+
+def reliability(
+    units: Units,
+    gold: Iterable[tuple[str, Hashable, Hashable]] = (),
+    *,
+    rounds: int = 50,
+) -> dict[str, Reliability]:
+    """Each rater's reliability r = 2p - 1, p the chance they give the right verdict.
+
+    The model: raters are right with their own p, independently. Two raters' agreement, corrected
+    for chance ((agreement - chance) / (1 - chance), as kappa), is then r_a * r_b (exactly so for
+    two answers and balanced verdicts), and a gold answer is a partner with r = 1. So the r are the
+    rank-one fit of the pairwise agreements: alternating least squares, each pair weighted by the
+    votes it shares (1/(m - 1) per unit of m votes, as alpha weighs them). From r = 1 for all, the
+    first round gives each rater their chance-corrected agreement with everyone (close to their
+    alpha in the report); each further round divides it by how reliable their partners are, so
+    that an honest rater paired with bad ones is not blamed for them, and an inverted rater, whose
+    r comes out negative, tells about their partners instead of spoiling their agreement. The
+    orientation (r > 0 means agreeing with the bulk of the votes and with gold) comes from the
+    start at 1 and from gold. `evidence`, the sum over the rater's votes of their partners' r^2
+    (1 for a gold vote), is how many votes' worth the estimate rests on: a vote shared with a coin
+    flipper says nothing. A rater without evidence is left out.
+    """
+    agree: dict[tuple[str, str], float] = defaultdict(float)
+    shared: dict[tuple[str, str], float] = defaultdict(float)
+    seen: Counter[Hashable] = Counter()
+    for ratings in _pairable(units):
+        share = 1 / (len(ratings) - 1)
+        for rater, value in ratings.items():
+            seen[value] += 1
+            for other, theirs in ratings.items():
+                if other != rater:
+                    shared[rater, other] += share
+                    agree[rater, other] += share * (value == theirs)
+    for rater, given, answer in gold:
+        seen[given] += 1
+        shared[rater, _GOLD] += 1
+        agree[rater, _GOLD] += given == answer
+    total = sum(seen.values())
+    chance = sum(n * n for n in seen.values()) / total**2 if total else 1.0
+    if chance >= 1:  # one verdict throughout: agreement says nothing
+        return {}
+    kappa = {pair: (agree[pair] / n - chance) / (1 - chance) for pair, n in shared.items()}
+    raters = sorted({rater for rater, _ in shared})
+    value = dict.fromkeys(raters, 1.0)
+    evidence = dict.fromkeys(raters, 0.0)
+    for _ in range(rounds):
+        fit: dict[str, float] = defaultdict(float)
+        evidence = dict.fromkeys(raters, 0.0)
+        for (rater, other), n in shared.items():
+            partner = value.get(other, 1.0)  # only gold is no rater
+            fit[rater] += n * partner * kappa[rater, other]
+            evidence[rater] += n * partner**2
+        value = {
+            rater: min(1.0, max(-1.0, fit[rater] / evidence[rater])) if evidence[rater] else 0.0
+            for rater in raters
+        }
+    return {
+        rater: Reliability(value[rater], evidence[rater]) for rater in raters if evidence[rater]
+    }

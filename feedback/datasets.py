@@ -8,7 +8,10 @@ trainers read:
   `comparison` or `ranking`; or implicit, from `thumbs` (up beats down on one prompt), `rating`,
   `edit` (the edit beats the answer) and `regenerate` (the answer a person went on from beats
   the one they regenerated). A snapshot's trust policy names the sources its preference
-  dataset takes (`TrustSettings.pair_sources`).
+  dataset takes (`TrustSettings.pair_sources`). And `weight`: the trust weight of the pair's
+  voter as the snapshot's accounts carry it (`feedback.raters.rater_weights`; 1 for users,
+  imports and a snapshot without weights), by which the reward model's and DPO's losses weigh
+  the pair (`train.weighted`); pairs of weight 0 are left out.
 - `kto` (KTOTrainer): `prompt`, `completion`, `label`.
 - `sft` (SFTTrainer): `prompt`, `completion` (the loss on the completion only).
 
@@ -142,15 +145,15 @@ regenerate_pairs AS (
     JOIN resp o ON o.conversation_id = k.conversation_id AND o.pkey = k.pkey AND o.id <> k.id
     WHERE o.id NOT IN (SELECT id FROM kept)
 )
-SELECT * FROM (
+SELECT u.*, coalesce(w.weight, 1.0)::DOUBLE AS weight FROM (
     SELECT * FROM comparison_pairs
     UNION ALL SELECT * FROM ranking_pairs
     UNION ALL SELECT * FROM thumbs_pairs
     UNION ALL SELECT * FROM edit_pairs
     UNION ALL SELECT * FROM rating_pairs
     UNION ALL SELECT * FROM regenerate_pairs
-)
-WHERE chosen <> rejected;
+) u LEFT JOIN rater_weights w ON w.name = u.voter
+WHERE chosen <> rejected AND coalesce(w.weight, 1.0) > 0;
 """
 
 # name -> SELECT producing the dataset's columns plus `heldout`.
@@ -159,7 +162,7 @@ _DATASET_SQL: dict[str, str] = {
         SELECT p.prompt,
                [{'role': 'assistant', 'content': x.chosen}] AS chosen,
                [{'role': 'assistant', 'content': x.rejected}] AS rejected,
-               x.source, p.heldout
+               x.source, x.weight, p.heldout
         FROM pairs x JOIN prompts p USING (pkey)
     """,
     "kto": """
@@ -207,6 +210,7 @@ def build_datasets(
                 "CREATE VIEW accounts AS SELECT * FROM (VALUES ('', '', false)) "
                 "a(name, role, trusted) WHERE false"
             )
+        _weights_view(con)
         trust = _trust(manifest)
         con.execute(
             _SETUP_SQL.format(
@@ -251,6 +255,14 @@ def load_split(path: Path, *, cache_dir: Path | None = None) -> datasets.Dataset
     return datasets.Dataset.from_parquet(
         str(path), cache_dir=str(cache_dir) if cache_dir is not None else None
     )
+
+
+def _weights_view(con: duckdb.DuckDBPyConnection) -> None:
+    """`rater_weights(name, weight)`: the snapshot accounts' trust weights; none in a snapshot
+    from before they were kept (every pair then weighs 1)."""
+    columns = {name for (name, *_) in con.execute("DESCRIBE accounts").fetchall()}
+    source = "name, weight FROM accounts" if "weight" in columns else "'', 1.0::DOUBLE WHERE false"
+    con.execute(f"CREATE TEMP VIEW rater_weights(name, weight) AS SELECT {source}")
 
 
 def _trust(manifest: dict) -> TrustSettings:

@@ -267,6 +267,21 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE accounts ADD COLUMN trusted BOOLEAN DEFAULT false;
         """,
     ),
+    (
+        "0009_task_scores",
+        """
+        -- What a judgment of each open task would tell the reward model `reward_version`
+        -- (`feedback.task_scores`): the rating queue's `active` selection asks the most
+        -- informative first.
+        CREATE TABLE task_scores (
+            task_id BIGINT PRIMARY KEY,
+            reward_version VARCHAR NOT NULL,
+            info DOUBLE NOT NULL,
+            margin DOUBLE NOT NULL,
+            scored_at TIMESTAMPTZ NOT NULL
+        );
+        """,
+    ),
 ]
 
 

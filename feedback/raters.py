@@ -7,6 +7,11 @@ those: Krippendorff's alpha over everyone and per rater, Cohen's kappa per pair,
 on gold tasks (`feedback.tasks`). Quarantined
 raters' rows leave every later snapshot (`feedback.trust`) until they are reinstated; their
 votes still count here, so that an operator sees whether they improved.
+
+Trust weights (`rater_weights`) turn the same evidence into one number per rater, which weighs
+their judgments in training (the snapshot's accounts carry it to `feedback.datasets`);
+`apply_trust`, run by the training cycle before each snapshot, also quarantines the raters whose
+weight falls below 0.5.
 """
 
 from __future__ import annotations
@@ -18,9 +23,17 @@ from typing import Any
 
 import duckdb
 
+from tuneloop.core.settings import TrustSettings
 from tuneloop.feedback.accounts import write_audit
-from tuneloop.feedback.agreement import cohen_kappa, gold_accuracy, krippendorff_alpha, rater_alpha
+from tuneloop.feedback.agreement import (
+    cohen_kappa,
+    gold_accuracy,
+    krippendorff_alpha,
+    rater_alpha,
+    reliability,
+)
 from tuneloop.feedback.store import FeedbackStore
+from tuneloop.feedback.trust import TRUSTED_SOURCES
 
 # Pairs of raters with fewer items in common get no kappa: it would say nothing.
 MIN_COMMON_FOR_KAPPA = 5
@@ -195,3 +208,109 @@ def reinstate(store: FeedbackStore, name: str, *, actor: str) -> bool:
         return bool(gone)
 
     return store.write(delete)
+
+
+# --- Trust weights --------------------------------------------------------------------------------
+
+# A rater without evidence weighs this much: right 4 times in 5 (p = 0.8, a little below what
+# InstructGPT's 73-77 % agreement between labelers implies), above the quarantine line, below an
+# honest rater who has shown it. The prior counts as this many votes.
+PRIOR_WEIGHT = 0.6
+PRIOR_VOTES = 10.0
+# Below this weight, with at least this many votes (shared judgments and gold), a rater is
+# quarantined: p < 0.75, closer to a coin than to an honest rater.
+QUARANTINE_BELOW = 0.5
+MIN_VOTES_TO_QUARANTINE = 15
+# Roles whose judgments are weighed: those that take rating tasks. A user judging their own
+# answers is capped by share instead (`TrustSettings.max_user_share`), the operator's imports
+# are trusted: both weigh 1.
+WEIGHED_ROLES = ("rater", "operator", "admin")
+
+
+@dataclass(frozen=True)
+class RaterWeight:
+    name: str
+    weight: float  # in [0, 1]: 1 fully trusted, 0 no say
+    fitted: float | None  # 2p - 1 from agreement and gold alone (`agreement.reliability`)
+    evidence: float  # votes' worth behind `fitted`
+    votes: int  # judgments of shared items, and gold votes
+    gold_correct: int
+    gold_total: int
+
+    def reason(self) -> str:
+        """Why the weight is what it is, for the quarantine's reason and the audit log."""
+        fitted = "none" if self.fitted is None else f"{self.fitted:.2f}"
+        return (
+            f"trust weight {self.weight:.2f} < {QUARANTINE_BELOW}: reliability {fitted} from "
+            f"agreement over {self.votes - self.gold_total} shared judgments and gold "
+            f"{self.gold_correct}/{self.gold_total} ({self.evidence:.1f} votes' worth), "
+            f"prior {PRIOR_WEIGHT} as {PRIOR_VOTES:g} votes"
+        )
+
+
+@dataclass(frozen=True)
+class TrustUpdate:
+    weights: dict[str, RaterWeight]  # every weighed rater, quarantined or not
+    quarantined: list[str]  # held by this update
+
+
+def rater_weights(store: FeedbackStore) -> dict[str, RaterWeight]:
+    """The trust weight of every rater (accounts of `WEIGHED_ROLES`, and voters on shared items
+    that are no account), from their agreement with the others and their gold answers.
+
+    The weight is w = 2p - 1 clipped to [0, 1], p the chance the rater's verdict is right: 1 for
+    one always right, 0 for a coin flip, and 0 too for one who is more often wrong (an inverted
+    rater's votes would teach the opposite). The same w is the label smoothing's confidence in a
+    rater (p = (1 + w) / 2), and it is what `agreement.reliability` estimates. That estimate is
+    shrunk toward PRIOR_WEIGHT, counted as PRIOR_VOTES votes: w = (PRIOR_VOTES * PRIOR_WEIGHT +
+    evidence * fitted) / (PRIOR_VOTES + evidence), so a new rater starts at 0.6, three votes move
+    them little, and fifty decide (a random rater is then near 0.1, an honest one right 9 times in
+    10 near 0.75).
+    """
+    units = shared_units(store)
+    answers = gold_answers(store)
+    fitted = reliability(units, answers)
+    judged: dict[str, int] = defaultdict(int)
+    for values in units.values():
+        for rater in values:
+            judged[rater] += 1
+    gold = gold_accuracy(answers)
+    roles = {r["name"]: r["role"] for r in store.read("SELECT name, role FROM accounts")}
+    names = {name for name, role in roles.items() if role in WEIGHED_ROLES}
+    names |= {name for name in set(judged) | set(gold) if name not in roles}
+    names -= set(TRUSTED_SOURCES)
+    weights = {}
+    for name in sorted(names):
+        fit = fitted.get(name)
+        evidence = fit.evidence if fit else 0.0
+        shrunk = (PRIOR_VOTES * PRIOR_WEIGHT + evidence * (fit.value if fit else 0.0)) / (
+            PRIOR_VOTES + evidence
+        )
+        score = gold.get(name)
+        weights[name] = RaterWeight(
+            name,
+            min(1.0, max(0.0, shrunk)),
+            fit.value if fit else None,
+            evidence,
+            judged.get(name, 0) + (score.total if score else 0),
+            score.correct if score else 0,
+            score.total if score else 0,
+        )
+    return weights
+
+
+def apply_trust(store: FeedbackStore, settings: TrustSettings) -> TrustUpdate:
+    """Weigh every rater and quarantine (as "tuneloop", each with their weight's reason) those
+    not yet held whose weight is under QUARANTINE_BELOW over at least MIN_VOTES_TO_QUARANTINE
+    votes. Run before each snapshot; with `settings.rater_weights` off it quarantines no one
+    (the unweighted loop), and the weights are only reported."""
+    weights = rater_weights(store)
+    if not settings.rater_weights:
+        return TrustUpdate(weights, [])
+    held = {r["rater_id"] for r in quarantined(store)}
+    newly = []
+    for w in weights.values():
+        low = w.weight < QUARANTINE_BELOW and w.votes >= MIN_VOTES_TO_QUARANTINE
+        if low and w.name not in held:
+            newly += quarantine(store, [w.name], w.reason(), actor="tuneloop")
+    return TrustUpdate(weights, newly)

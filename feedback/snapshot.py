@@ -21,6 +21,7 @@ from typing import Any
 
 from tuneloop.core.files import write_atomic
 from tuneloop.core.settings import TrustSettings
+from tuneloop.feedback.raters import rater_weights
 from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
 from tuneloop.feedback.trust import admitted
 
@@ -39,9 +40,12 @@ SNAPSHOT_TABLES: tuple[str, ...] = (
     "accounts",
 )
 # What a snapshot keeps of the accounts: who is a user, a rater or above, or trusted (the trust
-# policy's caps and edits in `feedback.datasets`); never their tokens.
+# policy's caps and edits in `feedback.datasets`), and the trust weight of their judgments
+# (`feedback.raters.rater_weights`; 1 where none is given); never their tokens. `{weights}` is a
+# relation (name, weight).
 _SELECTS = {
-    "accounts": "SELECT name, role, coalesce(trusted, false) AS trusted FROM accounts",
+    "accounts": "SELECT a.name, a.role, coalesce(a.trusted, false) AS trusted, "
+    "coalesce(w.weight, 1.0)::DOUBLE AS weight FROM accounts a LEFT JOIN {weights} USING (name)",
 }
 # Tables whose `id` is a BIGINT, so that a max id says how far the snapshot reaches.
 _INTEGER_ID_TABLES = frozenset(SNAPSHOT_TABLES) - {"raters", "messages", "accounts"}
@@ -67,8 +71,12 @@ def create_snapshot(
 ) -> Snapshot:
     """Copy the store's data tables to `snapshots_dir/<id>/` and record the snapshot. Feedback
     tables keep the rows `trust` admits (default: enabled accounts and imports); the manifest
-    says how many it left out."""
+    says how many it left out. The accounts carry each rater's trust weight as it stands now
+    (all 1 without `trust.rater_weights`)."""
     trust = trust or TrustSettings()
+    weights = (
+        {name: w.weight for name, w in rater_weights(store).items()} if trust.rater_weights else {}
+    )
     created_at = datetime.now(UTC)
     snapshot_id = new_snapshot_id(created_at)
     snapshots_dir = Path(snapshots_dir).resolve()
@@ -77,7 +85,7 @@ def create_snapshot(
     final_dir = snapshots_dir / snapshot_id
     tmp_dir.mkdir()
     try:
-        tables, migrations = _copy_tables(store, tmp_dir, trust)
+        tables, migrations = _copy_tables(store, tmp_dir, trust, weights)
         manifest = {
             "version": MANIFEST_VERSION,
             "id": snapshot_id,
@@ -108,7 +116,7 @@ def create_snapshot(
 
 
 def _copy_tables(
-    store: FeedbackStore, out_dir: Path, trust: TrustSettings
+    store: FeedbackStore, out_dir: Path, trust: TrustSettings, weights: dict[str, float]
 ) -> tuple[dict[str, Any], list[str]]:
     """COPY every table inside one read transaction; returns per-table stats and migrations.
 
@@ -123,7 +131,9 @@ def _copy_tables(
                 file_name = f"{table}.parquet"
                 tmp = out_dir / f"{file_name}.tmp"
                 keep = admitted(trust) if table in feedback else "true"
-                select = _SELECTS.get(table, f"SELECT * FROM {table}")
+                select = _SELECTS.get(table, f"SELECT * FROM {table}").format(
+                    weights=_weights_relation(weights)
+                )
                 cur.execute(
                     f"COPY ({select} WHERE {keep}) TO '{_sql_str(tmp)}' (FORMAT parquet)"
                 ).fetchall()
@@ -148,6 +158,14 @@ def _copy_tables(
     return tables, migrations
 
 
+def _weights_relation(weights: dict[str, float]) -> str:
+    """`weights` as a SQL relation w(name, weight), inlined: COPY takes no parameters."""
+    rows = ", ".join(f"('{_sql_str(name)}', {float(w)!r})" for name, w in sorted(weights.items()))
+    if not rows:
+        return "(SELECT NULL::VARCHAR AS name, NULL::DOUBLE AS weight WHERE false) w"
+    return f"(VALUES {rows}) w(name, weight)"
+
+
 def latest_snapshot(store: FeedbackStore) -> Snapshot | None:
     newest = _recorded(store, "ORDER BY created_at DESC, id DESC LIMIT 1")
     return newest[0] if newest else None
@@ -164,7 +182,7 @@ def load_manifest(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / MANIFEST_NAME).read_text())
 
 
-def _sql_str(path: Path) -> str:
+def _sql_str(path: Path | str) -> str:
     return str(path).replace("'", "''")
 
 

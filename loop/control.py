@@ -18,6 +18,7 @@ from tuneloop.core.settings import (
     GateSettings,
     JobSettings,
     ScheduleSettings,
+    TaskSettings,
     TrustSettings,
     check_job,
     cycle_jobs,
@@ -28,6 +29,7 @@ from tuneloop.feedback.runs import fail_interrupted_runs
 from tuneloop.feedback.snapshot import latest_snapshot
 from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
 from tuneloop.feedback.trust import admitted_since
+from tuneloop.loop.active import score_open_tasks
 from tuneloop.loop.canary import Canaries
 from tuneloop.loop.pipeline import Pipeline
 from tuneloop.loop.promotion import Promotion
@@ -57,10 +59,12 @@ class LoopControl:
         schedule: ScheduleSettings | None = None,
         gate: GateSettings | None = None,
         trust: TrustSettings | None = None,
+        tasks: TaskSettings | None = None,
         python: str | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.dd = data_dir
+        self.tasks = tasks or TaskSettings()
         self.store = store
         self.serving = serving
         self.schedule = schedule or ScheduleSettings()
@@ -78,6 +82,7 @@ class LoopControl:
         if self.canaries is not None:
             self.canaries.resume()
         self._cycle_lock = threading.Lock()
+        self._scoring_lock = threading.Lock()
         self._stop = threading.Event()
         self._cycle: threading.Thread | None = None
         self.last_cycle: dict[str, Any] | None = None
@@ -189,6 +194,11 @@ class LoopControl:
                     self.canaries.check()
                 except Exception as exc:  # noqa: BLE001 - the next poll tries again
                     self.log(f"human gate: {exc}")
+            if self.tasks.selection == "active" and not self.busy:
+                try:
+                    self.score_tasks()
+                except Exception as exc:  # noqa: BLE001 - the next poll tries again
+                    self.log(f"scoring rating tasks: {exc}")
             try:
                 if self.schedule_due():
                     self.log("scheduler: enough new feedback, starting a training cycle")
@@ -197,6 +207,12 @@ class LoopControl:
                 continue
             except Exception as exc:  # noqa: BLE001 - keep scheduling; say why this one failed
                 self.log(f"scheduler: {exc}")
+
+    def score_tasks(self) -> int:
+        """Score the open rating tasks not yet scored by the current reward model (`loop.active`);
+        how many. The scheduler does it every poll when the selection is `active`."""
+        with self._scoring_lock:
+            return score_open_tasks(self.store, self.dd, python=self.python, log=self.log)
 
     def status(self) -> dict[str, Any]:
         served = registry.promoted_version(self.store, "policy")

@@ -35,6 +35,7 @@ from tuneloop.core.settings import (
 from tuneloop.feedback import registry
 from tuneloop.feedback.canary import CanaryError
 from tuneloop.feedback.datasets import build_datasets
+from tuneloop.feedback.raters import apply_trust
 from tuneloop.feedback.runs import finish_run, start_run
 from tuneloop.feedback.snapshot import Snapshot, create_snapshot
 from tuneloop.feedback.store import FEEDBACK_TABLES, FeedbackStore
@@ -164,7 +165,12 @@ class Pipeline:
         return result
 
     def snapshot(self) -> tuple[Snapshot, Path, dict[str, int]]:
-        """A new snapshot, its datasets' folder, and their training rows by dataset."""
+        """A new snapshot, its datasets' folder, and their training rows by dataset. The raters
+        are weighed first, and those whose trust fell too low quarantined (`apply_trust`): their
+        judgments stay out of this snapshot, the others' count by their weight."""
+        held = apply_trust(self.store, self.trust).quarantined
+        if held:
+            self.log(f"quarantined for a low trust weight: {', '.join(held)}")
         snapshot = create_snapshot(self.store, self.dd.snapshots, self.trust)
         built = build_datasets(snapshot.path)
         rows = {name: files.train_rows for name, files in built.items()}

@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tuneloop.core.records import Account, Feedback, Message, Winner, prompt_hash
 from tuneloop.core.settings import TaskSettings
+from tuneloop.feedback.task_scores import scores_version, task_information
 from tuneloop.feedback.tasks import (
     PRIORITY_CANARY,
     PRIORITY_NORMAL,
@@ -76,11 +77,15 @@ class RatingDesk:
     def __init__(self, service: ChatService, settings: TaskSettings | None = None) -> None:
         self.service = service
         self.settings = settings or TaskSettings()
-        self.queue = TaskQueue(service.store, gold_every=self.settings.gold_every)
+        self.queue = TaskQueue(
+            service.store, gold_every=self.settings.gold_every, selection=self.settings.selection
+        )
+        self._scores_seen = ""  # `scores_version` the queue's order was last given
         self._lock = threading.Lock()
         # Task id -> (prompt, text by response id) of the tasks fetched last.
         self._texts: OrderedDict[int, tuple[list[dict[str, Any]], dict[int, str]]] = OrderedDict()
         self._reading = False  # a read-ahead runs
+        self.follow_scores()
 
     def reload(self) -> None:
         """Read the tasks again and forget the texts held (after a person was forgotten: their
@@ -88,6 +93,21 @@ class RatingDesk:
         self.queue.reload()
         with self._lock:
             self._texts.clear()
+        self._scores_seen = ""
+        self.follow_scores()
+
+    def follow_scores(self) -> bool:
+        """With the `active` selection, give the queue the tasks' scores again when new ones
+        were written (`loop.active`); whether it did."""
+        if self.settings.selection != "active":
+            return False
+        store = self.service.store
+        seen = scores_version(store)
+        if seen == self._scores_seen:
+            return False
+        self.queue.apply_information(task_information(store))
+        self._scores_seen = seen
+        return True
 
     # ---- raters ------------------------------------------------------------------------------
 
@@ -306,6 +326,10 @@ class TaskRefill:
     def _run(self) -> None:
         settings = self._desk.settings
         while not self._stop.wait(settings.refill_seconds):
+            try:
+                self._desk.follow_scores()
+            except Exception as exc:  # noqa: BLE001 - the next round reads them again
+                self._log(f"reading the tasks' scores failed: {exc!r}")
             if not settings.from_traffic and self._desk.service.canary_version is None:
                 continue
             wanted = settings.backlog - len(self._desk.queue)

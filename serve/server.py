@@ -71,7 +71,7 @@ def build_app(
     app.include_router(create_admin_router(service, control, data_dir, principals, file_dirs))
     app.include_router(create_users_router(service.store, principals, desk.reload))
     app.include_router(create_tasks_router(desk, principals, limits))
-    app.include_router(create_raters_router(desk, principals, control.trust))
+    app.include_router(create_raters_router(desk, principals, control.trust, control.score_tasks))
     app.include_router(create_canary_router(control, principals))
     app.include_router(create_gateway_router(service, data_dir, principals, limits))
     if with_ui:
@@ -141,6 +141,7 @@ def create_control(config: ServeConfig, service: ChatService) -> LoopControl:
         schedule=config.schedule,
         gate=config.gate,
         trust=config.trust,
+        tasks=config.tasks,
     )
 
 

@@ -8,7 +8,10 @@ with 100,000 tasks queued: bench/rating_queue.py). The rules:
 - a rater holds a task (a lease) until they judge or skip it, or `lease_s` passes; while held,
   the slot is theirs, so a task never gets more than `overlap` judgments through the queue;
 - tasks are handed out in order of need: higher priority first, then tasks already started (so
-  that they complete), then the oldest;
+  that they complete), then the others in the order the selection policy gives those of normal
+  priority: `oldest` first, `random`, or `active` (the most informative to the reward model
+  first, `feedback.task_scores`; unscored ones after them, oldest first); a canary's tasks
+  always oldest first, since the human gate's verdict wants an unbiased sample;
 - gold tasks go to every rater once, one fetch in `gold_every`;
 - the answers are shown in an order drawn for each rater, without their versions.
 A restart forgets the leases (their slots come free) and keeps judgments and skips.
@@ -25,8 +28,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from tuneloop.core.records import Comparison, Feedback, Ranking, Winner
+from tuneloop.core.settings import TASK_SELECTIONS
 from tuneloop.feedback.store import FeedbackStore
-from tuneloop.feedback.tasks import Task, TaskKind, judgments_by_rater, load_tasks, record_skip
+from tuneloop.feedback.tasks import (
+    PRIORITY_NORMAL,
+    Task,
+    TaskKind,
+    judgments_by_rater,
+    load_tasks,
+    record_skip,
+)
 from tuneloop.feedback.validation import FeedbackError
 
 DEFAULT_LEASE_S = 15 * 60
@@ -94,8 +105,14 @@ class TaskQueue:
         gold_every: int = DEFAULT_GOLD_EVERY,
         clock: Callable[[], float] = time.monotonic,
         seed: int | None = None,
+        selection: str = "oldest",
     ) -> None:
+        if selection not in TASK_SELECTIONS:
+            choices = ", ".join(TASK_SELECTIONS)
+            raise ValueError(f"a selection is one of {choices}, not {selection!r}")
         self._store = store
+        self._selection = selection
+        self._info: dict[int, float] = {}  # task id -> information, for `active`
         self._lease_s = lease_s
         self._gold_every = gold_every
         self._clock = clock
@@ -123,6 +140,27 @@ class TaskQueue:
             for task in tasks:
                 self._add(task, old[task.id].leases if task.id in old else {})
             self._judged_by = judged
+            self._order_fresh()
+
+    def apply_information(self, info: dict[int, float]) -> None:
+        """New scores of the tasks (`feedback.task_scores.task_information`): with the `active`
+        selection, the tasks not begun are asked in their order from now on."""
+        with self._lock:
+            self._info = dict(info)
+            self._order_fresh()
+
+    def _order_fresh(self) -> None:
+        """Put the tasks of normal priority not begun in the selection's order."""
+        waiting = self._fresh.get(PRIORITY_NORMAL)
+        if not waiting or self._selection == "oldest":
+            return
+        ids = list(waiting)
+        if self._selection == "random":
+            self._random.shuffle(ids)
+        else:
+            unknown = float("-inf")  # unscored: after the scored ones, oldest first
+            ids.sort(key=lambda tid: (-self._info.get(tid, unknown), tid))
+        self._fresh[PRIORITY_NORMAL] = deque(ids)
 
     def add(self, task_ids: list[int]) -> None:
         """Take newly stored tasks into the queue."""
@@ -132,6 +170,8 @@ class TaskQueue:
             for task in fresh:
                 if task.id not in self._open:
                     self._add(task, {})
+            if self._selection == "random" and fresh:
+                self._order_fresh()
 
     def _add(self, task: Task, leases: dict[str, Lease]) -> None:
         entry = _Open(task, set(task.judged_by), set(), dict(leases))

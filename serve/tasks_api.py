@@ -11,6 +11,8 @@ For raters (and up):
 
 For operators, under `/v1/admin/` (each change audited):
 - `POST /tasks {"source": "traffic", "limit"}` or `{"source": "prompts", "prompts": [...]}`
+- `POST /tasks/score`: score the open tasks with the reward model now (the loop does it every
+  poll with `--task-selection active`), and order the queue by it
 - `GET /tasks` (counts), `GET /tasks/{id}` (answers with ids and versions, who judged),
   `POST /tasks/{id}/gold {"response_id"}`
 - `GET /raters` (agreement, gold accuracy, quarantine), `POST /raters/quarantine`,
@@ -136,8 +138,12 @@ def create_tasks_router(desk: RatingDesk, principals: Principals, limits: Limits
 
 
 def create_raters_router(
-    desk: RatingDesk, principals: Principals, trust: TrustSettings
+    desk: RatingDesk,
+    principals: Principals,
+    trust: TrustSettings,
+    score_tasks: Callable[[], int] = lambda: 0,
 ) -> APIRouter:
+    """`score_tasks` scores the open tasks with the current reward model (`LoopControl`)."""
     router = APIRouter(prefix="/v1/admin")
     Operator = Annotated[Account, Depends(principals.require("operator"))]  # noqa: N806
     store = desk.service.store
@@ -167,6 +173,12 @@ def create_raters_router(
     async def task_counts(_: Operator) -> dict[str, int]:
         return await run_in_threadpool(tasks.task_counts, store)
 
+    @router.post("/tasks/score")
+    async def score(_: Operator) -> dict[str, Any]:
+        scored = await run_in_threadpool(score_tasks)
+        ordered = await run_in_threadpool(desk.follow_scores)
+        return {"scored": scored, "selection": desk.settings.selection, "reordered": ordered}
+
     @router.get("/tasks/{task_id}")
     async def task_detail(task_id: int, _: Operator) -> dict[str, Any]:
         found = await run_in_threadpool(tasks.task_detail, store, task_id)
@@ -188,9 +200,18 @@ def create_raters_router(
     @router.get("/raters")
     async def rater_report(_: Operator) -> dict[str, Any]:
         report = await run_in_threadpool(raters.rater_report, store)
+        # The trust weight training gives each one's judgments (1: a user's own, an import).
+        weights = await run_in_threadpool(raters.rater_weights, store)
         return {
             "alpha": report.alpha,
-            "raters": [asdict(r) | {"gold_accuracy": r.gold_accuracy} for r in report.raters],
+            "raters": [
+                asdict(r)
+                | {
+                    "gold_accuracy": r.gold_accuracy,
+                    "weight": weights[r.name].weight if r.name in weights else 1.0,
+                }
+                for r in report.raters
+            ],
             "pairs": [asdict(p) for p in report.pairs],
         }
 

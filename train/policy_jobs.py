@@ -1,7 +1,8 @@
 """Offline policy jobs: DPO on preference pairs, KTO on thumbs, SFT on edits and good answers.
 
 Each trains the parent policy's adapter (or a new LoRA adapter over the base, or all weights
-with `--full`) with TRL's own trainer and saves the result as a policy version. The reference
+with `--full`) with TRL's own trainer and saves the result as a policy version; DPO weighs each
+pair by its rater's trust weight (`train.weighted`). The reference
 model of DPO and KTO is the root base model (see `job_common.use_base_as_reference`).
 
 The defaults suit the small demo model with LoRA (a high learning rate, short sequences); a
@@ -13,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
+from trl import DPOConfig, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
 from tuneloop.core.job_spec import JobSpec
 from tuneloop.train.job_callbacks import job_callbacks
@@ -32,6 +33,7 @@ from tuneloop.train.job_common import (
     use_base_as_reference,
 )
 from tuneloop.train.job_config import config_dict
+from tuneloop.train.weighted import WeightedDPOTrainer
 
 STEP_CAP = 200
 DPO_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-4, "beta": 0.1, "max_length": 512}
@@ -41,7 +43,9 @@ SFT_DEFAULTS: dict[str, Any] = {"learning_rate": 1e-3, "max_length": 512}
 
 def train_dpo(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
     tokenizer = load_training_tokenizer(spec)
-    return _train(spec, work, status, tokenizer, "preference", DPOConfig, DPOTrainer, DPO_DEFAULTS)
+    return _train(
+        spec, work, status, tokenizer, "preference", DPOConfig, WeightedDPOTrainer, DPO_DEFAULTS
+    )
 
 
 def train_kto(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:

@@ -1,4 +1,5 @@
-"""Reward model: TRL's `RewardTrainer` on preference pairs (Bradley-Terry loss).
+"""Reward model: TRL's `RewardTrainer` on preference pairs (Bradley-Terry loss), each pair weighed
+by its rater's trust weight (`train.weighted`).
 
 The model is a sequence classifier with one output, its body initialised from the parent policy
 (or the base model), trained with LoRA (the new `score` head trained in full) unless `--full`.
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
-from trl import RewardConfig, RewardTrainer
+from trl import RewardConfig
 
 from tuneloop.core.artifacts import base_model_path, is_adapter
 from tuneloop.core.job_spec import JobSpec
@@ -31,6 +32,7 @@ from tuneloop.train.job_common import (
 )
 from tuneloop.train.job_config import config_dict, json_safe
 from tuneloop.train.processes import job_processes
+from tuneloop.train.weighted import WeightedRewardTrainer
 
 DEFAULTS: dict[str, Any] = {"learning_rate": 1e-3, "max_length": 512}
 # One epoch for a model of SmolLM2's size: on HH-RLHF it orders 0.64 of unseen pairs right after
@@ -64,7 +66,7 @@ def _train_and_save(
     model = load_backbone(spec.parent or spec.base, pad_token_id=tokenizer.pad_token_id)
     full = spec.settings.full
     peft_config = None if full else lora_config(lora, "SEQ_CLS", modules_to_save=["score"])
-    trainer = RewardTrainer(
+    trainer = WeightedRewardTrainer(
         model=model,
         args=config,
         train_dataset=train,

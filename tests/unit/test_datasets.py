@@ -35,7 +35,7 @@ from tuneloop.feedback.store import FeedbackStore
 # The keys TRL 1.16 accepts per dataset type (trl.data_utils.apply_chat_template); `source` is
 # extra provenance the trainers drop with their other unused columns.
 TRL_COLUMNS = {
-    "preference": ["prompt", "chosen", "rejected", "source"],
+    "preference": ["prompt", "chosen", "rejected", "source", "weight"],
     "kto": ["prompt", "completion", "label"],
     "sft": ["prompt", "completion"],
 }

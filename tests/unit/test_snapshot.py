@@ -284,6 +284,7 @@ def test_the_trust_policy_keeps_accounts_and_imports_and_drops_the_rest(
         "pair_sources": "all",
         "max_user_share": 0.05,
         "edits": "trusted",
+        "rater_weights": True,
     }
     assert (tables["thumbs"]["rows"], tables["thumbs"]["left_out"]) == (2, 1)  # alice, import
     assert (tables["edits"]["rows"], tables["edits"]["left_out"]) == (0, 6)  # bob's 5, carol's

@@ -414,6 +414,7 @@ def test_votes_cast_twice_before_the_rule_keep_the_newest(tmp_path: Path) -> Non
         "0006_rating_tasks_and_quarantine",
         "0007_canaries",
         "0008_blind_judgments_and_trusted_accounts",
+        "0009_task_scores",
     ]
     assert con.execute("SELECT id, item FROM comparisons ORDER BY id").fetchall() == [
         (2, "1,2"),
