@@ -43,6 +43,7 @@ from tuneloop.feedback.validation import (
     MAX_REASON_CHARS,
     MAX_TEXT_CHARS,
 )
+from tuneloop.serve.asgi_body import read_body, replay
 from tuneloop.serve.auth import Principals
 from tuneloop.serve.chat_service import ChatService, ChatTurn
 from tuneloop.serve.errors import error_response, install_error_handlers
@@ -246,45 +247,16 @@ class BodySizeLimit:
             await error_response(413, message)(scope, receive, send)
         elif b"transfer-encoding" in headers and b"content-length" not in headers:
             try:
-                body = await _read_body(receive, MAX_BODY_BYTES)
+                body = await read_body(receive, MAX_BODY_BYTES)
             except ClientDisconnect:
                 return  # nobody to answer
             if body is None:
                 message = f"request body is over the limit of {MAX_BODY_BYTES} bytes"
                 await error_response(413, message)(scope, receive, send)
             else:
-                await self.app(scope, _replay(body, receive), send)
+                await self.app(scope, replay(body, receive), send)
         else:
             await self.app(scope, receive, send)
-
-
-async def _read_body(receive: Any, limit: int) -> bytes | None:
-    """The whole body, or None as soon as it passes `limit` bytes."""
-    parts, size, more = [], 0, True
-    while more:
-        message = await receive()
-        if message["type"] != "http.request":
-            raise ClientDisconnect
-        parts.append(message.get("body", b""))
-        size += len(parts[-1])
-        if size > limit:
-            return None
-        more = message.get("more_body", False)
-    return b"".join(parts)
-
-
-def _replay(body: bytes, receive: Any) -> Any:
-    """A `receive` that gives `body` in one message, then whatever the client sends next."""
-    sent = False
-
-    async def replayed() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replayed
 
 
 def _check_named(name: str | None, account: Account) -> None:

@@ -26,10 +26,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from starlette.formparsers import MultiPartException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from tuneloop.core.records import Account
 from tuneloop.feedback.accounts import token_sha256
+from tuneloop.serve.asgi_body import read_body, replay
 from tuneloop.serve.errors import error_response
 from tuneloop.serve.limits import RateLimiter
 
@@ -208,7 +209,10 @@ class SignInLimit:
         ):
             await self.app(scope, receive, send)
             return
-        body = await _read_body(receive, MAX_SIGN_IN_FORM)
+        try:
+            body = await read_body(receive, MAX_SIGN_IN_FORM)
+        except ClientDisconnect:
+            return  # nobody to answer
         if body is None:
             await error_response(413, "a sign-in form is a name and a token")(scope, receive, send)
             return
@@ -223,44 +227,14 @@ class SignInLimit:
                 response = error_response(429, message, {"Retry-After": seconds})
                 await response(scope, receive, send)
                 return
-        await self.app(scope, _replay(body, receive), send)
-
-
-async def _read_body(receive: Any, limit: int) -> bytes | None:
-    """The request's body, or None when it is longer than `limit`."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunks.append(message.get("body", b""))
-        size += len(chunks[-1])
-        if size > limit:
-            return None
-        if not message.get("more_body"):
-            break
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Any) -> Callable[[], Any]:
-    """A `receive` that gives `body` once, then whatever the client sends next."""
-    given = False
-
-    async def replayed() -> dict[str, Any]:
-        nonlocal given
-        if given:
-            return await receive()
-        given = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replayed
+        await self.app(scope, replay(body, receive), send)
 
 
 async def _form_username(scope: Any, body: bytes) -> str:
     """The `username` field of a sign-in form (URL-encoded or multipart, as Gradio's page
     sends it); "" when there is none."""
     try:
-        form = await Request(scope, _replay(body, _no_more)).form()
+        form = await Request(scope, replay(body, _no_more)).form()
     except (MultiPartException, ValueError, KeyError):
         return ""
     name = form.get("username")

@@ -16,15 +16,10 @@ from tuneloop.feedback import registry
 from tuneloop.feedback.store import FeedbackStore
 
 
-def test_raters_get_the_most_informative_task_first(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    reward_dir = tmp_path / "reward-v1"
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(reward_dir)
-    tokenizer.save_pretrained(reward_dir)
+def test_raters_get_the_most_informative_task_first(
+    tmp_path: Path, tiny_model_dir: Path, untrained_reward_dir: Path
+) -> None:
+    reward_dir = untrained_reward_dir
     data = tmp_path / "data"
     with FeedbackStore(DataDir(data).db) as store:
         version = ModelVersion("reward-v1", "reward", str(tiny_model_dir), str(reward_dir))

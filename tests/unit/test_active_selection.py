@@ -85,16 +85,9 @@ def test_new_scores_reorder_a_live_queue(store: FeedbackStore) -> None:
 
 
 def test_open_tasks_are_scored_by_the_reward_model_in_a_job_process(
-    store: FeedbackStore, tmp_path: Path, tiny_model_dir: Path
+    store: FeedbackStore, tmp_path: Path, tiny_model_dir: Path, untrained_reward_dir: Path
 ) -> None:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    reward_dir = tmp_path / "reward-v1"
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(reward_dir)
-    tokenizer.save_pretrained(reward_dir)
+    reward_dir = untrained_reward_dir
     data = DataDir(tmp_path / "data")
     assert score_open_tasks(store, data) == 0  # no reward model yet
 
