@@ -10,6 +10,8 @@ The win rate is judged with the preference itself on held-out questions that no 
 baseline's and the new version's answers, `samples` of each per question with the same sampling
 settings, are scored; a question is won when the new version's mean score is higher (ties count
 half). When the gate rejected the candidate, it is scored in-process with the embedded engine.
+With `traffic`, the feedback is what people give instead of comparisons: sparse reactions to
+conversations and raters' judgments of tasks from the queue (`tuneloop.simulate_traffic`).
 With `human_gate`, a candidate that passes is held in canary and simulated people decide on live
 traffic (`tuneloop.simulate_human`); `invert` trains on the opposite preference, so that people
 should reject what the reward model's gate, trained on the same votes, let through.
@@ -29,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -37,17 +39,23 @@ from tuneloop.core.config import DataDir, ServeConfig, VllmSettings
 from tuneloop.core.settings import (
     DEFAULT_MODEL,
     DEFAULT_POLICY_JOB,
+    TASK_SELECTIONS,
     GateSettings,
     LimitSettings,
     ScheduleSettings,
+    SettingsError,
     TaskSettings,
+    TrustSettings,
     check_job,
     setting,
     simulated_jobs,
 )
 from tuneloop.models import resolve_model
-from tuneloop.preferences import Preference, resolve
+from tuneloop.preferences import Preference, improver, resolve
 from tuneloop.remote import follow_cycle
+
+if TYPE_CHECKING:
+    from tuneloop.simulate_traffic import Traffic
 
 RATERS = 8
 
@@ -70,8 +78,12 @@ class SimulationConfig:
     samples: int = setting(4, "answers per held-out question", option="samples")
     max_tokens: int = 48
     temperature: float = 1.0
-    kind: str = setting(
-        DEFAULT_POLICY_JOB, "the policy job of each round", option="kind", choices=simulated_jobs
+    kind: str | None = setting(
+        None,
+        f"the policy job of each round (default: {DEFAULT_POLICY_JOB}; with --traffic, "
+        "auto where the server has it)",
+        option="kind",
+        choices=simulated_jobs,
     )
     model: str = DEFAULT_MODEL
     seed: int = setting(0, "seed of questions, votes and training", option="seed")
@@ -109,6 +121,44 @@ class SimulationConfig:
         GateSettings.canary_share, "the share of conversations the canary answers",
         option="canary_share",
     )  # fmt: skip
+    traffic: int = setting(
+        0,
+        "conversations simulated users hold, reacting to some answers as people do, instead of "
+        "--comparisons (0: comparisons)",
+        option="traffic",
+    )
+    user_feedback: float = setting(
+        0.15,
+        "with --traffic: the share of answers a user reacts to (a thumb mostly; a regenerate, "
+        "a rating, an edit)",
+        option="user_feedback",
+    )
+    raters: int = setting(6, "with --traffic: raters taking tasks from the queue", option="raters")
+    judgments: int = setting(
+        0,
+        "with --traffic: the raters' judgments of tasks the operator makes from the traffic",
+        option="judgments",
+    )
+    bad_raters: float = setting(
+        0.0,
+        "with --traffic: the share of raters who vote at random or against the preference "
+        "(half each)",
+        option="bad_raters",
+    )
+    task_selection: str = setting(
+        TaskSettings.selection,
+        "with --traffic: which tasks raters get first: oldest, random, or active (those a "
+        "reward model trained on the feedback so far is least sure of)",
+        option="task_selection",
+        choices=lambda: TASK_SELECTIONS,
+    )
+    rater_weights: bool = setting(
+        True,
+        "weigh raters' judgments by their trust, and quarantine those under half "
+        "(--no-rater-weights: the unweighted loop)",
+        option="rater_weights",
+        flag="--no-rater-weights",
+    )
     engine: str = "embedded"
     vllm: VllmSettings = field(default_factory=VllmSettings)
     log: Callable[[str], None] = field(
@@ -116,7 +166,13 @@ class SimulationConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.kind is None:
+            auto = self.traffic > 0 and "auto" in simulated_jobs()
+            object.__setattr__(self, "kind", "auto" if auto else DEFAULT_POLICY_JOB)
         check_job(self.kind, simulated_jobs)
+        counted = min(self.traffic, self.judgments, self.raters) >= 0
+        if not counted or not all(0 <= s <= 1 for s in (self.user_feedback, self.bad_raters)):
+            raise SettingsError("traffic, judgments and raters are counts, and shares are 0 to 1")
         object.__setattr__(self, "train_overrides", tuple(self.train_overrides))
 
 
@@ -183,13 +239,21 @@ def run_simulation(config: SimulationConfig) -> dict[str, Any]:
         config.log(f"baseline {baseline}; sampling held-out answers")
         with stages("baseline_answers"):
             before = _answers(client, heldout, config)
+        traffic = _traffic(client, train, taught, before, heldout, config, rng)
         cycle: dict[str, Any] = {}
         per_round = -(-config.comparisons // config.rounds)
         for round_no in range(config.rounds):
-            batch = [train[(round_no * per_round + i) % len(train)] for i in range(per_round)]
-            config.log(f"round {round_no + 1}: {len(batch)} comparisons")
-            with stages("collect"):
-                _collect(client, batch, taught, config, rng)
+            if traffic is not None:
+                config.log(f"round {round_no + 1}: traffic, then judgments")
+                with stages("traffic"):
+                    traffic.converse(round_no)
+                with stages("judgments"):
+                    traffic.rate(round_no)
+            else:
+                batch = [train[(round_no * per_round + i) % len(train)] for i in range(per_round)]
+                config.log(f"round {round_no + 1}: {len(batch)} comparisons")
+                with stages("collect"):
+                    _collect(client, batch, taught, config, rng)
             with stages("cycle"):
                 cycle = _train(client, config)
             config.log(f"round {round_no + 1}: {cycle.get('reason') or cycle.get('error')}")
@@ -213,8 +277,10 @@ def run_simulation(config: SimulationConfig) -> dict[str, Any]:
                 after = _answers_in_process(new_version, artifact, heldout, config)
         counts = client.http.get("/v1/feedback/stats", headers=client.signed_in_admin()).json()
         job_seconds = _job_seconds(client.admin("GET", "runs?limit=1000"))
+        rows = {kind: counts[kind] for kind in FEEDBACK_TABLES}
+        added = traffic.summary(rows) if traffic is not None else {}
     wins = _win_rate(before, after, heldout, preference)
-    return {
+    return added | {
         "preference": config.preference,
         "noise": config.noise,
         "comparisons": config.comparisons,
@@ -232,6 +298,27 @@ def run_simulation(config: SimulationConfig) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 1),
         "seconds_by_stage": stages.seconds | job_seconds,
     }
+
+
+def _traffic(
+    client: _Client,
+    questions: list[str],
+    preference: Preference,
+    before: list[list[str]],
+    heldout: list[str],
+    config: SimulationConfig,
+    rng: random.Random,
+) -> Traffic | None:
+    """Traffic mode's people (`tuneloop.simulate_traffic`), or None for comparisons. Users
+    place an answer among the baseline's held-out answers (only their scores, never the
+    questions, reach them)."""
+    if config.traffic <= 0:
+        return None
+    from tuneloop.simulate_traffic import Traffic
+
+    scores = [preference(q, t) for q, texts in zip(heldout, before, strict=True) for t in texts]
+    improve = None if config.invert else improver(config.preference)
+    return Traffic(client, questions, preference, improve, config, scores, rng)
 
 
 def _opposite(preference: Preference) -> Preference:
@@ -317,7 +404,8 @@ def _prompts(config: SimulationConfig, model: str) -> tuple[list[str], list[str]
         return len(ids) <= room
 
     questions = [q for q in questions if fits(q)]
-    questions += demo_questions(config.comparisons + config.heldout, seed=config.seed)
+    wanted = max(config.comparisons, config.traffic) + config.heldout
+    questions += demo_questions(wanted, seed=config.seed)
     random.Random(config.seed).shuffle(questions)
     return questions[: config.heldout], questions[config.heldout :]
 
@@ -343,7 +431,9 @@ def _server(dd: DataDir, model: str, config: SimulationConfig) -> Iterator[_Clie
         ),
         # Simulated people ask and vote far faster than the limits a person gets.
         limits=LimitSettings(feedback_per_minute=0, chats_per_minute=0),
-        tasks=TaskSettings(backlog=0),  # the simulation asks for the answers it judges
+        # The simulation asks for the answers it judges.
+        tasks=TaskSettings(backlog=0, selection=config.task_selection),
+        trust=TrustSettings(rater_weights=config.rater_weights),
     )
     with server_in_thread(serve, lambda _: model, stop_timeout=120) as url:
         token = dd.admin_token_file.read_text().strip()
