@@ -96,6 +96,12 @@ class SimulationConfig:
         "the gate's bar: win rate against the served policy",
         option="min_win_rate",
     )
+    gate_max_length_ratio: float | None = setting(
+        GateSettings.max_length_ratio,
+        "the gate refuses a candidate whose answers grew this many times longer than the served "
+        "policy's",
+        option="gate_max_length_ratio",
+    )
     human_gate: bool = setting(
         False,
         "hold the candidate that passes in canary, and let simulated raters judge it on live "
@@ -425,6 +431,7 @@ def _server(dd: DataDir, model: str, config: SimulationConfig) -> Iterator[_Clie
         schedule=ScheduleSettings(kind=config.kind),
         gate=GateSettings(
             min_win_rate=config.min_win_rate,
+            max_length_ratio=config.gate_max_length_ratio,
             human=config.human_gate,
             canary_share=config.canary_share,
             human_judgments=config.human_judgments,

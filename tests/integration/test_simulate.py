@@ -111,8 +111,14 @@ def test_simulated_people_promote_a_better_canary_and_reject_a_worse_one(
             "--preference", "concise", "--comparisons", "600", "--heldout", "16",
             "--samples", "2", "--human-gate", "--human-judgments", "60",
             # Trained on the opposite, one plain account pushes it through every route a user
-            # has: people, not the attacker, decide.
-            *(["--invert", "--gate-attacker", "200"] if invert else []),
+            # has: people, not the attacker, decide. (The opposite of `concise` talks about 3
+            # times longer, which the gate's length limit alone would refuse: lifted here, so
+            # that people have to.)
+            *(
+                ["--invert", "--gate-attacker", "200", "--gate-max-length-ratio", "100"]
+                if invert
+                else []
+            ),
         ],
         capture_output=True,
         text=True,
@@ -169,7 +175,8 @@ def test_traffic_mode_sends_each_signal_through_the_server(tmp_path: Path, demo:
     assert rows["thumbs"] > 0 and rows["rating"] > 0, rows
     assert rows["edit"] == reactions.get("edit", 0)  # `concise` offers edits: cut answers
     assert reactions["regenerate"] > 0, reactions
-    assert rows["comparison"] == summary["judgments"] == 40, summary
+    # Every judgment is stored (the last one or two of the budget may find no task left).
+    assert rows["comparison"] == summary["judgments"] and 38 <= summary["judgments"] <= 40, summary
     assert summary["raters"] == 4 and summary["bad_raters"] == 2
     for key in ("bad_raters_caught", "honest_raters_caught"):
         assert 0 <= summary[key] <= 1, summary
@@ -232,7 +239,7 @@ def test_active_selection_asks_what_a_reward_model_of_the_feedback_so_far_doubts
         ],
         timeout=600,
     )  # fmt: skip
-    assert summary["judgments"] == 12, summary
+    assert 10 <= summary["judgments"] <= 12, summary  # the budget, less what found no task
     with duckdb.connect(str(data_dir / "feedback.duckdb"), read_only=True) as con:
         rewards = con.execute("SELECT count(*) FROM model_versions WHERE kind = 'reward'")
         assert rewards.fetchone()[0] >= 3  # one per batch, and the cycle's own
