@@ -53,6 +53,9 @@ def test_a_quarantined_flood_starts_no_cycle_and_stays_out_of_the_next(
         limits=LimitSettings(0, 0),
     ):
         mallory, gina = server.account("mallory"), server.account("gina")
+        # A user's edits become training targets only once an operator trusts them.
+        trusted = httpx.post(f"{server.url}/v1/admin/users/gina/trust", headers=server.auth)
+        assert trusted.json()["trusted"] is True
         quarantined = httpx.post(
             f"{server.url}/v1/admin/raters/quarantine",
             json={"names": ["mallory"], "reason": "floods edits with a link"},
