@@ -10,9 +10,10 @@ from the hidden preference through the user's own threshold and noise.
 Then the operator does what one would: makes rating tasks from the traffic (overlap 2 or 3 so
 that agreement can be measured, a few gold tasks marked with the answer the preference likes
 best), raters take `judgments` of them from the queue, a share of the raters at random or against
-the preference (`bad_raters`), and the operator quarantines those below the agreement and gold
-bars before training. With `task_selection` `active`, raters get first the tasks a reward model
-trained on the feedback so far is least sure of.
+the preference (`bad_raters`); the training cycle weighs the raters by trust and quarantines
+those under half (`feedback.raters.apply_trust`), as it does for any deployment. With
+`task_selection` `active`, raters get first the tasks a reward model trained on the feedback so
+far is least sure of.
 """
 
 from __future__ import annotations
@@ -43,11 +44,6 @@ FOLLOW_UP_CHARS = 80
 # Judgments spent on gold tasks (each goes to every rater), and the overlaps of the others.
 GOLD_SHARE = 0.15
 OVERLAPS = (3, 2)
-# The operator's bars: quarantine below this agreement (a random rater scores near 0, one who
-# votes against the others below it; an honest one who shared many tasks with bad raters can
-# fall near 0.1, so the bar sits under that) or this gold accuracy.
-ALPHA_BAR = 0.0
-GOLD_BAR = 0.5
 # With the `active` selection: judgments asked in this many batches, a reward model retrained
 # and the tasks scored again before each.
 ACTIVE_BATCHES = 3
@@ -214,9 +210,10 @@ class Traffic:
 
     def rate(self, round_no: int) -> None:
         """This round's judgments: tasks from the traffic, gold marked, raters through the
-        queue, then the operator's quarantine. With the `active` selection the judgments come
-        in `ACTIVE_BATCHES`, each asked in the order of a reward model trained on all the
-        feedback so far (the users' reactions at first) and scoring the open tasks."""
+        queue (the cycle weighs them, and quarantines those trusted too little). With the
+        `active` selection the judgments come in `ACTIVE_BATCHES`, each asked in the order of a
+        reward model trained on all the feedback so far (the users' reactions at first) and
+        scoring the open tasks."""
         budget = _share(self.config.judgments, self.config.rounds, round_no)
         if budget <= 0 or not self.raters:
             return
@@ -226,7 +223,7 @@ class Traffic:
             if batches > 1:
                 self._rescore()
             self.judgments += self._judge(_share(budget, batches, batch))
-        self.config.log(f"{self.judgments} judgments; quarantined: {self.quarantine()}")
+        self.config.log(f"{self.judgments} judgments")
 
     def _rescore(self) -> None:
         """Train a reward model on the feedback so far, and score the open tasks with it."""
@@ -303,19 +300,6 @@ class Traffic:
 
         with ThreadPoolExecutor(len(self.raters)) as pool:
             return sum(pool.map(rate, range(len(self.raters))))
-
-    def quarantine(self) -> list[str]:
-        """The operator's check before training: quarantine raters below the agreement or gold
-        bars, once they have judged half their share. One call, kept here alone so that
-        automatic trust weights (`feedback.raters`) can take its place."""
-        per_rater = self.judgments // max(1, len(self.raters))
-        body = {
-            "below_alpha": ALPHA_BAR,
-            "below_gold": GOLD_BAR,
-            "min_judgments": max(1, min(20, per_rater // 2)),
-            "reason": "simulated operator: below the agreement or gold bar",
-        }
-        return self.client.admin("POST", "raters/quarantine", body)["quarantined"]
 
     # ---- summary -----------------------------------------------------------------------------
 
