@@ -14,14 +14,18 @@ with the hidden preference judging the win rate on held-out questions. The arms,
     python bench/feedback_efficiency.py [--arms selection,raters,reactions] [--seeds 3]
         [--model demo] [--traffic 1000] [--judgments 150] [--budgets 100,200] [--json FILE]
 
-Each run's summary is the simulate's own last line, kept whole in `--json`. The runs are serial
-(each uses both cores); a SmolLM2 run takes most of an hour, a toy one a few minutes.
+Each run's summary is the simulate's own last line, kept whole in `--json`. An arm with the same
+flags as one already run (reactions and judgments, honest raters weighted) reuses its runs. The
+runs are serial (each uses both cores); a SmolLM2 run takes most of an hour, a toy one about five
+minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -74,6 +78,17 @@ def arms(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
     return found
 
 
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (the platform's name elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     wins = [r["win_rate"] for r in runs]
     row: dict[str, Any] = {
@@ -124,14 +139,19 @@ def main() -> int:
     args.budgets = [int(b) for b in args.budgets.split(",") if b]
     results: list[tuple[str, str, dict[str, Any]]] = []
     every: dict[str, list[dict[str, Any]]] = {}
+    done: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="feedback-efficiency-") as tmp:
         for arm, label, flags in arms(args):
-            runs = [simulate(args.model, seed, flags, Path(tmp)) for seed in range(args.seeds)]
+            if tuple(flags) not in done:
+                done[tuple(flags)] = [
+                    simulate(args.model, seed, flags, Path(tmp)) for seed in range(args.seeds)
+                ]
+            runs = done[tuple(flags)]
             every[f"{arm}: {label}"] = runs
             results.append((arm, label, summarize(runs)))
             print(table(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     print(f"model {args.model}, traffic {args.traffic}, {args.raters} raters, seeds "
-          f"0-{args.seeds - 1}")  # fmt: skip
+          f"0-{args.seeds - 1}, CPU {cpu_name()} ({os.cpu_count()} cores)")  # fmt: skip
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(every, indent=2) + "\n")

@@ -68,7 +68,7 @@ class JobSpec(SpecFile):
     snapshot_id: str | None = None
     status: Path | None = None
     settings: JobSettings = field(default_factory=JobSettings)
-    reward_model: Path | None = None  # a reward version dir (rl only)
+    reward_model: Path | None = None  # a reward version dir (the jobs that learn from one)
 
     def check(self) -> None:
         check_job(self.kind)

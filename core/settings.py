@@ -16,13 +16,15 @@ from typing import Any
 class JobKind:
     """A kind of training job. `trainer` is its function in the train layer, `module:function`,
     imported by the job process only; `policy`: it makes a policy (else a reward model);
-    `simulated`: `tuneloop simulate`'s raters give the feedback it learns from."""
+    `simulated`: `tuneloop simulate`'s raters give the feedback it learns from; `scored`: it
+    learns from the cycle's reward model (the `rm` version trained before it)."""
 
     name: str
     learns_from: str  # as the Operator tab and the CLI's help say it
     trainer: str
     policy: bool = True
     simulated: bool = True
+    scored: bool = False
 
 
 # Every job kind, in the order menus show them. A kind added here shows up in the CLI, the admin
@@ -39,7 +41,18 @@ JOB_KINDS: dict[str, JobKind] = {
             "tuneloop.train.policy_jobs:train_sft",
             simulated=False,
         ),
-        JobKind("rl", "sample, score with the reward model", "tuneloop.train.rl_job:train_rl"),
+        JobKind(
+            "bon",
+            "best and worst of the policy's answers by the reward model, and the pairs",
+            "tuneloop.train.scored_pairs:train_best_of_n",
+            scored=True,
+        ),
+        JobKind(
+            "rl",
+            "sample, score with the reward model",
+            "tuneloop.train.rl_job:train_rl",
+            scored=True,
+        ),
     )
 }
 DEFAULT_POLICY_JOB = "dpo"
@@ -145,7 +158,7 @@ TRAINING_KEYS = frozenset(
         # lengths and sampling
         "max_length", "max_prompt_length", "max_completion_length", "truncation_mode",
         "num_generations", "temperature", "top_p", "top_k", "epsilon", "num_iterations",
-        "scale_rewards",
+        "scale_rewards", "max_prompts",
         # the LoRA adapter
         "lora.r", "lora.lora_alpha", "lora.lora_dropout", "lora.target_modules",
         "lora.use_rslora", "lora.use_dora", "lora.bias",

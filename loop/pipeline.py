@@ -24,6 +24,7 @@ from tuneloop.core.job_spec import GateSpec, JobSpec
 from tuneloop.core.records import ModelVersion
 from tuneloop.core.settings import (
     AUTO_JOB,
+    JOB_KINDS,
     GateSettings,
     JobSettings,
     LaunchSettings,
@@ -205,9 +206,9 @@ class Pipeline:
         check_job(kind, policy_jobs)
         parent = self._served_policy()
         reward_model = None
-        if kind == "rl":
+        if JOB_KINDS[kind].scored:
             if reward is None:
-                raise NothingToTrainError("RL needs a reward model: train one first (`rm`)")
+                raise NothingToTrainError(f"{kind} needs a reward model: train one first (`rm`)")
             reward_model = Path(reward.artifact_path)
         return self._run_training(
             kind,

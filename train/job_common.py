@@ -137,6 +137,22 @@ def load_split_file(spec: JobSpec, work: Path, name: str, split: str) -> dataset
     return load_split(split_path(spec, name, split), cache_dir=scratch_dir(work) / "cache")
 
 
+PROMPT_SOURCES = ("preference", "kto", "sft")
+
+
+def unique_prompts(spec: JobSpec, work: Path, split: str) -> datasets.Dataset:
+    """The distinct prompts of every dataset's `split`, as a `prompt` column, in a seeded order."""
+    import datasets
+
+    seen: dict[str, list[dict[str, str]]] = {}
+    for name in PROMPT_SOURCES:
+        for prompt in load_split_file(spec, work, name, split)["prompt"]:
+            seen.setdefault(json.dumps(prompt, sort_keys=True), prompt)
+    prompts = [seen[key] for key in sorted(seen)]
+    data = datasets.Dataset.from_dict({"prompt": prompts})
+    return data.shuffle(seed=spec.settings.seed).flatten_indices() if prompts else data
+
+
 def load_dataset_splits(
     spec: JobSpec, work: Path, name: str
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -145,7 +161,7 @@ def load_dataset_splits(
     Row order in the files is unspecified, so rows are first sorted by a hash of their content:
     the same snapshot and seed then give the same training order."""
     train, heldout = (
-        _seeded_order(load_split_file(spec, work, name, split), spec.settings.seed)
+        seeded_order(load_split_file(spec, work, name, split), spec.settings.seed)
         for split in ("train", "heldout")
     )
     if len(train) == 0:
@@ -153,7 +169,7 @@ def load_dataset_splits(
     return train, heldout
 
 
-def _seeded_order(data: datasets.Dataset, seed: int) -> datasets.Dataset:
+def seeded_order(data: datasets.Dataset, seed: int) -> datasets.Dataset:
     keys = [
         hashlib.sha1(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()
         for row in data

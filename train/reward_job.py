@@ -1,5 +1,7 @@
 """Reward model: TRL's `RewardTrainer` on preference pairs (Bradley-Terry loss), each pair weighed
-by its rater's trust weight (`train.weighted`).
+by its rater's trust weight (`train.weighted`), and on thumbs paired across prompts
+(`train.reward_data`). Its held-out accuracy is on the held-out preference pairs only: answers
+to one prompt, which is what the gate and the `bon` job ask of it.
 
 The model is a sequence classifier with one output, its body initialised from the parent policy
 (or the base model), trained with LoRA (the new `score` head trained in full) unless `--full`.
@@ -9,6 +11,7 @@ The version keeps merged full weights, so that scoring needs neither PEFT nor th
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +22,22 @@ from tuneloop.core.artifacts import base_model_path, is_adapter
 from tuneloop.core.job_spec import JobSpec
 from tuneloop.train.job_callbacks import job_callbacks
 from tuneloop.train.job_common import (
+    EMPTY_SPLIT_HINTS,
     JobOutput,
     StatusFile,
     check_finite,
     data_counts,
     job_settings,
-    load_dataset_splits,
+    load_split_file,
     load_training_tokenizer,
     lora_config,
+    seeded_order,
     size_training,
     train_metrics,
 )
-from tuneloop.train.job_config import config_dict, json_safe
+from tuneloop.train.job_config import JobError, config_dict, json_safe
 from tuneloop.train.processes import job_processes
+from tuneloop.train.reward_data import reward_rows
 from tuneloop.train.weighted import WeightedRewardTrainer
 
 DEFAULTS: dict[str, Any] = {"learning_rate": 1e-3, "max_length": 512}
@@ -42,7 +48,12 @@ STEP_CAP = 300
 
 
 def train_reward(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
-    train, heldout = load_dataset_splits(spec, work, "preference")
+    pairs = load_split_file(spec, work, "preference", "train")
+    heldout = load_split_file(spec, work, "preference", "heldout")
+    thumbs = load_split_file(spec, work, "kto", "train")
+    train = seeded_order(reward_rows(pairs, thumbs, seed=spec.settings.seed), spec.settings.seed)
+    if len(train) == 0:
+        raise JobError(EMPTY_SPLIT_HINTS["preference"])
     config, lora, _ = job_settings(spec, RewardConfig, DEFAULTS, work, LARGE_DEFAULTS)
     output = _train_and_save(spec, config, lora, train, heldout, work, status)
     if job_processes().main:  # the others saved nothing (`tuneloop.train.processes`)
@@ -89,9 +100,15 @@ def _train_and_save(
         base=spec.base,
         config=config_dict(trainer.args),
         metrics=train_metrics(trainer, result),
-        data={"preference": data_counts(train, trainer, heldout)},
+        data={"preference": data_counts(train, trainer, heldout), "sources": _sources(train)},
         lora=used_lora,
     )
+
+
+def _sources(train: Any) -> dict[str, int]:
+    """Rows offered to the trainer by where they came from (people's pairs by kind, thumbs
+    paired across prompts), before it drops those over `max_length`."""
+    return dict(sorted(Counter(train["source"]).items()))
 
 
 def load_backbone(source: Path, *, pad_token_id: int) -> PreTrainedModel:

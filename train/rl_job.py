@@ -13,11 +13,9 @@ give the held-out reward); the reward model is a version written by the `rm` job
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import datasets
 from transformers import AutoModelForSequenceClassification
 from trl import GRPOConfig, GRPOTrainer
 
@@ -31,11 +29,11 @@ from tuneloop.train.job_common import (
     heldout_metrics,
     job_settings,
     load_policy,
-    load_split_file,
     load_training_tokenizer,
     save_policy,
     size_training,
     train_metrics,
+    unique_prompts,
     use_base_as_reference,
 )
 from tuneloop.train.job_config import JobError, config_dict
@@ -51,7 +49,6 @@ DEFAULTS: dict[str, Any] = {
     # GRPO samples once per accumulation window: accumulating would double the answers per step.
     "gradient_accumulation_steps": 1,
 }
-PROMPT_SOURCES = ("preference", "kto", "sft")
 # Sampling answers is most of an RL job's time; the gate is the real evaluation.
 HELDOUT_PROMPTS = 32
 
@@ -98,17 +95,6 @@ def train_rl(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
         data={"prompts": data_counts(train, trainer, heldout)},
         lora=saved_lora,
     )
-
-
-def unique_prompts(spec: JobSpec, work: Path, split: str) -> datasets.Dataset:
-    """The distinct prompts of every dataset's `split`, as a `prompt` column, in a seeded order."""
-    seen: dict[str, list[dict[str, str]]] = {}
-    for name in PROMPT_SOURCES:
-        for prompt in load_split_file(spec, work, name, split)["prompt"]:
-            seen.setdefault(json.dumps(prompt, sort_keys=True), prompt)
-    prompts = [seen[key] for key in sorted(seen)]
-    data = datasets.Dataset.from_dict({"prompt": prompts})
-    return data.shuffle(seed=spec.settings.seed).flatten_indices() if prompts else data
 
 
 def load_reward_model(path: Path | None) -> tuple[Any, Any]:

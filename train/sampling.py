@@ -40,7 +40,10 @@ def sample_answers(
     # generate() fills unset options from the model's generation config (top_k, repetition
     # penalty, ...): replace it, so both policies sample with exactly these settings, as served.
     model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    # top_k=0 turns top-k off: an option left unset takes transformers' global default (top-k
+    # 50), which the server never applies; sampling the tail or not changes what a small model
+    # says (on the demo model, a quarter fewer words with top-k 50).
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
     options = {"max_new_tokens": max_tokens, **(sampling if temperature > 0 else {})}
     texts = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, tokenize=False)
     room = max(1, model.config.max_position_embeddings - max_tokens)

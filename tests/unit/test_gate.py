@@ -166,6 +166,34 @@ def test_scoring_cli_prints_json(
     assert printed["accuracy"] >= 0.9
 
 
+# ---- sampling ------------------------------------------------------------------------------------
+
+
+def test_answers_are_sampled_from_the_whole_vocabulary(tiny_model_dir: Path) -> None:
+    """No top-k, as the server samples: transformers would cut every step to the 50 likeliest
+    tokens unless told otherwise. At temperature 50 the tiny model's next token is close to
+    uniform over 1024, so 128 draws give about 120 distinct first tokens; top-k 50 allows 50."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneloop.train.sampling import sample_answers
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert model.config.vocab_size >= 1000
+    sampled = sample_answers(
+        model,
+        tokenizer,
+        PROMPTS[:1] * 128,
+        max_tokens=1,
+        temperature=50.0,
+        top_p=1.0,
+        seed=0,
+        batch_size=128,
+    )
+    assert all(len(answer) == 1 for answer in sampled.answer_ids)
+    assert len({answer[0] for answer in sampled.answer_ids}) > 50
+
+
 # ---- the gate ------------------------------------------------------------------------------------
 
 

@@ -13,12 +13,14 @@ from tuneloop.loop.job_choice import NoJobError, choose_policy_job
     ("rows", "kind", "why"),
     [
         ({"preference": 600, "kto": 40, "sft": 10}, "dpo", "the pairs suffice"),
-        ({"preference": 40, "kto": 80, "sft": 0}, "dpo", "the pairs suffice"),  # 2 to 1 at most
-        ({"preference": 40, "kto": 81, "sft": 0}, "kto", "thumbs dominate"),
-        ({"preference": 3, "kto": 200, "sft": 30}, "kto", "thumbs dominate"),
+        ({"preference": 400, "kto": 800, "sft": 0}, "dpo", "the pairs suffice"),  # 2 to 1 at most
+        ({"preference": 400, "kto": 801, "sft": 0}, "bon", "thumbs dominate"),
+        ({"preference": 399, "kto": 10, "sft": 0}, "bon", "few pairs"),
+        ({"preference": 3, "kto": 200, "sft": 30}, "bon", "thumbs dominate"),
+        ({"preference": 0, "kto": 16, "sft": 0}, "bon", "thumbs dominate"),
         ({"preference": 2, "kto": 5, "sft": 20}, "sft", "edits and well-rated answers"),
-        ({"preference": 2, "kto": 5, "sft": 1}, "dpo", "few rows of any kind"),
-        ({"preference": 0, "kto": 5, "sft": 1}, "kto", "few rows of any kind"),
+        ({"preference": 2, "kto": 5, "sft": 1}, "bon", "few rows of any kind"),
+        ({"preference": 0, "kto": 0, "sft": 1}, "sft", "few rows of any kind"),
     ],
 )
 def test_the_data_chooses_the_job(rows: dict[str, int], kind: str, why: str) -> None:

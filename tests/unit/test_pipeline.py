@@ -216,9 +216,10 @@ def test_auto_trains_the_job_the_data_calls_for_and_records_why(
         store.submit_response(answer).result()
         store.record_feedback(Thumbs(rid, 1 if i % 2 else -1, "rae"))
     result = loop.run("auto")
-    assert result.job_choice["kind"] == "kto"
-    assert result.job_choice["reason"].startswith("kto: thumbs dominate (0 preference pairs")
-    assert runs_by_kind(store)["kto"].status == "done"
+    assert result.job_choice["kind"] == "bon"
+    assert result.job_choice["reason"].startswith("bon: thumbs dominate; the reward model")
+    assert "(0 preference pairs, 19 KTO rows" in result.job_choice["reason"]  # 1 held out
+    assert runs_by_kind(store)["bon"].status == "done"
     candidate = registry.get_version(store, result.candidate.id)
     assert candidate.metrics["job_choice"] == result.job_choice
     assert result.to_dict()["job_choice"] == result.job_choice

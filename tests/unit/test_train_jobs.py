@@ -27,6 +27,7 @@ from tuneloop.train.job_config import (
     cpu_has_amx,
     read_config_file,
 )
+from tuneloop.train.reward_data import PARTNERS
 from tuneloop.train.run import train_version
 
 MANIFEST_KEYS = {
@@ -61,8 +62,8 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reward_version(
     tmp_path_factory: pytest.TempPathFactory, data_dir: Path, tiny_model_dir: Path
 ) -> tuple[Path, Path]:
-    """A reward model trained with the job's defaults but 2 epochs (16 steps); returns (version
-    dir, status file)."""
+    """A reward model trained with the job's defaults but 2 epochs; returns (version dir, status
+    file)."""
     tmp = tmp_path_factory.mktemp("rm")
     spec = JobSpec(
         kind="rm",
@@ -140,7 +141,12 @@ def test_reward_model_learns_an_easy_preference(reward_version, tiny_model_dir: 
     assert manifest["adapter"] is False and not is_adapter(version)
     assert manifest["base"] == str(tiny_model_dir.resolve())
     assert manifest["parent"] is None and manifest["snapshot_id"] == "snap-1"
-    assert manifest["data"] == {"preference": {"train": 64, "too_long": 0, "heldout": 16}}
+    # The 64 pairs and the 128 thumbs paired across prompts, each drawing up to 2 partners.
+    sources = manifest["data"]["sources"]
+    assert set(sources) == {"comparison", "thumbs_unpaired"} and sources["comparison"] == 64
+    assert 64 <= sources["thumbs_unpaired"] <= PARTNERS * 128
+    train_rows = sum(sources.values())
+    assert manifest["data"]["preference"] == {"train": train_rows, "too_long": 0, "heldout": 16}
     assert manifest["config"]["learning_rate"] > 0 and "output_dir" not in manifest["config"]
     metrics = manifest["metrics"]
     assert metrics["heldout_pairs"] == 16
@@ -186,10 +192,11 @@ def test_pairs_too_long_for_the_trainer_are_counted_apart(
     data.mkdir()
     write_split(data, "preference", "train", pairs(8, 0, rng) + long)
     write_split(data, "preference", "heldout", pairs(4, 1000, rng))
+    write_split(data, "kto", "train", [])  # the reward model's thumbs: none
     overrides = {"per_device_train_batch_size": 4, "num_train_epochs": 1, "max_length": 128}
     version = train_version(spec_for(tmp_path, job, data, tiny_model_dir, overrides=overrides))
     manifest = read_manifest(version)
-    assert manifest["data"] == {"preference": {"train": 8, "too_long": 3, "heldout": 4}}
+    assert manifest["data"]["preference"] == {"train": 8, "too_long": 3, "heldout": 4}
     assert manifest["config"]["max_steps"] == 2 and manifest["metrics"]["steps"] == 2
 
 
@@ -204,6 +211,7 @@ def test_a_dataset_left_empty_by_max_length_is_refused(
     data.mkdir()
     write_split(data, "preference", "train", long)
     write_split(data, "preference", "heldout", pairs(2, 1000, rng))
+    write_split(data, "kto", "train", [])
     spec = spec_for(tmp_path, "rm", data, tiny_model_dir, overrides={"max_length": 128})
     with pytest.raises(JobError, match=r"all 3 train rows are over max_length=128"):
         train_version(spec)
@@ -321,6 +329,94 @@ def test_rl_job_needs_a_reward_version(
     with pytest.raises(JobError, match="not a reward model version"):
         train_version(spec)
     assert status_of(spec)["state"] == "failed"
+
+
+def test_bon_job_trains_on_scored_pairs_and_the_peoples_pairs(
+    tmp_path: Path, data_dir: Path, tiny_model_dir: Path, reward_version
+) -> None:
+    import math
+
+    rm_dir, _ = reward_version
+    overrides = {"max_prompts": 8, "num_generations": 2, "max_completion_length": 8}
+    spec = spec_for(
+        tmp_path,
+        "bon",
+        data_dir,
+        tiny_model_dir,
+        reward_model=rm_dir,
+        overrides={**overrides, "max_steps": 2},
+    )
+    version = train_version(spec)
+
+    manifest = read_manifest(version)
+    assert (manifest["kind"], manifest["job"], manifest["adapter"]) == ("policy", "bon", True)
+    assert manifest["reward_model"] == str(rm_dir.resolve())
+    assert {k: manifest["config"][k] for k in overrides} == overrides
+    metrics = manifest["metrics"]
+    assert metrics["sampled_prompts"] == 8 and metrics["steps"] == 2
+    assert 0 < metrics["scored_pairs"] <= 8 and metrics["people_pairs"] == 64
+    assert metrics["scored_margin_mean"] > 0
+    assert 0 < metrics["scored_weight_mean"] <= math.tanh(metrics["scored_margin_mean"] / 2)
+    assert metrics["heldout_loss"] is not None
+    train = metrics["scored_pairs"] + metrics["people_pairs"]
+    assert manifest["data"] == {"preference": {"train": train, "too_long": 0, "heldout": 16}}
+    assert changes_outputs(version, tiny_model_dir)
+    assert status_of(spec)["state"] == "done"
+
+
+def test_bon_job_needs_a_reward_model(tmp_path: Path, data_dir: Path, tiny_model_dir: Path) -> None:
+    spec = spec_for(tmp_path, "bon", data_dir, tiny_model_dir)
+    with pytest.raises(JobError, match="needs a reward_model"):
+        train_version(spec)
+    assert not spec.out.exists() and status_of(spec)["state"] == "failed"
+
+
+def test_scored_pairs_are_the_best_and_worst_answers_weighed_by_their_margin(
+    tmp_path: Path, tiny_model_dir: Path, untrained_reward_dir: Path
+) -> None:
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneloop.train.sampling import sample_answers
+    from tuneloop.train.scored_pairs import SAMPLE_BATCH, BestOfNConfig, score_pairs
+    from tuneloop.train.scoring import RewardScorer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [msg("user", f"Question {i}: what about lists?") for i in range(6)]
+    sampling = {"num_generations": 3, "max_completion_length": 8, "seed": 0}
+    config, _ = build_config(BestOfNConfig, [sampling], output_dir=tmp_path)
+    scored = score_pairs(model, tokenizer, untrained_reward_dir, prompts, config)
+
+    # 8 random tokens never read alike: every prompt has a pair, and one.
+    assert [p.prompt for p in scored] == prompts
+    # The same answers again (same seed, same batches), each scored on its own.
+    answers = sample_answers(
+        model,
+        tokenizer,
+        prompts * 3,  # round k answers every prompt once
+        max_tokens=8,
+        temperature=1.0,
+        top_p=1.0,
+        seed=0,
+        batch_size=SAMPLE_BATCH,
+    ).texts
+    scorer = RewardScorer(untrained_reward_dir, device="cpu")
+    for i, pair in enumerate(scored):
+        mine = answers[i :: len(prompts)]
+        scores = dict(zip(mine, scorer.score([pair.prompt] * 3, mine), strict=True))
+        assert pair.chosen in scores and pair.rejected in scores
+        good, bad = scores[pair.chosen], scores[pair.rejected]
+        assert good == pytest.approx(max(scores.values()), abs=1e-4)
+        assert bad == pytest.approx(min(scores.values()), abs=1e-4) and good > bad
+        assert pair.margin == pytest.approx(good - bad, abs=1e-4)
+        assert pair.weight == pytest.approx(math.tanh(pair.margin / 2))
+        assert 0 < pair.weight < 1
+
+    # Greedy answers read alike: nothing to pair.
+    config.temperature = 0.0
+    assert score_pairs(model, tokenizer, untrained_reward_dir, prompts, config) == []
 
 
 # --- Failures -------------------------------------------------------------------------------------
