@@ -258,7 +258,7 @@ def test_jobs_train_on_weighted_pairs(job: str, tmp_path: Path, tiny_model_dir: 
     """The job's own path: the weights survive TRL's preparation into training and the held-out
     evaluation (DPO logs their mean), and the version is written as ever."""
     import pyarrow as pa
-    from job_datasets import SCHEMAS
+    from job_datasets import SCHEMAS, write_split
 
     from tuneloop.core.artifacts import read_manifest
     from tuneloop.core.job_spec import JobSpec
@@ -272,6 +272,7 @@ def test_jobs_train_on_weighted_pairs(job: str, tmp_path: Path, tiny_model_dir: 
         rows = weighted_rows([0.25, 1.0, 0.5, 0.75] * (n // 4))
         table = pa.Table.from_pylist(rows, schema=schema)
         pq.write_table(table, data / f"preference.{split}.parquet")
+    write_split(data, "kto", "train", [])  # no thumbs: the reward model's rows are the pairs
     settings = JobSettings(overrides={"max_steps": 2, "per_device_train_batch_size": 4})
     spec = JobSpec(job, data, tiny_model_dir, tmp_path / "v", "v", settings=settings)
     manifest = read_manifest(train_version(spec))
