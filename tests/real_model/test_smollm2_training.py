@@ -83,7 +83,7 @@ def test_reward_model_and_a_gated_dpo_cycle_from_real_pairs(
     assert json.loads(direct.stdout)["accuracy"] == scores["accuracy"]
 
 
-@pytest.mark.parametrize("kind", ["kto", "sft", "rl"])
+@pytest.mark.parametrize("kind", ["kto", "sft", "bon", "rl"])
 def test_every_policy_job_trains_a_lora_on_smollm2(
     kind: str, tmp_path: Path, smollm2_dir: Path
 ) -> None:
@@ -92,13 +92,15 @@ def test_every_policy_job_trains_a_lora_on_smollm2(
     datasets = write_datasets(tmp_path / "datasets", train_pairs=16, heldout_pairs=4)
     overrides: dict[str, object] = {"max_steps": 2, "per_device_train_batch_size": 2}
     extra = {}
-    if kind == "rl":
+    if kind in ("bon", "rl"):  # the jobs that learn from a reward model
         rm_settings = JobSettings(overrides=dict(overrides))
         reward = train_version(
             JobSpec("rm", datasets, smollm2_dir, tmp_path / "rm", "rm", settings=rm_settings)
         )
         extra = {"reward_model": reward}
         overrides |= {"num_generations": 2, "max_completion_length": 8}
+        if kind == "bon":
+            overrides["max_prompts"] = 4
     settings = JobSettings(overrides=overrides)
     spec = JobSpec(kind, datasets, smollm2_dir, tmp_path / kind, kind, settings=settings, **extra)
     version = train_version(spec)
