@@ -8,8 +8,9 @@ reward model (trained on the pairs and on the thumbs, `train.reward_data`) gener
 the `bon` job lets it pair the policy's own answers to every prompt people asked, beside the
 people's pairs (`train.scored_pairs`). On the demo model, a cycle fed by 1,000 simulated
 conversations and 150 rater judgments won 0.72 against the served policy with DPO on the pairs
-alone, 0.98 with `bon` (bench/RESULTS.md). Where only edits and well-rated answers are there, SFT. The reason goes on the
-candidate's metrics (`job_choice`), so an operator sees why a version was trained the way it was.
+alone, 0.98 with `bon` (bench/RESULTS.md). Where only edits and well-rated answers are there,
+SFT. The reason goes on the candidate's metrics (`job_choice`), so an operator sees why a version
+was trained the way it was.
 """
 
 from __future__ import annotations
