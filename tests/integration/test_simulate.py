@@ -202,8 +202,8 @@ def test_traffic_mode_learns_from_sparse_reactions_and_a_few_judgments(
     tmp_path: Path, demo: Path
 ) -> None:
     """The issue's run on the toy: 1,000 conversations, 15 % of answers reacted to, 150 rater
-    judgments. It finishes and reports; the win rate is reported, not asserted, until it is
-    seen to hold (see the README's Benchmarks)."""
+    judgments, the job the data calls for (`bon`). Seeds 0-2 won 0.93-0.98 in the benchmark
+    (bench/RESULTS.md); the bar here is the goal's, 0.8."""
     summary = _simulate(
         [
             "--data-dir", str(tmp_path / "sim"), "--model", str(demo), "--preference", "concise",
@@ -216,9 +216,9 @@ def test_traffic_mode_learns_from_sparse_reactions_and_a_few_judgments(
     assert summary["rows_by_kind"]["thumbs"] > 0 and summary["rows_by_kind"]["comparison"] > 0
     assert summary["bad_raters"] == 0 and summary["bad_raters_caught"] is None
     assert summary["new_version"] == "policy-v2"
+    assert summary["promoted"] is True and summary["win_rate"] >= 0.8, summary
     low, high = summary["win_rate_ci"]
     assert low <= summary["win_rate"] <= high
-    print(json.dumps({k: summary[k] for k in ("win_rate", "win_rate_ci", "promoted")}))
 
 
 @pytest.mark.slow  # three reward models on the toy: about a minute and a half
