@@ -12,7 +12,7 @@ larger model wants `--set learning_rate=...` and `--set max_length=...`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from trl import DPOConfig, KTOConfig, KTOTrainer, SFTConfig, SFTTrainer
 
@@ -20,6 +20,7 @@ from tuneloop.core.job_spec import JobSpec
 from tuneloop.train.job_callbacks import job_callbacks
 from tuneloop.train.job_common import (
     JobOutput,
+    Policy,
     StatusFile,
     data_counts,
     heldout_metrics,
@@ -34,6 +35,9 @@ from tuneloop.train.job_common import (
 )
 from tuneloop.train.job_config import config_dict
 from tuneloop.train.weighted import WeightedDPOTrainer
+
+if TYPE_CHECKING:
+    import datasets
 
 STEP_CAP = 200
 DPO_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-4, "beta": 0.1, "max_length": 512}
@@ -72,6 +76,26 @@ def _train(
     train, heldout = load_dataset_splits(spec, work, dataset)
     config, lora, lora_keys = job_settings(spec, config_cls, defaults, work)
     policy = load_policy(spec, lora, lora_keys)
+    return fit_policy(
+        trainer_cls, config, policy, tokenizer, train, heldout, work, status, dataset=dataset
+    )
+
+
+def fit_policy(
+    trainer_cls: type,
+    config: Any,
+    policy: Policy,
+    tokenizer: Any,
+    train: datasets.Dataset,
+    heldout: datasets.Dataset,
+    work: Path,
+    status: StatusFile,
+    *,
+    dataset: str,
+    metrics: dict[str, Any] | None = None,
+) -> JobOutput:
+    """Train `policy` on `train` with TRL's `trainer_cls`, evaluate on `heldout`, save into
+    `work`; the job's output, `metrics` added to the trainer's."""
     trainer = trainer_cls(
         model=policy.model,
         args=config,
@@ -89,7 +113,11 @@ def _train(
         adapter=saved_lora is not None,
         base=policy.base,
         config=config_dict(trainer.args),
-        metrics={**train_metrics(trainer, result), **heldout_metrics(trainer, heldout)},
+        metrics={
+            **train_metrics(trainer, result),
+            **(metrics or {}),
+            **heldout_metrics(trainer, heldout),
+        },
         data={dataset: data_counts(train, trainer, heldout)},
         lora=saved_lora,
     )

@@ -32,28 +32,20 @@ import datasets
 from trl import DPOConfig
 
 from tuneloop.core.job_spec import JobSpec
-from tuneloop.train.job_callbacks import job_callbacks
 from tuneloop.train.job_common import (
     JobOutput,
     StatusFile,
-    data_counts,
-    heldout_metrics,
     job_settings,
     load_policy,
     load_split_file,
     load_training_tokenizer,
-    save_policy,
     seeded_order,
-    size_training,
-    train_metrics,
     unique_prompts,
-    use_base_as_reference,
 )
-from tuneloop.train.job_config import JobError, config_dict
+from tuneloop.train.job_config import JobError
+from tuneloop.train.policy_jobs import DPO_DEFAULTS, fit_policy
 from tuneloop.train.weighted import WEIGHT, WeightedDPOTrainer
 
-STEP_CAP = 200
-DEFAULTS: dict[str, Any] = {"learning_rate": 5e-4, "beta": 0.1, "max_length": 512}
 SAMPLE_BATCH = 32  # answers generated at once
 SOURCE = "scored"  # the `source` of the reward model's pairs
 
@@ -96,7 +88,7 @@ def train_best_of_n(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
     prompts = list(unique_prompts(spec, work, "train")["prompt"])
     if not prompts:
         raise JobError("no prompts in the train splits: collect feedback on some answers first")
-    config, lora, lora_keys = job_settings(spec, BestOfNConfig, DEFAULTS, work)
+    config, lora, lora_keys = job_settings(spec, BestOfNConfig, DPO_DEFAULTS, work)
     prompts = prompts[: config.max_prompts]
     tokenizer = load_training_tokenizer(spec)
     policy = load_policy(spec, lora, lora_keys)
@@ -111,36 +103,24 @@ def train_best_of_n(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
         )
     train = seeded_order(_with_people(people, scored), spec.settings.seed)
     status.stage = "training"
-    trainer = WeightedDPOTrainer(
-        model=policy.model,
-        args=config,
-        train_dataset=train,
-        processing_class=tokenizer,
-        peft_config=policy.peft_config,
-        callbacks=job_callbacks(status),
-    )
-    size_training(trainer, len(train), step_cap=STEP_CAP)
-    use_base_as_reference(trainer)
-    result = trainer.train()
-    saved_lora = save_policy(trainer, tokenizer, work)
     margins = [p.margin for p in scored]
-    metrics = {
-        **train_metrics(trainer, result),
-        "sampled_prompts": len(prompts),
-        "scored_pairs": len(scored),
-        "people_pairs": len(people),
-        "scored_margin_mean": sum(margins) / len(margins) if margins else None,
-        "scored_weight_mean": sum(p.weight for p in scored) / len(scored) if scored else None,
-        **heldout_metrics(trainer, heldout),
-    }
-    return JobOutput(
-        kind="policy",
-        adapter=saved_lora is not None,
-        base=policy.base,
-        config=config_dict(trainer.args),
-        metrics=metrics,
-        data={"preference": data_counts(train, trainer, heldout)},
-        lora=saved_lora,
+    return fit_policy(
+        WeightedDPOTrainer,
+        config,
+        policy,
+        tokenizer,
+        train,
+        heldout,
+        work,
+        status,
+        dataset="preference",
+        metrics={
+            "sampled_prompts": len(prompts),
+            "scored_pairs": len(scored),
+            "people_pairs": len(people),
+            "scored_margin_mean": sum(margins) / len(margins) if margins else None,
+            "scored_weight_mean": sum(p.weight for p in scored) / len(scored) if scored else None,
+        },
     )
 
 
