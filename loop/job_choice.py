@@ -5,8 +5,8 @@ People mostly give thumbs, sometimes regenerate or rate, rarely compare. Prefere
 comparisons, rankings, regenerations, ratings, edits, and thumbs up and down on one prompt) are
 the strongest signal, and with enough of them DPO learns from them alone. With fewer, the cycle's
 reward model (trained on the pairs and on the thumbs, `train.reward_data`) generalises past them:
-the `bon` job lets it pair the policy's own answers to every prompt people asked, beside the
-people's pairs (`train.scored_pairs`). On the demo model, a cycle fed by 1,000 simulated
+the `bon` job lets it pair the policy's own answers to the prompts the feedback is on, beside
+the people's pairs (`train.scored_pairs`). On the demo model, a cycle fed by 1,000 simulated
 conversations and 150 rater judgments won 0.72 and 0.63 (2 seeds) against the served policy
 with DPO on the pairs alone, 0.95 with `bon` (mean of 3 seeds; bench/RESULTS.md). Where only
 edits and well-rated answers are there, SFT. The reason goes on the candidate's metrics
