@@ -108,7 +108,8 @@ def test_rank_refuses_a_non_permutation_then_stores_the_ranking(
     page.get_by_role("tab", name="Rank").click()
     page.get_by_placeholder("Or a prompt of your own, to answer several times").fill("Name a loop.")
     page.get_by_role("button", name="Get answers").click()
-    page.get_by_text("Rank them: 1 is the best.").wait_for()
+    # Three answers generated one after another: on 2 busy cores this took over 20 s once.
+    page.get_by_text("Rank them: 1 is the best.").wait_for(timeout=60_000)
     boxes = [page.get_by_label(f"Answer {i}", exact=True) for i in (1, 2, 3)]
     shown = [box.input_value() for box in boxes]
     assert all(shown)
