@@ -6,13 +6,16 @@ with the hidden preference judging the win rate on held-out questions. The arms,
 `--seeds` seeds (mean and spread of the win rate, how many runs were promoted):
 
 - `selection`: rater judgments asked `random`ly against `active`ly (the most informative to the
-  reward model first), active with half the judgments of random, at each of `--budgets`;
+  reward model first), active with half the judgments of random, at each of `--budgets`; users
+  react to `--selection-user-feedback` of the answers (default 0: the judgments alone teach, as
+  users' reactions alone already teach the built-in preferences);
 - `raters`: honest raters against `--bad-raters` of them random or inverted, with trust weights
   and without (`--no-rater-weights`), with the shares of bad and honest raters caught;
 - `reactions`: users' reactions alone (`--judgments 0`) against reactions and raters.
 
     python bench/feedback_efficiency.py [--arms selection,raters,reactions] [--seeds 3]
-        [--model demo] [--traffic 1000] [--judgments 150] [--budgets 100,200] [--json FILE]
+        [--model demo] [--traffic 1000] [--judgments 150] [--budgets 100,200]
+        [--selection-user-feedback 0] [--json FILE]
 
 Each run's summary is the simulate's own last line, kept whole in `--json`. An arm with the same
 flags as one already run (reactions and judgments, honest raters weighted) reuses its runs. The
@@ -52,13 +55,14 @@ def arms(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
     base = ["--traffic", str(args.traffic), "--raters", str(args.raters)]
     found = []
     if "selection" in args.arms:
+        chosen = [*base, "--user-feedback", str(args.selection_user_feedback)]
         for budget in args.budgets:
             found.append(
-                ("selection", f"random, {budget}", [*base, "--judgments", str(budget),
+                ("selection", f"random, {budget}", [*chosen, "--judgments", str(budget),
                                                     "--task-selection", "random"])
             )  # fmt: skip
             found.append(
-                ("selection", f"active, {budget // 2}", [*base, "--judgments", str(budget // 2),
+                ("selection", f"active, {budget // 2}", [*chosen, "--judgments", str(budget // 2),
                                                           "--task-selection", "active"])
             )  # fmt: skip
     judged = [*base, "--judgments", str(args.judgments)]
@@ -133,6 +137,7 @@ def main() -> int:
     p.add_argument("--judgments", type=int, default=150)
     p.add_argument("--bad-raters", type=float, default=0.3)
     p.add_argument("--budgets", default="100,200", help="random's judgments; active gets half")
+    p.add_argument("--selection-user-feedback", type=float, default=0.0)
     p.add_argument("--json", type=Path, help="write every run's summary here")
     args = p.parse_args()
     args.arms = set(args.arms.split(","))
