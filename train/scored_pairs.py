@@ -157,9 +157,7 @@ def score_pairs(
     del scorer
     pairs = []
     for i, prompt in enumerate(prompts):
-        answers = [
-            (scores[k * len(prompts) + i], sampled.texts[k * len(prompts) + i]) for k in range(n)
-        ]
+        answers = [(scores[j], sampled.texts[j]) for j in range(i, len(asked), len(prompts))]
         best, worst = max(answers), min(answers)
         if best[0] > worst[0] and best[1].strip() != worst[1].strip():
             pairs.append(ScoredPair(prompt, best[1], worst[1], best[0] - worst[0]))
