@@ -34,7 +34,7 @@ from tuneloop.train.job_common import (
     use_base_as_reference,
 )
 from tuneloop.train.job_config import config_dict
-from tuneloop.train.weighted import WeightedDPOTrainer
+from tuneloop.train.weighted import WeightedDPOTrainer, relative_trust
 
 if TYPE_CHECKING:
     import datasets
@@ -74,6 +74,8 @@ def _train(
     defaults: dict[str, Any],
 ) -> JobOutput:
     train, heldout = load_dataset_splits(spec, work, dataset)
+    if trainer_cls is WeightedDPOTrainer:
+        train = relative_trust(train)
     config, lora, lora_keys = job_settings(spec, config_cls, defaults, work)
     policy = load_policy(spec, lora, lora_keys)
     return fit_policy(

@@ -38,7 +38,7 @@ from tuneloop.train.job_common import (
 from tuneloop.train.job_config import JobError, config_dict, json_safe
 from tuneloop.train.processes import job_processes
 from tuneloop.train.reward_data import reward_rows
-from tuneloop.train.weighted import WeightedRewardTrainer
+from tuneloop.train.weighted import WeightedRewardTrainer, relative_trust
 
 DEFAULTS: dict[str, Any] = {"learning_rate": 1e-3, "max_length": 512}
 # One epoch for a model of SmolLM2's size: on HH-RLHF it orders 0.64 of unseen pairs right after
@@ -48,7 +48,7 @@ STEP_CAP = 300
 
 
 def train_reward(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
-    pairs = load_split_file(spec, work, "preference", "train")
+    pairs = relative_trust(load_split_file(spec, work, "preference", "train"))
     heldout = load_split_file(spec, work, "preference", "heldout")
     thumbs = load_split_file(spec, work, "kto", "train")
     train = seeded_order(reward_rows(pairs, thumbs, seed=spec.settings.seed), spec.settings.seed)

@@ -44,10 +44,13 @@ from tuneloop.train.job_common import (
 )
 from tuneloop.train.job_config import JobError
 from tuneloop.train.policy_jobs import DPO_DEFAULTS, fit_policy
-from tuneloop.train.weighted import WEIGHT, WeightedDPOTrainer
+from tuneloop.train.weighted import WEIGHT, WeightedDPOTrainer, relative_trust
 
 SAMPLE_BATCH = 32  # answers generated at once
 SOURCE = "scored"  # the `source` of the reward model's pairs
+# From LARGE_MODEL_PARAMS up (SmolLM2 on 2 CPU cores: about 18 s a DPO step of 8 pairs in fp32),
+# half the prompts, so that a whole cycle stays within the hour; the people's pairs all stay.
+LARGE_DEFAULTS: dict[str, Any] = {"max_prompts": 128}
 
 
 @dataclass
@@ -83,12 +86,12 @@ class ScoredPair:
 def train_best_of_n(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
     if spec.reward_model is None:
         raise JobError("the bon job needs a reward_model: a version dir written by the rm job")
-    people = load_split_file(spec, work, "preference", "train")
+    people = relative_trust(load_split_file(spec, work, "preference", "train"))
     heldout = load_split_file(spec, work, "preference", "heldout")
     prompts = list(unique_prompts(spec, work, "train")["prompt"])
     if not prompts:
         raise JobError("no prompts in the train splits: collect feedback on some answers first")
-    config, lora, lora_keys = job_settings(spec, BestOfNConfig, DPO_DEFAULTS, work)
+    config, lora, lora_keys = job_settings(spec, BestOfNConfig, DPO_DEFAULTS, work, LARGE_DEFAULTS)
     prompts = prompts[: config.max_prompts]
     tokenizer = load_training_tokenizer(spec)
     policy = load_policy(spec, lora, lora_keys)

@@ -11,7 +11,15 @@ ignored, which is what a coin flip is worth. It also caps nothing: smoothing kee
 rater's pairs from ever exceeding a margin of log(p / (1 - p)). And weights apply to any
 per-pair loss, while TRL 1.16's DPO sigmoid loss no longer takes label smoothing at all (only its
 robust, EXO and AOT losses do). The weighted mean is over the batch, sum(w * loss) / n, not
-divided by sum(w): a batch of low-trust votes moves the model less, as it should.
+divided by sum(w): a batch of low-trust votes moves the model less than a trusted one, as it should.
+
+Trust weights are made relative before training (`relative_trust`): divided by their mean over
+the people's pairs, they share out among the raters the push those pairs would have unweighted,
+and do not shrink it. Taken as they are, pairs whose raters weigh 0.7 on average train as if the
+learning rate were 0.7 times the one configured, and a loop that catches its bad raters learned
+less from its honest ones than a loop that catches nobody (`bench/RESULTS.md`). Weights that are
+not a rater's keep their scale: a reward model's pair beside the people's (`train.scored_pairs`),
+a pair of thumbs across prompts (`train.reward_data`).
 
 The trainers keep the `weight` column past TRL's column pruning and hand it to the loss through
 the collator. Without the column, or with every weight 1 in a batch, they are TRL's own trainers
@@ -21,13 +29,16 @@ the collator. Without the column, or with every weight 1 in a batch, they are TR
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from trl import DPOTrainer, RewardTrainer
 
 from tuneloop.train.job_config import JobError
+
+if TYPE_CHECKING:
+    import datasets
 
 WEIGHT = "weight"
 
@@ -36,6 +47,18 @@ def weighted_bradley_terry(margin: torch.Tensor, weight: torch.Tensor) -> torch.
     """The Bradley-Terry loss of each pair, -log sigmoid(margin), weighted, averaged over the
     batch (see the module's docstring)."""
     return -(weight.to(margin.dtype) * F.logsigmoid(margin)).mean()
+
+
+def relative_trust(pairs: datasets.Dataset) -> datasets.Dataset:
+    """The people's pairs with their trust weights divided by the weights' mean (see the
+    module's docstring); pairs without weights as they are."""
+    if WEIGHT not in pairs.column_names or len(pairs) == 0:
+        return pairs
+    weights = pairs[WEIGHT]
+    mean = sum(weights) / len(weights)
+    if mean <= 0 or mean == 1:
+        return pairs
+    return pairs.map(lambda row: {WEIGHT: row[WEIGHT] / mean})
 
 
 class _WithWeights:
@@ -73,7 +96,7 @@ def _trusted_fully(weight: torch.Tensor | None) -> bool:
 
 
 class WeightedRewardTrainer(_KeepsWeights, RewardTrainer):
-    """TRL's RewardTrainer; a batch with weights below 1 gets the weighted loss, computed from
+    """TRL's RewardTrainer; a batch with weights other than 1 gets the weighted loss, computed from
     the rewards of TRL's own forward pass (its metrics unchanged)."""
 
     def compute_loss(
@@ -96,7 +119,8 @@ class WeightedRewardTrainer(_KeepsWeights, RewardTrainer):
 
 
 class WeightedDPOTrainer(_KeepsWeights, DPOTrainer):
-    """TRL's DPOTrainer; a batch with weights below 1 gets DPO's sigmoid loss weighted per pair.
+    """TRL's DPOTrainer; a batch with weights other than 1 gets DPO's sigmoid loss weighted per
+    pair.
 
     TRL computes all its loss types in one long method with no per-pair hook, so the weighted
     batch is computed here, for the default objective only (the sigmoid loss over the reverse

@@ -47,6 +47,10 @@ OVERLAPS = (3, 2)
 # With the `active` selection: judgments asked in this many batches, a reward model retrained
 # and the tasks scored again before each.
 ACTIVE_BATCHES = 3
+# With a selection that chooses (`random`, `active`), the operator makes this many times the
+# tasks the judgments can cover, so that the queue's order decides which are judged; `oldest`
+# gets just enough, as an operator who made tasks for a budget would.
+TASK_POOL = 3
 
 
 @dataclass(frozen=True)
@@ -240,7 +244,8 @@ class Traffic:
 
     def _make_tasks(self, budget: int) -> None:
         """Tasks for `budget` judgments: a `GOLD_SHARE` on gold tasks that every rater judges,
-        the rest on tasks of overlap 3 and 2 in turn. No more tasks than the traffic's own
+        the rest on tasks of overlap 3 and 2 in turn (`TASK_POOL` times as many of those where
+        the selection chooses among them). No more tasks than the traffic's own
         questions, so that no held-out question (the baseline's answers are traffic too) becomes
         a task. A gold candidate with no single best answer stays a task of overlap 2."""
         gold = min(round(budget * GOLD_SHARE / len(self.raters)), len(self._asked) - self._tasks)
@@ -251,6 +256,8 @@ class Traffic:
             marked = self._mark_gold(made)
             budget -= marked * len(self.raters) + (len(made) - marked) * min(OVERLAPS)
         overlaps = _overlaps(budget)
+        if self.config.task_selection != "oldest":
+            overlaps *= TASK_POOL
         for overlap in OVERLAPS:
             wanted = min(overlaps.count(overlap), len(self._asked) - self._tasks)
             if wanted > 0:

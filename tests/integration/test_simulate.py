@@ -226,7 +226,8 @@ def test_active_selection_asks_what_a_reward_model_of_the_feedback_so_far_doubts
     tmp_path: Path, demo: Path
 ) -> None:
     """`--task-selection active`: before each batch of judgments a reward model is trained on
-    the feedback so far and scores the open tasks; raters get the most informative first."""
+    the feedback so far and scores the open tasks; raters get the most informative first, from
+    a pool of more tasks than the judgments cover."""
     import duckdb
 
     data_dir = tmp_path / "sim"
@@ -245,3 +246,7 @@ def test_active_selection_asks_what_a_reward_model_of_the_feedback_so_far_doubts
         assert rewards.fetchone()[0] >= 3  # one per batch, and the cycle's own
         scorers = con.execute("SELECT count(DISTINCT reward_version) FROM task_scores")
         assert scorers.fetchone()[0] >= 1
+        made, judged = con.execute(
+            "SELECT count(*), count(*) FILTER (item IN (SELECT item FROM comparisons)) FROM tasks"
+        ).fetchone()
+        assert 0 < judged < made  # the queue's order chose which tasks were judged

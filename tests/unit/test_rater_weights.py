@@ -232,6 +232,21 @@ def test_trust_weights_change_dpos_loss(
         assert ours.item() == pytest.approx(trl_loss(batch).item(), rel=1e-6)
 
 
+def test_trust_weights_share_out_the_push_and_do_not_shrink_it() -> None:
+    """The people's pairs reach training with weights of mean 1, in the raters' proportions."""
+    import datasets
+
+    from tuneloop.train.weighted import relative_trust
+
+    rows = weighted_rows([1.0, 0.5, 0.25, 0.25])
+    relative = relative_trust(datasets.Dataset.from_list(rows))
+    assert relative["weight"] == pytest.approx([2.0, 1.0, 0.5, 0.5])
+    assert relative["chosen"] == [r["chosen"] for r in rows]
+    unweighted = datasets.Dataset.from_list([{k: v for k, v in r.items() if k != "weight"}
+                                             for r in rows])  # fmt: skip
+    assert relative_trust(unweighted)["chosen"] == unweighted["chosen"]
+
+
 def test_dpo_refuses_weights_with_another_objective(tmp_path: Path, tiny_model_dir: Path):
     import datasets
     from transformers import AutoModelForCausalLM
