@@ -14,10 +14,15 @@ trainers read:
   the pair (`train.weighted`); pairs of weight 0 are left out.
 - `kto` (KTOTrainer): `prompt`, `completion`, `label`.
 - `sft` (SFTTrainer): `prompt`, `completion` (the loss on the completion only).
+- `prompts`: `prompt`, every distinct prompt people asked, whether or not anyone gave feedback on
+  its answers: what the jobs that sample the policy's own answers and score them with a reward
+  model (`bon`, `rl`) answer, so that a few judgments teach the reward model and the policy then
+  learns on all the traffic.
 
 Feedback is untrusted input, so the snapshot's trust policy also says whose edits may become
 targets (`TrustSettings.edits`), and no account of the `user` role gives more than
-`TrustSettings.max_user_share` of the preference pairs or of the KTO rows. Every other target is
+`TrustSettings.max_user_share` of the preference pairs, of the KTO rows or of the prompts (its
+first asker's). Every other target is
 an answer the server produced (`responses.text`), never text from a client's history.
 
 Each is split train/held-out by prompt hash, so no prompt is ever on both sides: a model is never
@@ -84,6 +89,9 @@ CREATE TEMP TABLE mean_ratings AS
         FROM ratings GROUP BY response_id
     ) m
     JOIN resp r ON r.id = m.response_id;
+-- Each prompt once, with the account that first asked it.
+CREATE TEMP TABLE asked AS
+    SELECT pkey, arg_min(rater_id, id) AS voter FROM resp GROUP BY pkey;
 -- Edits that may become training targets (the snapshot's trust policy, `_edit_filter`).
 CREATE TEMP TABLE good_edits AS
     SELECT e.response_id, e.text, e.rater_id AS voter FROM edits e WHERE {edit_filter};
@@ -181,6 +189,9 @@ _DATASET_SQL: dict[str, str] = {
             SELECT pkey, text FROM mean_ratings WHERE mean >= 4
         ) a JOIN prompts p USING (pkey)
     """,
+    "prompts": """
+        SELECT p.prompt, p.heldout FROM asked a JOIN prompts p USING (pkey)
+    """,
 }
 DATASET_NAMES: tuple[str, ...] = tuple(_DATASET_SQL)
 
@@ -227,6 +238,7 @@ def build_datasets(
         )
         _cap_user_share(con, "pairs", "pkey, chosen, rejected", trust.max_user_share)
         _cap_user_share(con, "net_thumbs", "id", trust.max_user_share)
+        _cap_user_share(con, "asked", "pkey", trust.max_user_share)
         built = {}
         for name, select in _DATASET_SQL.items():
             # One query per split: cheaper than materializing the dataset (the held-out

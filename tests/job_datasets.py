@@ -1,5 +1,6 @@
 """Training datasets for job tests, written as `tuneloop.feedback.datasets.build_datasets` writes
-them: preference pairs, KTO rows and SFT rows, train and held-out."""
+them: preference pairs, KTO rows and SFT rows, train and held-out (and, where a test writes
+them, the prompts people asked)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ SCHEMAS = {
     ),
     "kto": pa.schema([("prompt", MESSAGES), ("completion", MESSAGES), ("label", pa.bool_())]),
     "sft": pa.schema([("prompt", MESSAGES), ("completion", MESSAGES)]),
+    "prompts": pa.schema([("prompt", MESSAGES)]),
 }
 TOPICS = ("lists", "tuples", "dicts", "sets", "strings", "files", "loops", "classes", "modules")
 

@@ -137,15 +137,18 @@ def load_split_file(spec: JobSpec, work: Path, name: str, split: str) -> dataset
     return load_split(split_path(spec, name, split), cache_dir=scratch_dir(work) / "cache")
 
 
-PROMPT_SOURCES = ("preference", "kto", "sft")
+PROMPT_SOURCES = ("prompts", "preference", "kto", "sft")
 
 
 def unique_prompts(spec: JobSpec, work: Path, split: str) -> datasets.Dataset:
-    """The distinct prompts of every dataset's `split`, as a `prompt` column, in a seeded order."""
+    """The distinct prompts of every dataset's `split`, as a `prompt` column, in a seeded order.
+    Datasets built before the `prompts` dataset existed have none: their others' prompts then."""
     import datasets
 
     seen: dict[str, list[dict[str, str]]] = {}
     for name in PROMPT_SOURCES:
+        if name == "prompts" and not (spec.datasets / f"{name}.{split}.parquet").exists():
+            continue
         for prompt in load_split_file(spec, work, name, split)["prompt"]:
             seen.setdefault(json.dumps(prompt, sort_keys=True), prompt)
     prompts = [seen[key] for key in sorted(seen)]

@@ -6,9 +6,9 @@ policy both favour), and takes PPO-style clipped steps. RLOO's leave-one-out bas
 as well; GRPO is TRL's most used online trainer, with its loss variants and reward scaling.
 A KL penalty (`beta`) to the root base keeps the policy from gaming the learned reward.
 
-Prompts are the unique prompts of the preference, KTO and SFT train splits (up to 32 held-out ones
-give the held-out reward); the reward model is a version written by the `rm` job
-(the spec's `reward_model`).
+Prompts are the unique prompts people asked (the train splits of the `prompts` dataset and of
+the others; up to 32 held-out ones give the held-out reward); the reward model is a version
+written by the `rm` job (the spec's `reward_model`).
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 
 People give few explicit preferences: a deployment's feedback is mostly thumbs, and raters are
 expensive. A reward model trained on what there is generalises past it, and the policy can answer
-any prompt people asked as often as wanted. So, for each prompt of the snapshot's train splits
-(up to `max_prompts`), the parent policy samples `num_generations` answers the way it would be
-served, the reward model (the cycle's `rm` version) scores them, and the best and the worst
-become a pair; the preference dataset's own pairs join them, with their raters' trust weights.
-DPO then learns from both, through the weighted loss of `train.weighted`.
+any prompt people asked as often as wanted, rated or not. So, for each prompt people asked (the
+train splits of the snapshot's `prompts` dataset and of the others; up to `max_prompts`), the
+parent policy samples `num_generations` answers the way it would be served, the reward model
+(the cycle's `rm` version) scores them, and the best and the worst become a pair; the
+preference dataset's own pairs join them, with their raters' trust weights. DPO then learns from
+both, through the weighted loss of `train.weighted`.
 
 A scored pair weighs w = 2 sigmoid(m) - 1 = tanh(m / 2), m the reward margin between its answers:
 the reward model's own Bradley-Terry probability p that the better answer is better, read as a

@@ -244,7 +244,9 @@ def run_simulation(config: SimulationConfig) -> dict[str, Any]:
         baseline = client.admin("GET", "loop")["served_version"]
         config.log(f"baseline {baseline}; sampling held-out answers")
         with stages("baseline_answers"):
-            before = _answers(client, heldout, config)
+            # From an engine of its own: asked through the server, the held-out questions
+            # would be traffic that the jobs sampling on people's prompts learn on.
+            before = _answers_in_process(baseline, _artifact(client, baseline), heldout, config)
         traffic = _traffic(client, train, taught, before, heldout, config, rng)
         cycle: dict[str, Any] = {}
         per_round = -(-config.comparisons // config.rounds)
@@ -275,11 +277,7 @@ def run_simulation(config: SimulationConfig) -> dict[str, Any]:
             if promoted:
                 after = _answers(client, heldout, config)
             else:
-                artifact = next(
-                    v["artifact_path"]
-                    for v in client.admin("GET", "versions")
-                    if v["id"] == new_version
-                )
+                artifact = _artifact(client, new_version)
                 after = _answers_in_process(new_version, artifact, heldout, config)
         counts = client.http.get("/v1/feedback/stats", headers=client.signed_in_admin()).json()
         job_seconds = _job_seconds(client.admin("GET", "runs?limit=1000"))
@@ -458,10 +456,16 @@ def _answers(client: _Client, prompts: list[str], config: SimulationConfig) -> l
     return _sample(ask, prompts, config)
 
 
+def _artifact(client: _Client, version_id: str) -> str:
+    versions = client.admin("GET", "versions")
+    return next(v["artifact_path"] for v in versions if v["id"] == version_id)
+
+
 def _answers_in_process(
     version_id: str, artifact: str, prompts: list[str], config: SimulationConfig
 ) -> list[list[str]]:
-    """A candidate the gate rejected is not served: it answers from an engine of its own."""
+    """Answers from an engine of its own: the baseline's before any traffic, and a candidate's
+    the gate rejected (it is not served)."""
     from tuneloop.core.records import Message, SamplingParams
     from tuneloop.serve.engine import EmbeddedEngine
 

@@ -246,8 +246,7 @@ class Traffic:
         """Tasks for `budget` judgments: a `GOLD_SHARE` on gold tasks that every rater judges,
         the rest on tasks of overlap 3 and 2 in turn (`TASK_POOL` times as many of those where
         the selection chooses among them). No more tasks than the traffic's own
-        questions, so that no held-out question (the baseline's answers are traffic too) becomes
-        a task. A gold candidate with no single best answer stays a task of overlap 2."""
+        questions. A gold candidate with no single best answer stays a task of overlap 2."""
         gold = min(round(budget * GOLD_SHARE / len(self.raters)), len(self._asked) - self._tasks)
         if gold > 0:
             body = {"source": "traffic", "limit": gold, "overlap": min(OVERLAPS)}

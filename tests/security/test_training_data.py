@@ -97,6 +97,25 @@ def test_one_user_gives_at_most_a_share_of_the_pairs_and_kto_rows(
     assert len(all_rows(every, "preference")) == 40 + 600 + 200  # + the thumbs' pairs
 
 
+def test_one_user_asks_at_most_a_share_of_the_prompts_trained_on(
+    store: FeedbackStore, tmp_path: Path
+) -> None:
+    """The jobs that sample the policy on people's prompts (`bon`, `rl`) practise on what
+    people asked: a user who floods questions steers them no more than pairs or thumbs."""
+    t = Traffic(store)
+    for n in range(30):
+        add_account(store, f"user{n}", "user", actor="test")
+        for i in range(2):
+            t.answers(f"user{n}", ask(f"question {n}.{i}"), "an answer")
+    for i in range(200):
+        t.answers("flood", ask(f"flood {i}"), "an answer")
+    snap = create_snapshot(store, tmp_path / "snaps", TrustSettings(max_user_share=0.05))
+    prompts = [r["prompt"][0]["content"] for r in all_rows(build_datasets(snap.path), "prompts")]
+    flooded = [p for p in prompts if p.startswith("flood")]
+    assert len(prompts) - len(flooded) == 60  # every other prompt, though none has feedback
+    assert 0 < len(flooded) <= 0.05 * len(prompts)
+
+
 def test_edits_are_targets_only_from_raters_and_trusted_users(
     store: FeedbackStore, tmp_path: Path
 ) -> None:

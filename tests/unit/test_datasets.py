@@ -38,6 +38,7 @@ TRL_COLUMNS = {
     "preference": ["prompt", "chosen", "rejected", "source", "weight"],
     "kto": ["prompt", "completion", "label"],
     "sft": ["prompt", "completion"],
+    "prompts": ["prompt"],
 }
 
 
@@ -107,6 +108,7 @@ RANK = user("Rank these: how do I undo a git commit?")
 THUMBS = user("Is it safe to eat raw cookie dough?")
 THUMBS_ALONE = user("Translate 'good morning' into French.")
 EDIT = user("Write a haiku about rain.")
+UNRATED = user("How tall is Everest?")
 RATE = (
     Message("user", 'Quote: "to be or not to be" — who wrote it?\nAnswer briefly.'),
     Message("assistant", "Shakespeare."),
@@ -170,6 +172,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Feed, dict[str, Dat
             Rating(low, 2, reason="wrong play", rater_id="r1"),
             Rating(tied, 4, rater_id="r1"),  # mean 4: ties with hi, no pair between them
         )
+        f.answers(UNRATED, "8,849 m.")  # no feedback
         snap = create_snapshot(store, tmp / "snapshots", ANY_RATER)
     return f, build_datasets(snap.path, heldout_percent=0)
 
@@ -186,7 +189,7 @@ def pairs_for(files: DatasetFiles, prompt: tuple[Message, ...]) -> set[tuple[str
 
 def test_default_location_and_counts(built: tuple[Feed, dict[str, DatasetFiles]]) -> None:
     _, ds = built
-    assert list(ds) == list(DATASET_NAMES) == ["preference", "kto", "sft"]
+    assert list(ds) == list(DATASET_NAMES) == ["preference", "kto", "sft", "prompts"]
     for name, files in ds.items():
         assert files.name == name
         assert files.train.parent.name == "datasets"
@@ -276,6 +279,14 @@ def test_sft_from_edits_and_well_rated_answers(built) -> None:
     assert [m["role"] for m in multi_turn[0]["completion"]] == ["assistant"]
 
 
+def test_prompts_are_every_prompt_asked_once(built) -> None:
+    """Feedback on their answers or not (`UNRATED` has none), whatever the answers."""
+    _, ds = built
+    asked = sorted(tuple(m["content"] for m in r["prompt"]) for r in rows(ds["prompts"]))
+    every = (COMPARE, RANK, THUMBS, THUMBS_ALONE, EDIT, RATE, UNRATED)
+    assert asked == sorted(tuple(m.content for m in prompt) for prompt in every)
+
+
 def test_files_load_with_datasets_in_trl_columns(built, tmp_path: Path) -> None:
     _, ds = built
     for name, files in ds.items():
@@ -346,7 +357,7 @@ def test_split_by_prompt_hash_never_shares_a_prompt(tmp_path: Path) -> None:
         assert sides["train"] and sides["heldout"], name
         assert not sides["train"] & sides["heldout"], name
         assert len(sides["train"] | sides["heldout"]) == 40
-    per_prompt = {"preference": 1 + 3 + 1 + 1 + 1, "kto": 2, "sft": 2}
+    per_prompt = {"preference": 1 + 3 + 1 + 1 + 1, "kto": 2, "sft": 2, "prompts": 1}
     for name, files in ds.items():
         assert files.train_rows + files.heldout_rows == 40 * per_prompt[name]
 

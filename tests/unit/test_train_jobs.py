@@ -364,6 +364,24 @@ def test_bon_job_trains_on_scored_pairs_and_the_peoples_pairs(
     assert status_of(spec)["state"] == "done"
 
 
+def test_jobs_answer_every_prompt_people_asked(tmp_path: Path) -> None:
+    """The prompts `bon` and `rl` sample on: the `prompts` dataset's (asked, with feedback or
+    not) with the other datasets' prompts; those alone from datasets built before it."""
+    from tuneloop.train.job_common import unique_prompts
+
+    data = write_datasets(tmp_path / "data", train_pairs=4, heldout_pairs=2)
+    spec = JobSpec("bon", data, tmp_path / "base", tmp_path / "v", "v")
+
+    def sampled() -> list[str]:
+        return sorted(p[0]["content"] for p in unique_prompts(spec, tmp_path, "train")["prompt"])
+
+    with_feedback = sampled()
+    assert len(with_feedback) == 4
+    asked = [{"prompt": msg("user", "Asked, never rated.")}]
+    write_split(data, "prompts", "train", asked + [{"prompt": msg("user", with_feedback[0])}])
+    assert sampled() == sorted([*with_feedback, "Asked, never rated."])
+
+
 def test_bon_job_needs_a_reward_model(tmp_path: Path, data_dir: Path, tiny_model_dir: Path) -> None:
     spec = spec_for(tmp_path, "bon", data_dir, tiny_model_dir)
     with pytest.raises(JobError, match="needs a reward_model"):
