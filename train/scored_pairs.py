@@ -49,9 +49,6 @@ from tuneloop.train.weighted import WEIGHT, WeightedDPOTrainer, relative_trust
 
 SAMPLE_BATCH = 32  # answers generated at once
 SOURCE = "scored"  # the `source` of the reward model's pairs
-# From LARGE_MODEL_PARAMS up (SmolLM2 on 2 CPU cores: about 18 s a DPO step of 8 pairs in fp32),
-# half the prompts, so that a whole cycle stays within the hour; the people's pairs all stay.
-LARGE_DEFAULTS: dict[str, Any] = {"max_prompts": 128}
 
 
 @dataclass
@@ -59,7 +56,10 @@ class BestOfNConfig(DPOConfig):
     """DPO's config and how the answers to pair are sampled."""
 
     num_generations: int = field(default=4, metadata={"help": "answers sampled per prompt"})
-    max_prompts: int = field(default=256, metadata={"help": "prompts sampled, at most"})
+    # 128: on the demo model, 256 prompts (with the people's pairs, three epochs) drove the
+    # policy past the gate's KL limit, its answers 1.4-1.7 times as long (bench/RESULTS.md);
+    # and SmolLM2 on 2 CPU cores takes about 18 s a DPO step of 8 pairs in fp32.
+    max_prompts: int = field(default=128, metadata={"help": "prompts sampled, at most"})
     max_completion_length: int = field(default=48, metadata={"help": "tokens per answer"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     top_p: float = field(default=1.0, metadata={"help": "sampling nucleus"})
@@ -92,7 +92,7 @@ def train_best_of_n(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
     prompts = list(unique_prompts(spec, work, "train")["prompt"])
     if not prompts:
         raise JobError("no prompts in the train splits: collect feedback on some answers first")
-    config, lora, lora_keys = job_settings(spec, BestOfNConfig, DPO_DEFAULTS, work, LARGE_DEFAULTS)
+    config, lora, lora_keys = job_settings(spec, BestOfNConfig, DPO_DEFAULTS, work)
     prompts = prompts[: config.max_prompts]
     tokenizer = load_training_tokenizer(spec)
     policy = load_policy(spec, lora, lora_keys)
