@@ -19,6 +19,8 @@ from tuneloop.core.web_settings import WebSettings
 DEFAULT_DATA_DIR = Path("tuneloop-data")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
+# Answers generated at once (`--max-concurrency`): the embedded engine's batch, vLLM's LoRA slots.
+DEFAULT_MAX_CONCURRENCY = 8
 ENGINES = ("embedded", "vllm")
 
 # Serving and training jobs share the CPU. OpenMP's default of spinning idle threads made a server
@@ -134,7 +136,7 @@ class ServeConfig:
     engine: str = "embedded"
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
-    max_concurrency: int = 8
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
     device: str | None = None
     ui: bool = True
     schedule: ScheduleSettings = field(default_factory=ScheduleSettings)

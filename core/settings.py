@@ -356,6 +356,12 @@ class CycleSettings:
         return JobSettings(overrides=overrides, seed=self.seed, launch=self.launch())
 
 
+def clears_bar(stat: float, bar: float) -> bool:
+    """Whether a candidate's win rate (or its interval's lower end) clears a gate's bar: at the
+    bar counts. The reward model's gate and the human gate both decide with this."""
+    return stat >= bar
+
+
 @dataclass(frozen=True)
 class GateSettings:
     """Promote when the candidate's win rate against the served policy (answers scored by the

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import duckdb
 
-from tuneloop.core.settings import GateSettings
+from tuneloop.core.settings import GateSettings, clears_bar
 from tuneloop.feedback.store import FeedbackStore
 
 Z_95 = 1.959964
@@ -211,7 +211,7 @@ def verdict(scores: list[float], min_judgments: int, min_win_rate: float) -> Hum
     lower, upper = max(0.0, mean - margin), min(1.0, mean + margin)
     decision = None
     if n >= min_judgments:
-        decision = "promote" if lower > min_win_rate else "reject"
+        decision = "promote" if clears_bar(lower, min_win_rate) else "reject"
     return HumanVerdict(n, sum(scores), mean, lower, upper, decision)
 
 

@@ -1,5 +1,9 @@
 """Checks on feedback that need no database: ranges, sizes, shapes.
 
+`check_feedback` is the one place a feedback value's rules live: the HTTP routes' bodies carry
+JSON types only, and the API, the rating tasks' routes, the UI, a gateway's forwarded records and
+the store all refuse a value with its message.
+
 Checks that need the database (do the responses exist, do they answer the same prompt) run in the
 store's writer, inside the transaction that writes the row, so nothing is ever half-written.
 """
@@ -43,7 +47,7 @@ def check_feedback(fb: Feedback) -> None:
         if isinstance(rid, bool) or not isinstance(rid, int) or not 1 <= rid <= MAX_ID:
             raise FeedbackError(f"a response id is an integer from 1 to {MAX_ID}, got {rid!r}")
     if isinstance(fb, Thumbs):
-        if fb.value not in (1, -1):
+        if isinstance(fb.value, bool) or fb.value not in (1, -1):
             raise FeedbackError(f"thumbs value must be 1 or -1, got {fb.value!r}")
     elif isinstance(fb, Rating):
         if isinstance(fb.score, bool) or fb.score not in (1, 2, 3, 4, 5):
@@ -53,8 +57,9 @@ def check_feedback(fb: Feedback) -> None:
                 f"rating reason is {len(fb.reason)} characters; the limit is {MAX_REASON_CHARS}"
             )
     elif isinstance(fb, Edit):
-        if not fb.text.strip():
-            raise FeedbackError("edit text is empty")
+        # Blank counts as empty: an edit is the answer as it should read, and trains as one.
+        if not isinstance(fb.text, str) or not fb.text.strip():
+            raise FeedbackError("edit text is empty: an edit is the answer as it should read")
         if len(fb.text) > MAX_TEXT_CHARS:
             raise FeedbackError(
                 f"edit text is {len(fb.text)} characters; the limit is {MAX_TEXT_CHARS}"

@@ -25,7 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+import tuneloop
 from tuneloop.core.records import (
+    WINNERS,
     Account,
     Comparison,
     Edit,
@@ -42,6 +44,7 @@ from tuneloop.feedback.validation import (
     MAX_RANKING_SIZE,
     MAX_REASON_CHARS,
     MAX_TEXT_CHARS,
+    check_feedback,
 )
 from tuneloop.serve.asgi_body import read_body, replay
 from tuneloop.serve.auth import Principals
@@ -101,6 +104,9 @@ class ChatCompletionRequest(BaseModel):
 
 
 class _FeedbackIn(BaseModel):
+    """A feedback body: its fields' JSON types and shape only. Their values are checked by
+    `feedback.validation.check_feedback`, as everywhere else feedback comes in."""
+
     model_config = ConfigDict(extra="forbid")
     rater: str | None = Field(None, max_length=64, description="the caller's own name, if given")
 
@@ -108,17 +114,17 @@ class _FeedbackIn(BaseModel):
 class ThumbsIn(_FeedbackIn):
     kind: Literal["thumbs"]
     response_id: int
-    value: Literal[1, -1]
+    value: int = Field(description="1 (up) or -1 (down)")
 
     def record(self, rater: str) -> Feedback:
-        return Thumbs(self.response_id, self.value, rater)
+        return Thumbs(self.response_id, self.value, rater)  # type: ignore[arg-type]
 
 
 class RatingIn(_FeedbackIn):
     kind: Literal["rating"]
     response_id: int
-    value: int = Field(ge=1, le=5)
-    reason: str | None = Field(None, max_length=MAX_REASON_CHARS)
+    value: int = Field(description="1 to 5")
+    reason: str | None = Field(None, description=f"at most {MAX_REASON_CHARS} characters")
 
     def record(self, rater: str) -> Feedback:
         return Rating(self.response_id, self.value, self.reason, rater)
@@ -127,7 +133,7 @@ class RatingIn(_FeedbackIn):
 class EditIn(_FeedbackIn):
     kind: Literal["edit"]
     response_id: int
-    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    text: str = Field(description=f"the answer as it should read, at most {MAX_TEXT_CHARS} chars")
 
     def record(self, rater: str) -> Feedback:
         return Edit(self.response_id, self.text, rater)
@@ -136,7 +142,7 @@ class EditIn(_FeedbackIn):
 class ComparisonIn(_FeedbackIn):
     kind: Literal["comparison"]
     response_ids: list[int] = Field(min_length=2, max_length=2)
-    winner: Literal["a", "b", "tie", "both_bad"]
+    winner: str = Field(description=", ".join(WINNERS))
 
     def record(self, rater: str) -> Feedback:
         a, b = self.response_ids
@@ -145,9 +151,7 @@ class ComparisonIn(_FeedbackIn):
 
 class RankingIn(_FeedbackIn):
     kind: Literal["ranking"]
-    response_ids: list[int] = Field(
-        min_length=2, max_length=MAX_RANKING_SIZE, description="best first"
-    )
+    response_ids: list[int] = Field(description=f"2 to {MAX_RANKING_SIZE}, best first")
 
     def record(self, rater: str) -> Feedback:
         return Ranking(tuple(self.response_ids), rater)
@@ -279,7 +283,7 @@ def create_api(
 
     app = FastAPI(
         title="tuneloop",
-        version="0.1.0",
+        version=tuneloop.__version__,
         description="Chat, collect feedback, retrain, hot-swap.",
         lifespan=lifespan,
     )
@@ -366,6 +370,7 @@ def create_api(
     async def post_feedback(body: FeedbackIn, account: SignedIn) -> Any:
         _check_named(body.rater, account)
         fb = body.record(account.name)
+        check_feedback(fb)  # before its cost is charged: a bad one costs nothing
         await limits.check(limits.feedback, account, feedback_cost(fb))
         own_only = body.kind in OWN_ANSWER_KINDS or not role_allows(account.role, "rater")
         submitted = service.submit_feedback(fb, own_answers_only=own_only)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tuneloop.core.artifacts import load_causal_lm, load_tokenizer
+from tuneloop.core.config import DEFAULT_MAX_CONCURRENCY
 from tuneloop.core.records import Message, ModelVersion, SamplingParams
 from tuneloop.serve.batching import BatchedGeneration, DecodeLoop
 
@@ -141,7 +142,7 @@ class EmbeddedEngine:
         version_id: str,
         *,
         device: str | None = None,
-        max_concurrency: int = 8,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
     ) -> None:
         self._device = device
         self._max_batch = max_concurrency

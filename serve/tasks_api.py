@@ -32,12 +32,12 @@ from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from tuneloop.core.records import Account, Edit, Feedback, Rating, Thumbs
+from tuneloop.core.records import WINNERS, Account, Edit, Feedback, Rating, Thumbs
 from tuneloop.core.settings import MAX_TASK_ANSWERS, TrustSettings
 from tuneloop.feedback import raters, tasks
 from tuneloop.feedback.accounts import audit
 from tuneloop.feedback.leaderboard import version_leaderboard
-from tuneloop.feedback.validation import MAX_RANKING_SIZE, MAX_REASON_CHARS, MAX_TEXT_CHARS
+from tuneloop.feedback.validation import MAX_RANKING_SIZE, MAX_TEXT_CHARS
 from tuneloop.serve.auth import Principals
 from tuneloop.serve.limits import Limits, ranking_cost
 from tuneloop.serve.rating_desk import RatingDesk
@@ -48,7 +48,7 @@ MAX_TASKS_PER_REQUEST = 1000
 
 class JudgmentIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    winner: Literal["a", "b", "tie", "both_bad"] | None = None
+    winner: str | None = Field(None, description=", ".join(WINNERS))
     ranking: list[int] | None = Field(
         None, max_length=MAX_RANKING_SIZE, description="the positions shown, best first"
     )
@@ -56,24 +56,21 @@ class JudgmentIn(BaseModel):
 
 class AnswerFeedbackIn(BaseModel):
     """Thumbs (`value` 1 or -1), a rating (`value` 1-5, `reason`?) or an edit (`text`) of an
-    answer of a task the caller holds."""
+    answer of a task the caller holds. The values are checked by
+    `feedback.validation.check_feedback`, as everywhere else feedback comes in."""
 
     model_config = ConfigDict(extra="forbid")
     kind: Literal["thumbs", "rating", "edit"]
     value: int | None = None
-    reason: str | None = Field(None, max_length=MAX_REASON_CHARS)
-    text: str | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS)
+    reason: str | None = None
+    text: str | None = None
 
     def record(self, rater: str) -> Callable[[int], Feedback]:
-        if self.kind == "thumbs" and self.value in (1, -1):
+        if self.kind == "thumbs":
             return lambda rid: Thumbs(rid, self.value, rater)  # type: ignore[arg-type]
-        if self.kind == "rating" and self.value is not None and 1 <= self.value <= 5:
+        if self.kind == "rating":
             return lambda rid: Rating(rid, self.value, self.reason, rater)  # type: ignore[arg-type]
-        if self.kind == "edit" and self.text:
-            return lambda rid: Edit(rid, self.text, rater)  # type: ignore[arg-type]
-        raise HTTPException(
-            422, "thumbs take a value of 1 or -1, a rating a value of 1 to 5, an edit a text"
-        )
+        return lambda rid: Edit(rid, self.text, rater)  # type: ignore[arg-type]
 
 
 class MakeTasksIn(BaseModel):

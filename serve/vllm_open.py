@@ -39,7 +39,7 @@ def vllm_servers(
             model=base_model_path(version.artifact_path),
             max_model_len=vs.max_model_len,
             max_lora_rank=vs.max_lora_rank,
-            max_loras=max(4, max_concurrency),
+            max_loras=max(VllmLaunch.max_loras, max_concurrency),
             dtype=vs.dtype,
             kv_cache_gib=vs.kv_cache_gib,
             nice=vs.nice,
@@ -52,7 +52,7 @@ def vllm_servers(
 
 
 def open_vllm(
-    vs: VllmSettings, run_dir: Path, version: ModelVersion, max_concurrency: int = 8
+    vs: VllmSettings, run_dir: Path, version: ModelVersion, max_concurrency: int
 ) -> VllmEngine | ReplicatedVllm:
     """The vLLM engine serving `version`: its servers are started (or reached) first, all at
     once, and stopped again if the engine cannot be set up."""

@@ -34,6 +34,7 @@ from typing import IO, Any
 import aiohttp
 import httpx
 
+from tuneloop.core.config import VllmSettings
 from tuneloop.core.cpu_affinity import format_cpu_list
 
 # Linux's limit for a Unix socket path is 108 bytes, the terminating NUL included.
@@ -100,18 +101,19 @@ class VllmLaunch:
     """How to start vLLM: the command that runs its OpenAI server, the model, and the limits.
 
     `kv_cache_gib` sets `VLLM_CPU_KVCACHE_SPACE` (the CPU build's KV cache); GPU builds size
-    their cache with `--gpu-memory-utilization`, which `extra_args` can pass."""
+    their cache with `--gpu-memory-utilization`, which `extra_args` can pass. The defaults are
+    `VllmSettings`'."""
 
     command: tuple[str, ...]
     model: str
     served_name: str = "base"
-    max_model_len: int | None = None  # None: the model's own
-    max_lora_rank: int = 64
+    max_model_len: int | None = VllmSettings.max_model_len  # None: the model's own
+    max_lora_rank: int = VllmSettings.max_lora_rank
     max_loras: int = 4
-    dtype: str = "auto"
-    kv_cache_gib: int = 1
+    dtype: str = VllmSettings.dtype
+    kv_cache_gib: int = VllmSettings.kv_cache_gib
     # A niceness for vLLM's processes (`nice -n`), for a machine where it shares the CPU.
-    nice: int = 0
+    nice: int = VllmSettings.nice
     # The CPUs vLLM's processes run on (`taskset -c`); empty: wherever the OS puts them.
     cpus: frozenset[int] = frozenset()
     extra_args: tuple[str, ...] = ()

@@ -40,7 +40,7 @@ from typing import Any
 from tuneloop.core.artifacts import load_causal_lm, load_tokenizer
 from tuneloop.core.files import write_json_atomic
 from tuneloop.core.job_spec import GateSpec
-from tuneloop.core.settings import GateSettings
+from tuneloop.core.settings import GateSettings, clears_bar
 from tuneloop.train.sampling import mean_token_kl, sample_answers
 
 # Shipped with tuneloop (Apache-2.0, see data/README.md): the gate's prompts besides held-out ones.
@@ -175,7 +175,7 @@ def decide(
     With `max_kl`, a candidate too far from its parent (or of unknown distance) is rejected; with
     `max_length_ratio`, one whose answers grew that many times longer."""
     stat = result.ci_low if use_lower_bound else result.win_rate
-    passed = stat >= min_win_rate
+    passed = clears_bar(stat, min_win_rate)
     reason = (
         f"win rate {result.win_rate:.2f} [{result.ci_low:.2f}, {result.ci_high:.2f}] over "
         f"{result.prompts} prompts{': its lower bound' if use_lower_bound else ''} "

@@ -31,6 +31,7 @@ from tuneloop.cli_settings import add_options, settings_from_args
 from tuneloop.core.config import (
     DEFAULT_DATA_DIR,
     DEFAULT_HOST,
+    DEFAULT_MAX_CONCURRENCY,
     DEFAULT_PORT,
     DataDir,
     apply_openmp_defaults,
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--max-concurrency",
         type=int,
-        default=8,
+        default=DEFAULT_MAX_CONCURRENCY,
         help="answers generated at once (default: %(default)s)",
     )
     up.add_argument("--no-ui", action="store_true", help="serve the API only, no Gradio UI")

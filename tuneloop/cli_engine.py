@@ -46,7 +46,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--vllm-replicas",
         type=int,
-        default=1,
+        default=VllmSettings.replicas,
         metavar="N",
         help="start N vLLM servers behind tuneloop, which routes each answer to the one with "
         "the fewest outstanding and promotes on all of them at once (default: %(default)s)",
@@ -62,7 +62,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--vllm-tensor-parallel",
         type=int,
-        default=1,
+        default=VllmSettings.tensor_parallel,
         metavar="N",
         help="tensor-parallel ranks per replica (vLLM's --tensor-parallel-size)",
     )
@@ -73,20 +73,20 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--vllm-max-lora-rank",
         type=int,
-        default=64,
+        default=VllmSettings.max_lora_rank,
         help="largest LoRA rank to serve (default: %(default)s)",
     )
     g.add_argument(
         "--vllm-kv-cache-gib",
         type=int,
-        default=1,
+        default=VllmSettings.kv_cache_gib,
         help="KV cache of vLLM's CPU build, GiB (default: %(default)s)",
     )
-    g.add_argument("--vllm-dtype", default="auto", help="default: %(default)s")
+    g.add_argument("--vllm-dtype", default=VllmSettings.dtype, help="default: %(default)s")
     g.add_argument(
         "--vllm-nice",
         type=int,
-        default=0,
+        default=VllmSettings.nice,
         help="run vLLM at this niceness (`nice -n`), below tuneloop's priority where both "
         "share the CPU (default: %(default)s)",
     )

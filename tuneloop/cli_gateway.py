@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from tuneloop.cli_engine import add_engine_arguments, vllm_settings
-from tuneloop.core.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DataDir, ServeConfig
+from tuneloop.core.config import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_HOST,
+    DEFAULT_MAX_CONCURRENCY,
+    DataDir,
+    ServeConfig,
+)
 
 DEFAULT_GATEWAY_PORT = 7870
 
@@ -33,7 +39,10 @@ def add_gateway_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=DEFAULT_HOST, help="default: %(default)s")
     p.add_argument("--port", type=int, default=DEFAULT_GATEWAY_PORT, help="default: %(default)s")
     p.add_argument(
-        "--max-concurrency", type=int, default=8, help="answers generated at once (default: 8)"
+        "--max-concurrency",
+        type=int,
+        default=DEFAULT_MAX_CONCURRENCY,
+        help="answers generated at once (default: %(default)s)",
     )
     actions = p.add_subparsers(
         dest="gateway_action", metavar="[ACTION]", title="actions (without one, serve)"

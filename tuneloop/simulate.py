@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from tuneloop.core.config import DataDir, ServeConfig, VllmSettings
+from tuneloop.core.config import DEFAULT_MAX_CONCURRENCY, DataDir, ServeConfig, VllmSettings
 from tuneloop.core.settings import (
     DEFAULT_MODEL,
     DEFAULT_POLICY_JOB,
@@ -87,7 +87,7 @@ class SimulationConfig:
     )
     model: str = DEFAULT_MODEL
     seed: int = setting(0, "seed of questions, votes and training", option="seed")
-    concurrency: int = 8
+    concurrency: int = DEFAULT_MAX_CONCURRENCY
     train_overrides: tuple[str, ...] = setting(
         (), "a field of the policy job's TRL config, KEY=VALUE (repeatable)", option="set"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,11 +147,15 @@ def test_every_feedback_kind_is_acknowledged_after_commit(
     "body, status, message",
     [
         ({"kind": "thumbs", "response_id": 10**9, "value": 1}, 404, "unknown response id"),
-        ({"kind": "thumbs", "response_id": "{a}", "value": 2}, 422, "value"),
-        ({"kind": "rating", "response_id": "{a}", "value": 0}, 422, "greater than or equal to 1"),
-        ({"kind": "edit", "response_id": "{a}", "text": "x" * 40_000}, 422, "at most 32000"),
+        ({"kind": "thumbs", "response_id": "{a}", "value": 2}, 422, "thumbs value must be 1 or -1"),
+        ({"kind": "rating", "response_id": "{a}", "value": 0}, 422, "from 1 to 5, got 0"),
+        ({"kind": "edit", "response_id": "{a}", "text": "x" * 40_000}, 422, "the limit is 32000"),
+        ({"kind": "edit", "response_id": "{a}", "text": ""}, 422, "edit text is empty: an edit"),
+        ({"kind": "edit", "response_id": "{a}", "text": "  "}, 422, "edit text is empty: an edit"),
         ({"kind": "comparison", "response_ids": ["{a}"], "winner": "a"}, 422, "at least 2"),
         ({"kind": "comparison", "response_ids": ["{a}", "{a}"], "winner": "a"}, 422, "different"),
+        ({"kind": "comparison", "response_ids": ["{a}", 10**9], "winner": "c"}, 422, "winner must"),
+        ({"kind": "ranking", "response_ids": ["{a}"] * 17}, 422, "2 to 16 responses, got 17"),
         ({"kind": "ranking", "response_ids": ["{a}", 10**9]}, 404, "unknown response id"),
         ({"kind": "stars", "response_id": "{a}"}, 422, "does not match any of the expected tags"),
         ({"kind": "thumbs", "response_id": "{a}", "value": 1, "extra": 1}, 422, "extra"),
@@ -224,6 +229,8 @@ def test_openapi_schema_describes_the_contract(server: LiveServer) -> None:
     assert "201" in feedback["responses"]
     kinds = {"ThumbsIn", "RatingIn", "EditIn", "ComparisonIn", "RankingIn"}
     assert kinds <= set(schema["components"]["schemas"])
+    config = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    assert schema["info"]["version"] == config["project"]["version"]
 
 
 def test_admin_routes_need_the_token(server: LiveServer) -> None:

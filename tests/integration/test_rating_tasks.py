@@ -192,6 +192,23 @@ def test_raters_rate_and_edit_the_answers_given_to_them_by_position(
     assert edit.status_code == 201
     bad = call(server, "POST", f"/v1/tasks/{tid}/answers/2", people["r1"], kind="thumbs", value=1)
     assert bad.status_code == 422
+    # The values are refused with the words the feedback API and the UI use (`check_feedback`).
+    empty = "edit text is empty: an edit is the answer as it should read"
+    for body, message in [
+        ({"kind": "edit"}, empty),
+        ({"kind": "edit", "text": ""}, empty),
+        ({"kind": "edit", "text": " \n"}, empty),
+        ({"kind": "thumbs", "value": 2}, "thumbs value must be 1 or -1, got 2"),
+        ({"kind": "rating", "value": 6}, "rating value must be an integer from 1 to 5, got 6"),
+        ({"kind": "rating"}, "rating value must be an integer from 1 to 5, got None"),
+    ]:
+        refused = call(server, "POST", route, people["r1"], **body)
+        assert (refused.status_code, refused.json()["error"]["message"]) == (422, message)
+    refused = call(server, "POST", f"/v1/tasks/{tid}/judgment", people["r1"], winner="c")
+    assert refused.status_code == 422
+    assert refused.json()["error"]["message"] == (
+        "winner must be one of a, b, tie, both_bad, got 'c'"
+    )
     assert call(server, "POST", route, people["ben"], **rating).status_code == 403
     answers = {
         i for (ids,) in db(server, f"SELECT response_ids FROM tasks WHERE id = {tid}") for i in ids

@@ -307,6 +307,16 @@ def test_decide_gives_its_reason() -> None:
     assert not decide(_result(0.7, 0.6, 0.8, kl=None), max_kl=0.2)[0]
 
 
+def test_the_reward_models_gate_and_the_human_gate_pass_a_candidate_at_the_bar() -> None:
+    from tuneloop.feedback.canary import verdict
+
+    assert decide(_result(0.55, 0.45, 0.65), min_win_rate=0.55)[0]
+    assert not decide(_result(0.54, 0.44, 0.64), min_win_rate=0.55)[0]
+    # Four ties: the win rate is 0.5 with no spread, so its interval's lower end is 0.5 too.
+    assert verdict([0.5] * 4, min_judgments=4, min_win_rate=0.5).decision == "promote"
+    assert verdict([0.5] * 4, min_judgments=4, min_win_rate=0.51).decision == "reject"
+
+
 def test_gate_prompts_the_fixed_set_first_then_heldout_splits(tmp_path: Path) -> None:
     def msgs(*turns: str) -> list[dict]:
         roles = ["user", "assistant"]

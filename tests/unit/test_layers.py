@@ -37,7 +37,8 @@ def package_dirs() -> dict[str, Path]:
 
 def layer_of(module: str) -> str | None:
     """The layer of a dotted module name; None when it is not tuneloop's, or is the bare package
-    (whose `__init__` only holds the version, see `test_the_package_root_imports_nothing`)."""
+    (whose `__init__` only reads the version, see
+    `test_the_package_root_imports_nothing_but_the_version_reader`)."""
     parts = module.split(".")
     if parts[0] != TOP or len(parts) == 1:
         return None
@@ -80,9 +81,23 @@ def test_imports_point_down(layer: str) -> None:
     assert not wrong, f"{layer} may import only {sorted(ALLOWED[layer])}:\n" + "\n".join(wrong)
 
 
-def test_the_package_root_imports_nothing() -> None:
+def test_the_package_root_imports_nothing_but_the_version_reader() -> None:
+    """Importing any layer runs the root's `__init__` first: it imports none of tuneloop's
+    modules, and reads the version from the installed metadata only when asked."""
     tree = ast.parse((package_dirs()[TOP] / "__init__.py").read_text())
-    assert not [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
+    imported = [
+        n.module if isinstance(n, ast.ImportFrom) else ",".join(a.name for a in n.names)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Import | ast.ImportFrom)
+    ]
+    assert imported == ["importlib.metadata"]
+
+
+def test_the_version_is_pyprojects() -> None:
+    import tuneloop
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert tuneloop.__version__ == config["project"]["version"]
 
 
 def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
