@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,8 +179,9 @@ def test_gateways_follow_the_primarys_promotion(primary: LiveServer, gateways: l
 @pytest.mark.slow
 def test_a_gateway_killed_under_load_loses_no_acknowledged_feedback(primary: LiveServer) -> None:
     """16 clients on each gateway rate their own answers back to back; gateway 0 gets SIGKILL
-    half-way and its clients go on through gateway 1. Every rating acknowledged to a client is
-    in the primary's file afterwards (the last one for each answer: a vote replaces)."""
+    once each has had a few ratings acknowledged, and its clients go on through gateway 1.
+    Every rating acknowledged to a client is in the primary's file afterwards (the last one for
+    each answer: a vote replaces)."""
     with gateway(primary) as (url_a, proc_a), gateway(primary) as (url_b, _):
         made = accounts(primary, [url_a, url_b], *(f"load-{i}" for i in range(32)))
         clients = [
@@ -187,6 +189,9 @@ def test_a_gateway_killed_under_load_loses_no_acknowledged_feedback(primary: Liv
             for i, headers in enumerate(made)
         ]
         acked: dict[int, int] = {}  # answer -> id of the last rating acknowledged
+        # Ratings acknowledged per answer through each gateway (each answer's client alone
+        # counts its own).
+        taken: dict[str, Counter[int]] = {url_a: Counter(), url_b: Counter()}
         errors: list[str] = []
         stop = threading.Event()
 
@@ -203,18 +208,32 @@ def test_a_gateway_killed_under_load_loses_no_acknowledged_feedback(primary: Liv
                         continue
                     if r.status_code == 201:
                         acked[answer] = r.json()["id"]
+                        taken[url][answer] += 1
                     elif r.status_code != 503:
                         errors.append(r.text)
 
         threads = [threading.Thread(target=rate, args=c) for c in clients]
+
+        def each_has(n: int, url: str, of: list[tuple[dict[str, str], int, str]]) -> None:
+            """Wait until each client in `of` has `n` ratings acknowledged through `url`."""
+            deadline = time.monotonic() + 60
+            while min(taken[url][answer] for _, answer, _ in of) < n:
+                assert not errors, errors
+                assert time.monotonic() < deadline, f"clients stalled on {url}: {taken[url]}"
+                time.sleep(0.05)
+
         for t in threads:
             t.start()
-        time.sleep(3)
-        os.kill(proc_a.pid, signal.SIGKILL)
-        time.sleep(3)
-        stop.set()
-        for t in threads:
-            t.join()
+        try:
+            # Load through both gateways; gateway 0 killed; its clients go on through 1.
+            each_has(3, url_a, clients[:16])
+            each_has(3, url_b, clients[16:])
+            os.kill(proc_a.pid, signal.SIGKILL)
+            each_has(3, url_b, clients[:16])
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
     assert errors == []
     assert len(acked) == 32
     stored = dict(

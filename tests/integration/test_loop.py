@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,12 @@ def runs_by_kind(api: httpx.Client) -> dict[str, dict[str, Any]]:
     return out
 
 
+def ran_for(run: dict[str, Any]) -> float:
+    """Seconds from a run's start to its end (both ISO timestamps; a run not ended fails)."""
+    finished, started = (datetime.fromisoformat(run[k]) for k in ("finished_at", "started_at"))
+    return (finished - started).total_seconds()
+
+
 def versions_by_id(api: httpx.Client) -> dict[str, dict[str, Any]]:
     return {v["id"]: v for v in api.get("/v1/admin/versions").json()}
 
@@ -116,7 +123,7 @@ def check_cycle_rows(
     for kind in ("rm", "dpo", "gate"):
         run = runs[kind]
         assert (run["status"], run["progress"], run["stage"]) == ("done", 1.0, "done"), run
-        assert run["error"] is None and run["finished_at"] is not None
+        assert run["error"] is None and ran_for(run) >= 0, run
         assert run["snapshot_id"] == cycle["snapshot_id"]
     assert runs["rm"]["version_id"] == cycle["reward_version"] == "reward-v1"
     assert runs["dpo"]["version_id"] == runs["gate"]["version_id"] == cycle["candidate_version"]
@@ -323,7 +330,7 @@ def test_a_failing_job_leaves_serving_alone(tmp_path: Path, tiny_model_dir: Path
             assert (failed["status"], failed["stage"]) == ("failed", "failed")
             assert failed["error"] == cycle["error"]
             assert "\n" not in failed["error"] and "lower learning_rate" in failed["error"]
-            assert failed["version_id"] == "policy-v2" and failed["finished_at"] is not None
+            assert failed["version_id"] == "policy-v2" and ran_for(failed) >= 0, failed
             # No version for it, nothing half-written where it would have gone.
             after = versions_by_id(api)
             assert set(after) - set(before) == {"reward-v1"}

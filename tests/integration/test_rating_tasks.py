@@ -135,7 +135,8 @@ def test_operators_see_agreement_gold_and_the_leaderboard_and_quarantine(
     report = call(server, "GET", "/v1/admin/raters", people["otto"]).json()
     by_name = {r["name"]: r for r in report["raters"]}
     assert by_name["r2"]["gold_accuracy"] == 1.0 and by_name["r3"]["gold_accuracy"] == 0.0
-    assert report["alpha"] is not None
+    # r2 and r3 disagree on the gold task: agreement is defined and short of perfect.
+    assert -1.0 <= report["alpha"] < 1.0
     board = call(server, "GET", "/v1/admin/leaderboard?rounds=50", people["otto"])
     assert board.status_code == 200 and isinstance(board.json(), list)
     assert call(server, "GET", "/v1/admin/raters", people["r0"]).status_code == 403

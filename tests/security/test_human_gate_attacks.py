@@ -117,12 +117,15 @@ def test_only_raters_blind_judgments_on_canary_tasks_count(
     # One rater counts for a quarter of the 4 judgments waited for: one, however many they give.
     for _ in range(3):
         task = held_task(server, people["r1"])
-        assert post(server, f"/v1/tasks/{task['task_id']}/judgment", people["r1"], winner="a")
+        judged = post(server, f"/v1/tasks/{task['task_id']}/judgment", people["r1"], winner="a")
+        assert judged.status_code == 201, judged.text
     verdict = running_verdict(server, people)
     assert verdict["judgments"] == 1 and verdict["by_rater"] == {"r1": 1}
     assert verdict["over_share"] == 2
     post(server, "/v1/admin/canary/check", people["otto"]).raise_for_status()
-    assert get(server, "/v1/admin/canary", people["otto"]).json()["running"] is not None
+    running = get(server, "/v1/admin/canary", people["otto"]).json()["running"]
+    assert (running["version"], running["baseline"]) == ("policy-v2", "policy-v1")
+    assert running["verdict"]["judgments"] == 1  # undecided: 4 are waited for
 
     # A quarantined rater's judgments leave the running verdict at once.
     quarantined = post(server, "/v1/admin/raters/quarantine", people["otto"], names=["r1"])

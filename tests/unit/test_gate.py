@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -249,7 +250,8 @@ def test_gate_cli_on_a_datasets_dir_against_another_policy(
     written = json.loads(out.read_text())
     result = GateResult.from_dict(written)
     assert result.prompts == 10 == result.wins + result.ties + result.losses
-    assert result.kl_to_parent is not None and result.kl_to_parent > 0
+    # Other weights: the KL is measured, and past the limit that refuses the candidate.
+    assert math.isfinite(result.kl_to_parent) and result.kl_to_parent > settings.max_kl
     assert 0 <= result.ci_low <= result.win_rate <= result.ci_high <= 1
     assert result.win_rate == (result.wins + result.ties / 2) / 10
     assert written["promote"] is False

@@ -42,7 +42,9 @@ def key(row: dict[str, Any]) -> str:
 
 def test_thumbs_pair_across_prompts_with_the_liked_answer_chosen() -> None:
     pairs = unpaired_thumbs(both_verdicts(12), seed=0)
-    assert pairs
+    # Each of the 24 rows draws up to `PARTNERS`; every one of them found one.
+    assert 12 <= len(pairs) <= 2 * 12 * PARTNERS
+    assert len({key(up) for up, _ in pairs}) == 12 == len({key(down) for _, down in pairs})
     for up, down in pairs:
         assert up["label"] and not down["label"]
         assert up["prompt"] != down["prompt"]

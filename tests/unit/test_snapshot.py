@@ -110,14 +110,18 @@ def test_manifest_counts_max_ids_and_files(store: FeedbackStore, tmp_path: Path)
     ids = populate(store)
     snaps = tmp_path / "snapshots"
 
+    before = datetime.now(UTC)
     snap = create_snapshot(store, snaps, ANY_RATER)
+    after = datetime.now(UTC)
 
     assert ID_RE.match(snap.id)
     assert snap.path == (snaps / snap.id).resolve()
     assert load_manifest(snap.path) == snap.manifest
     m = snap.manifest
     assert m["id"] == snap.id
-    assert datetime.fromisoformat(m["created_at"]).tzinfo is not None
+    created = datetime.fromisoformat(m["created_at"])
+    assert created.utcoffset() == timedelta(0) and before <= created <= after
+    assert snap.id.startswith(f"snap-{created:%Y%m%dT%H%M%SZ}-")  # the id sorts by creation
     assert m["schema_migrations"] == [name for name, _ in MIGRATIONS]
     assert set(m["tables"]) == set(SNAPSHOT_TABLES)
     expected = {

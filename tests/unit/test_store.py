@@ -185,13 +185,19 @@ def test_own_answers_only_refuses_answers_given_to_someone_else(
         s.submit_response(mine).result()
         theirs = replace(mine, id=s.new_response_id(), rater_id="ben")
         s.submit_response(theirs).result()
-        assert s.submit_feedback(Thumbs(mine.id, 1, "ann"), own_answers_only=True).result()
+        thumb = s.submit_feedback(Thumbs(mine.id, 1, "ann"), own_answers_only=True).result()
+        got = s.read("SELECT response_id, value, rater_id FROM thumbs WHERE id = ?", [thumb])
+        assert got == [{"response_id": mine.id, "value": 1, "rater_id": "ann"}]
         with pytest.raises(NotYoursError, match="ann may judge only the answers given to ann"):
             s.submit_feedback(Thumbs(theirs.id, 1, "ann"), own_answers_only=True).result()
         pair = Comparison(mine.id, theirs.id, "a", "ann")
         with pytest.raises(NotYoursError):
             s.submit_feedback(pair, own_answers_only=True).result()
-        assert s.submit_feedback(pair).result()  # a rater's: anyone's answers
+        compared = s.submit_feedback(pair).result()  # a rater's: anyone's answers
+        sql = "SELECT response_a, response_b, winner FROM comparisons WHERE id = ?"
+        assert s.read(sql, [compared]) == [
+            {"response_a": mine.id, "response_b": theirs.id, "winner": "a"}
+        ]
         assert s.feedback_counts()["thumbs"] == 1 and s.feedback_counts()["comparison"] == 1
 
 
