@@ -49,6 +49,10 @@ from tuneloop.train.weighted import WEIGHT, WeightedDPOTrainer, relative_trust
 
 SAMPLE_BATCH = 32  # answers generated at once
 SOURCE = "scored"  # the `source` of the reward model's pairs
+# From LARGE_MODEL_PARAMS up, one epoch (as the reward model's): SmolLM2 on 2 CPU cores (Zen3, fp32,
+# a loaded machine) took 65 s a DPO step, and three epochs over 128 scored and 131 people's pairs
+# are 99 steps, most of two hours (bench/RESULTS.md).
+LARGE_DEFAULTS: dict[str, Any] = {"num_train_epochs": 1}
 
 
 @dataclass
@@ -92,7 +96,7 @@ def train_best_of_n(spec: JobSpec, work: Path, status: StatusFile) -> JobOutput:
     prompts = list(unique_prompts(spec, work, "train")["prompt"])
     if not prompts:
         raise JobError("no prompts in the train splits: collect feedback on some answers first")
-    config, lora, lora_keys = job_settings(spec, BestOfNConfig, DPO_DEFAULTS, work)
+    config, lora, lora_keys = job_settings(spec, BestOfNConfig, DPO_DEFAULTS, work, LARGE_DEFAULTS)
     prompts = prompts[: config.max_prompts]
     tokenizer = load_training_tokenizer(spec)
     policy = load_policy(spec, lora, lora_keys)
