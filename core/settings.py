@@ -152,7 +152,7 @@ TRAINING_KEYS = frozenset(
         "adam_beta2", "adam_epsilon", "seed", "data_seed", "bf16", "fp16",
         "activation_checkpointing", "gradient_checkpointing", "logging_steps",
         # the objectives
-        "beta", "loss_type", "label_smoothing", "rpo_alpha", "precompute_ref_log_probs",
+        "beta", "loss_type", "loss_weights", "label_smoothing", "precompute_ref_log_probs",
         "desirable_weight", "undesirable_weight", "center_rewards_coefficient",
         "assistant_only_loss", "completion_only_loss", "packing",
         # lengths and sampling

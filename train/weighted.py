@@ -123,9 +123,11 @@ class WeightedDPOTrainer(_KeepsWeights, DPOTrainer):
     pair.
 
     TRL computes all its loss types in one long method with no per-pair hook, so the weighted
-    batch is computed here, for the default objective only (the sigmoid loss over the reverse
-    KL, the reference as TRL gets it): other objectives with weights are refused when the
-    trainer is made. Its metrics are the rewards' and the tokens' (what the job reports)."""
+    batch is computed here, for the default objective (the sigmoid loss over the reverse KL, the
+    reference as TRL gets it) and for it with TRL's `sft` term beside (RPO: the chosen answer's
+    mean token NLL, weighted per pair like the sigmoid loss); other objectives with weights are
+    refused when the trainer is made. Its metrics are the rewards' and the tokens' (what the
+    job reports)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -133,13 +135,14 @@ class WeightedDPOTrainer(_KeepsWeights, DPOTrainer):
         weights = self.train_dataset[WEIGHT] if WEIGHT in columns else []
         if any(w != 1 for w in weights) and not self._weighable():
             raise JobError(
-                "trust weights need DPO's sigmoid loss (loss_type, f_divergence_type, ld_alpha, "
+                "trust weights need DPO's sigmoid loss, alone or with 'sft' (loss_type, "
+                "f_divergence_type, ld_alpha, "
                 "use_weighting at their defaults); keep those, or snapshot with --no-rater-weights"
             )
 
     def _weighable(self) -> bool:
         return (
-            list(self.loss_types) == ["sigmoid"]
+            list(self.loss_types) in (["sigmoid"], ["sigmoid", "sft"])
             and self.f_divergence_type == "reverse_kl"
             and self.ld_alpha is None
             and not self.use_weighting
@@ -163,7 +166,8 @@ class WeightedDPOTrainer(_KeepsWeights, DPOTrainer):
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
         outputs = model(**model_kwargs, use_cache=False, labels=labels, fused_lm_head=True)
-        chosen, rejected = outputs.log_probs[:, -(completion_mask.size(1) - 1) :].sum(1).chunk(2)
+        per_token = outputs.log_probs[:, -(completion_mask.size(1) - 1) :]
+        chosen, rejected = per_token.sum(1).chunk(2)
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         else:
@@ -173,6 +177,12 @@ class WeightedDPOTrainer(_KeepsWeights, DPOTrainer):
         rejected_rewards = self.beta * (rejected - ref_rejected)
         margins = chosen_rewards - rejected_rewards
         loss = weighted_bradley_terry(margins, weight) * self.loss_weights[0]
+        if len(self.loss_types) == 2:  # "sft": TRL's mean NLL over the chosen answers' tokens,
+            # each token weighing its pair's weight (the same value as TRL's where all are 1)
+            mask = completion_mask[:, 1:].chunk(2)[0].to(per_token.dtype)
+            nll = -(per_token.chunk(2)[0] * mask).sum(1)
+            sft = (weight.to(nll.dtype) * nll).sum() / mask.sum().clamp(min=1)
+            loss = loss + sft * self.loss_weights[1]
 
         gather = self.accelerator.gather_for_metrics
         if mode == "train":

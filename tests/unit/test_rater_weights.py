@@ -232,6 +232,57 @@ def test_trust_weights_change_dpos_loss(
         assert ours.item() == pytest.approx(trl_loss(batch).item(), rel=1e-6)
 
 
+def test_trust_weights_weigh_each_chosen_answers_tokens_in_rpos_sft_term(
+    tmp_path: Path, tiny_model_dir: Path, tiny_model_dir_b: Path
+) -> None:
+    """RPO, as bon trains (DPO's sigmoid loss and TRL's `sft` term): with weights of 1 the
+    weighted path is TRL's loss exactly; with weights, the sft term is TRL's mean over the chosen
+    answers' tokens with each answer's tokens weighing its pair's weight."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from tuneloop.core.artifacts import load_tokenizer
+    from tuneloop.train.job_config import build_config
+    from tuneloop.train.scored_pairs import BON_DEFAULTS
+    from tuneloop.train.weighted import WeightedDPOTrainer
+
+    rpo = {key: BON_DEFAULTS[key] for key in ("loss_type", "loss_weights")}
+    assert rpo == {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}
+    config, _ = build_config(DPOConfig, [rpo], output_dir=tmp_path)
+    rows = weighted_rows(WEIGHTS)
+    trainer = WeightedDPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir_b),
+        ref_model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=config,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=load_tokenizer(tiny_model_dir),
+    )
+
+    def trl_loss(batch: dict[str, Any]) -> float:
+        return DPOTrainer._compute_loss(trainer, trainer.model, dict(batch), False).item()
+
+    def ours(batch: dict[str, Any], weights: list[float]) -> float:
+        return trainer._weighted_loss(trainer.model, dict(batch), torch.tensor(weights)).item()
+
+    with torch.no_grad():
+        batch = first_batch(trainer, rows)
+        batch.pop("weight")
+        assert ours(batch, [1.0] * len(rows)) == pytest.approx(trl_loss(batch), rel=1e-6)
+        trainer.loss_weights = [0.0, 1.0]  # the sft term alone
+        alone, tokens = [], []
+        for row in rows:
+            single = first_batch(trainer, [row])
+            single.pop("weight")
+            alone.append(trl_loss(single))  # the chosen answer's mean token NLL
+            tokens.append(single["completion_mask"][0, 1:].sum().item())
+        weighted = ours(batch, WEIGHTS)
+    assert len(set(tokens)) > 1  # answers of different lengths: a token mean, not a pair mean
+    expected = sum(w * nll * n for w, nll, n in zip(WEIGHTS, alone, tokens, strict=True))
+    assert weighted == pytest.approx(expected / sum(tokens), rel=1e-4)
+
+
 def test_trust_weights_share_out_the_push_and_do_not_shrink_it() -> None:
     """The people's pairs reach training with weights of mean 1, in the raters' proportions."""
     import datasets
