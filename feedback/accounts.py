@@ -38,6 +38,11 @@ class UnknownAccountError(AccountError):
     """No account of that name."""
 
 
+class AuditQueryError(ValueError):
+    """An audit log query that cannot be answered (a `since` that is no date); the message says
+    why."""
+
+
 def token_sha256(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -155,10 +160,42 @@ def audit(store: FeedbackStore, actor: str, action: str, target: str | None, **d
     store.write(lambda con: write_audit(con, actor, action, target, detail))
 
 
-def audit_log(store: FeedbackStore, limit: int = 100) -> list[dict[str, Any]]:
-    """Newest first."""
-    rows = store.read("SELECT * FROM audit_log ORDER BY id DESC LIMIT ?", [limit])
+_AUDIT_QUERY = """
+    SELECT * FROM audit_log
+    WHERE ($actor IS NULL OR actor = $actor)
+      AND ($action IS NULL OR action = $action)
+      AND ($since IS NULL OR created_at >= $since)
+    ORDER BY id DESC
+    LIMIT $limit
+"""
+
+
+def audit_log(
+    store: FeedbackStore,
+    limit: int = 100,
+    *,
+    actor: str | None = None,
+    action: str | None = None,
+    since: datetime | None = None,
+) -> list[dict[str, Any]]:
+    """Newest first: only `actor`'s rows, only `action`'s, only those made at or after `since`
+    (see `parse_since`), where given."""
+    params = {"actor": actor, "action": action, "since": since, "limit": limit}
+    rows = store.read(_AUDIT_QUERY, params)
     return [row | {"detail": json.loads(row["detail"] or "{}")} for row in rows]
+
+
+def parse_since(text: str) -> datetime:
+    """The start of an audit log query: an ISO date (its midnight) or datetime. One without a
+    time zone is UTC, the zone the operator UI shows the log's times in."""
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise AuditQueryError(
+            f"not an ISO date or datetime: {text[:80]!r} "
+            "(e.g. 2026-05-01, 2026-05-01T14:30 or 2026-05-01T14:30:00+02:00)"
+        ) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _update(

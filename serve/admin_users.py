@@ -7,7 +7,8 @@ disabled account or a replaced token stops working at once.
 - `POST /users/{name}/trust`, `/distrust` (operators too): whether a user's edits may become
   training targets (`TrustSettings.edits`)
 - `POST /users/{name}/forget`: delete the person's data everywhere (`feedback.forget`)
-- `GET /audit?limit=100`: the audit log, newest first
+- `GET /audit?limit=100&actor=&action=&since=`: the audit log, newest first; only one
+  account's rows, one action's, those since an ISO date or datetime (UTC without a zone)
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the routes' annotations, which
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, HTTPException, Query
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
@@ -25,6 +26,8 @@ from tuneloop.core.records import Account, to_json_dict
 from tuneloop.feedback import accounts
 from tuneloop.feedback.store import FeedbackStore
 from tuneloop.serve.auth import Principals
+
+_SINCE_HELP = "only rows made at or after this ISO date or datetime (UTC without a zone)"
 
 
 class NewAccount(BaseModel):
@@ -104,8 +107,18 @@ def create_users_router(
 
     @router.get("/audit")
     async def audit(
-        _: Admin, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
+        _: Admin,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+        actor: Annotated[str | None, Query(description="only this account's rows")] = None,
+        action: Annotated[str | None, Query(description="only this action's rows")] = None,
+        since: Annotated[str | None, Query(description=_SINCE_HELP)] = None,
     ) -> list[dict[str, Any]]:
-        return await run_in_threadpool(accounts.audit_log, store, limit)
+        try:
+            start = None if since is None else accounts.parse_since(since)
+        except accounts.AuditQueryError as exc:
+            raise HTTPException(422, f"since: {exc}") from exc
+        return await run_in_threadpool(
+            lambda: accounts.audit_log(store, limit, actor=actor, action=action, since=start)
+        )
 
     return router

@@ -6,6 +6,12 @@ given, plus fresh samples of the served version in the same conversation (like r
 answers: forgetting the person forgets them too). From a prompt set: fresh samples only, in a
 conversation of the operator who loaded it. Raters see the prompt and the answers in an order
 drawn for them, never the versions or ids; a verdict names the answers by position.
+
+Raters are weighed as their judgments come in, not only before a training cycle: every
+TRUST_EVERY judgments the desk runs `feedback.raters.apply_trust` (in a thread of its own), so a
+rater whose trust weight falls below half is quarantined within a few of their judgments and
+gets gold tasks only from then on (`serve.task_queue`); the judgments they would have spent go
+to raters in good standing.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from tuneloop.core.records import Account, Feedback, Message, Winner, prompt_hash
-from tuneloop.core.settings import TaskSettings
+from tuneloop.core.settings import TaskSettings, TrustSettings
+from tuneloop.feedback.raters import apply_trust
 from tuneloop.feedback.task_scores import scores_version, task_information
 from tuneloop.feedback.tasks import (
     PRIORITY_CANARY,
@@ -41,6 +48,10 @@ MAKE_BATCH = 8
 TEXTS_CACHED = 4096
 # Tasks about to be handed out whose texts are read along with a task's (see `view`).
 READ_AHEAD = 64
+# Judgments between two weighings of the raters. Weighing reads every shared vote (about 10 ms
+# for a few thousand); ten judgments let a rater who votes at random be held after about 15 of
+# theirs (`feedback.raters.MIN_VOTES_TO_QUARANTINE`) instead of after the whole round.
+TRUST_EVERY = 10
 
 
 @dataclass(frozen=True)
@@ -74,9 +85,17 @@ class TaskView:
 
 
 class RatingDesk:
-    def __init__(self, service: ChatService, settings: TaskSettings | None = None) -> None:
+    def __init__(
+        self,
+        service: ChatService,
+        settings: TaskSettings | None = None,
+        trust: TrustSettings | None = None,
+    ) -> None:
         self.service = service
         self.settings = settings or TaskSettings()
+        self.trust = trust or TrustSettings()
+        self._since_weighed = 0  # judgments stored since the raters were last weighed
+        self._weighing = False
         self.queue = TaskQueue(
             service.store, gold_every=self.settings.gold_every, selection=self.settings.selection
         )
@@ -192,9 +211,31 @@ class RatingDesk:
         def done(f: Future) -> None:
             if not f.cancelled() and f.exception() is None:
                 self.queue.judged(account.name, task_id)
+                self._maybe_weigh()
 
         saved.add_done_callback(done)
         return saved
+
+    def _maybe_weigh(self) -> None:
+        """Every TRUST_EVERY judgments, weigh the raters in a thread (see the module's
+        docstring); with `rater_weights` off nobody is quarantined for a weight."""
+        if not self.trust.rater_weights:
+            return
+        with self._lock:
+            self._since_weighed += 1
+            if self._weighing or self._since_weighed < TRUST_EVERY:
+                return
+            self._since_weighed, self._weighing = 0, True
+
+        def weigh() -> None:
+            try:
+                apply_trust(self.service.store, self.trust)
+                self.queue.read_held()  # also those the cycle or an operator held since
+            finally:
+                with self._lock:
+                    self._weighing = False
+
+        threading.Thread(target=weigh, name="tuneloop-weigh-raters", daemon=True).start()
 
     def feedback_on_answer(
         self, account: Account, task_id: int, position: int, make: Callable[[int], Feedback]

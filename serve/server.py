@@ -212,7 +212,7 @@ def run_server(
         service = ChatService(engine, store)
         control = create_control(config, service)
         first_admin(store, dd)
-        desk = RatingDesk(service, config.tasks)
+        desk = RatingDesk(service, config.tasks, config.trust)
         if config.tasks.backlog:
             refill = TaskRefill(desk, log)
         app = build_app(

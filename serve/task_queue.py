@@ -13,6 +13,9 @@ with 100,000 tasks queued: bench/rating_queue.py). The rules:
   first, `feedback.task_scores`; unscored ones after them, oldest first); a canary's tasks
   always oldest first, since the human gate's verdict wants an unbiased sample;
 - gold tasks go to every rater once, one fetch in `gold_every`;
+- a quarantined rater (`feedback.raters`) gets gold tasks only: their votes train nothing, so
+  the tasks that need judging go to raters in good standing, while gold still shows whether
+  they improved (`held`, kept by the desk);
 - the answers are shown in an order drawn for each rater, without their versions.
 A restart forgets the leases (their slots come free) and keeps judgments and skips.
 """
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field, replace
 
 from tuneloop.core.records import Comparison, Feedback, Ranking, Winner
 from tuneloop.core.settings import TASK_SELECTIONS
+from tuneloop.feedback.raters import quarantined
 from tuneloop.feedback.store import FeedbackStore
 from tuneloop.feedback.tasks import (
     PRIORITY_NORMAL,
@@ -127,6 +131,7 @@ class TaskQueue:
         self._seen_open: dict[str, int] = {}  # rater -> open tasks (not gold) they have seen
         self._fetches: dict[str, int] = {}
         self._judged_by: dict[str, int] = {}
+        self._held_raters: frozenset[str] = frozenset()
         self.reload()
 
     def reload(self) -> None:
@@ -141,6 +146,15 @@ class TaskQueue:
                 self._add(task, old[task.id].leases if task.id in old else {})
             self._judged_by = judged
             self._order_fresh()
+        self.read_held()
+
+    def read_held(self) -> frozenset[str]:
+        """Read who is quarantined (after a change to the quarantine); they get gold tasks
+        only from their next fetch."""
+        held = frozenset(r["rater_id"] for r in quarantined(self._store))
+        with self._lock:
+            self._held_raters = held
+        return held
 
     def apply_information(self, info: dict[int, float]) -> None:
         """New scores of the tasks (`feedback.task_scores.task_information`): with the `active`
@@ -218,6 +232,9 @@ class TaskQueue:
             held = self._held(rater, kind, now)
             if held is not None:
                 return held
+            if rater in self._held_raters:
+                entry = self._first_takeable(self._gold, rater, kind, now)
+                return self._lease(entry, rater, now) if entry is not None else None
             self._fetches[rater] = count = self._fetches.get(rater, 0) + 1
             entry = None
             if self._gold_every and count % self._gold_every == 0:

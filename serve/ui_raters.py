@@ -109,6 +109,7 @@ def raters_panel(desk: RatingDesk, principals: Principals, trust: TrustSettings)
         if account is None or not rater.strip():
             return [gr.skip()] * len(outputs)
         held = raters.quarantine(store, [rater.strip()], "by hand in the UI", actor=account.name)
+        desk.queue.read_held()
         gr.Info(f"Quarantined {rater}." if held else f"{rater} was quarantined already.")
         return view()
 
@@ -117,6 +118,7 @@ def raters_panel(desk: RatingDesk, principals: Principals, trust: TrustSettings)
         if account is None or not rater.strip():
             return [gr.skip()] * len(outputs)
         if raters.reinstate(store, rater.strip(), actor=account.name):
+            desk.queue.read_held()
             gr.Info(f"Reinstated {rater}.")
         else:
             gr.Warning(f"{rater} is not quarantined.")

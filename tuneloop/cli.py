@@ -47,7 +47,7 @@ from tuneloop.core.settings import (
 )
 from tuneloop.core.web_settings import WebSettings
 from tuneloop.models import ModelError, resolve_model
-from tuneloop.remote import ServerError, local_or_server
+from tuneloop.remote import ServerError, audit_locally, local_or_server
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -112,6 +112,7 @@ def _cmd_snapshot(args: argparse.Namespace) -> int:
         from tuneloop.feedback.snapshot import create_snapshot
 
         snap = create_snapshot(store, dd.snapshots, settings_from_args(TrustSettings, args))
+        audit_locally(store, "snapshot", snap.id)
         return {"id": snap.id, "path": str(snap.path), "manifest": snap.manifest}
 
     result = local_or_server(dd, local, "POST", "/v1/admin/snapshot")
@@ -264,11 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     versions.add_argument("--json", action="store_true")
 
-    from tuneloop import cli_loop, cli_raters, cli_users
+    from tuneloop import cli_audit, cli_loop, cli_raters, cli_users
 
     cli_loop.register(command)
     cli_users.register(command)
     cli_raters.register(command)
+    cli_audit.register(command)
     return parser
 
 

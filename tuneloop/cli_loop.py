@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,14 @@ from tuneloop.core.settings import (
     TrustSettings,
 )
 from tuneloop.models import ModelError, resolve_model
-from tuneloop.remote import ask_server, call, follow_cycle, local_or_server, stage_file
+from tuneloop.remote import (
+    ask_server,
+    audit_locally,
+    call,
+    follow_cycle,
+    local_or_server,
+    stage_file,
+)
 from tuneloop.simulate import SimulationConfig
 
 
@@ -53,8 +60,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         for key in ("config_file", "accelerate_config"):
             if getattr(cycle, key) is not None:
                 cycle = replace(cycle, **{key: stage_file(dd, getattr(cycle, key))})
-        body = {**to_json_dict(cycle), **option_values(GateSettings, args)}
-        ask_server(dd, "POST", "/v1/admin/train", body)
+        ask_server(dd, "POST", "/v1/admin/train", _train_request(cycle, args))
         print(f"tuneloop: the server started a {cycle.kind} cycle", file=sys.stderr)
         return _follow_server_cycle(dd)
     try:
@@ -67,6 +73,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             trigger="cli",
             log=lambda msg: print(f"tuneloop: {msg}", file=sys.stderr, flush=True),
         )
+        audit_locally(store, "train", cycle.kind, **_train_request(cycle, args))
         result = pipeline.run(
             cycle.kind,
             settings,
@@ -80,6 +87,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         store.close()
     print(json.dumps(result.to_dict(), default=str))
     return 0
+
+
+def _train_request(cycle: CycleSettings, args: argparse.Namespace) -> dict[str, Any]:
+    """The cycle as `POST /v1/admin/train` takes it, gate options included: the request sent to
+    a server, and the detail of the audit row written without one (as the server's)."""
+    return {**to_json_dict(cycle), **option_values(GateSettings, args)}
 
 
 def _ensure_base(store: Any, args: argparse.Namespace, reason: str) -> None:
@@ -117,8 +130,9 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     def local(store: Any) -> dict[str, Any]:
         from tuneloop.loop.promotion import Promotion
 
-        promotion = Promotion(store)
-        return to_json_dict(promotion.promote(args.version, reason=args.reason, force=args.force))
+        version = Promotion(store).promote(args.version, reason=args.reason, force=args.force)
+        audit_locally(store, "promote", version.id, force=args.force)
+        return to_json_dict(version)
 
     body = {"version": args.version, "force": args.force}
     version = _registry_call(args, local, "/v1/admin/promote", body)
@@ -130,7 +144,9 @@ def _cmd_rollback(args: argparse.Namespace) -> int:
     def local(store: Any) -> dict[str, Any]:
         from tuneloop.loop.promotion import Promotion
 
-        return to_json_dict(Promotion(store).rollback(reason=args.reason))
+        version = Promotion(store).rollback(reason=args.reason)
+        audit_locally(store, "rollback", version.id)
+        return to_json_dict(version)
 
     version = _registry_call(args, local, "/v1/admin/rollback", {})
     print(f"rolled back to {version['id']} ({version['artifact_path']})")
@@ -173,6 +189,7 @@ def _cmd_data_import(args: argparse.Namespace) -> int:
         from tuneloop.feedback.importer import import_preferences
 
         result = import_preferences(store, path, rater_id=args.rater, limit=args.limit)
+        audit_locally(store, "import", str(path), **asdict(result))
         if args.model is not None:
             _ensure_base(store, args, "registered by `tuneloop data import --model {model}`")
         return to_json_dict(result)

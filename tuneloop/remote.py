@@ -47,6 +47,14 @@ def local_actor() -> str:
     return f"local:{getpass.getuser()}"
 
 
+def audit_locally(store: Any, action: str, target: str | None, **detail: Any) -> None:
+    """Record in the audit log an operator's action done on the database file directly, by
+    `local_actor()`; through a server, the server records it under the caller's name."""
+    from tuneloop.feedback.accounts import audit
+
+    audit(store, local_actor(), action, target, **detail)
+
+
 def call(
     data_dir: Path,
     local: Callable[[Any], Any],

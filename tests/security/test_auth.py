@@ -149,6 +149,46 @@ def test_operator_and_admin_routes_check_the_role_and_audit_the_caller(
     assert ("admin", "account.add", "otto") in {(e["actor"], e["action"], e["target"]) for e in log}
 
 
+def test_the_audit_log_is_for_admins_and_filtered_by_actor_action_and_since(
+    server: LiveServer, people: dict[str, dict[str, str]]
+) -> None:
+    def log(headers: dict[str, str] | None = None, **query: object) -> httpx.Response:
+        return httpx.get(f"{server.url}/v1/admin/audit", params=query, headers=headers or auth)
+
+    auth = server.auth
+    refused = log(people["otto"])
+    assert refused.status_code == 403 and "this needs admin" in refused.text
+    server.account("audra")
+    [first] = log(actor="admin", action="account.add", limit=1).json()
+    assert first["target"] == "audra"
+    server.account("aubrey", "rater")
+    assert httpx.post(f"{server.url}/v1/admin/users/audra/disable", headers=auth).is_success
+
+    def seen(**query: object) -> list[tuple[str, str, str]]:
+        got = log(since=first["created_at"], **query)
+        assert got.status_code == 200, got.text
+        return [(e["actor"], e["action"], e["target"]) for e in got.json()]
+
+    assert seen(actor="admin") == [
+        ("admin", "account.disable", "audra"),
+        ("admin", "account.add", "aubrey"),
+        ("admin", "account.add", "audra"),
+    ]
+    assert seen(action="account.add") == [
+        ("admin", "account.add", "aubrey"),
+        ("admin", "account.add", "audra"),
+    ]
+    assert seen(actor="admin", action="account.disable") == [("admin", "account.disable", "audra")]
+    assert seen(actor="admin", limit=1) == [("admin", "account.disable", "audra")]
+    assert seen(actor="otto", action="account.add") == []
+    assert log(since="2999-01-01").json() == []
+    for bad in ("yesterday", "2026-13-01", ""):
+        refused = log(since=bad)
+        assert refused.status_code == 422, refused.text
+        message = refused.json()["error"]["message"]
+        assert message.startswith(f"since: not an ISO date or datetime: {bad!r}")
+
+
 def test_a_disabled_account_or_a_replaced_token_stops_working_at_once(
     server: LiveServer,
 ) -> None:

@@ -117,6 +117,14 @@ def test_commands_go_through_the_server_that_holds_the_file(
         assert [(u["name"], u["role"]) for u in listed] == [("admin", "admin"), ("alice", "rater")]
         assert tuneloop("users", "disable", "alice", "--data-dir", dd).returncode == 0
         assert httpx.get(f"{server.url}/v1/models", headers=alice).status_code == 401
+        since = ("--since", "2000-01-01T00:00+00:00")  # a "+" the query string must keep
+        audit = tuneloop("audit", "--json", "--actor", "admin", *since, "--data-dir", dd)
+        assert audit.returncode == 0, audit.stderr
+        assert [(e["action"], e["target"]) for e in json.loads(audit.stdout)] == [
+            ("account.disable", "alice"),
+            ("account.add", "alice"),
+            ("snapshot", json.loads(snap.stdout)["id"]),
+        ]
         refused = tuneloop("users", "add", "Bad Name", "--data-dir", dd)
         assert refused.returncode == 1 and "account name" in refused.stderr
 

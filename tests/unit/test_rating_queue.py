@@ -184,6 +184,23 @@ def test_gold_tasks_go_to_every_rater_and_score_them(store) -> None:
     assert by_name["cat"].gold_accuracy == 0.0
 
 
+def test_a_quarantined_rater_gets_gold_tasks_only_until_reinstated(store) -> None:
+    tids = make_tasks(store, 4, overlap=2)
+    gold = load_tasks(store)[0]
+    set_gold(store, gold.id, gold.response_ids[0], actor="otto")
+    queue = TaskQueue(store, gold_every=0)
+    raters.quarantine(store, ["cat"], "votes at random", actor="otto")
+    assert queue.next("cat").task_id != gold.id  # not read yet: as before
+    assert queue.read_held() == frozenset({"cat"})
+    queue = TaskQueue(store, gold_every=0)  # a new process reads the quarantine too
+    assert judge(store, queue, "cat") == gold.id
+    assert queue.next("cat") is None  # no gold left: nothing, though three tasks wait
+    assert [judge(store, queue, "bob") for _ in range(4)] == tids[1:] + [gold.id]
+    raters.reinstate(store, "cat", actor="otto")
+    queue.read_held()
+    assert queue.next("cat").task_id == tids[1]
+
+
 def test_twenty_raters_at_once_never_share_a_slot(store) -> None:
     make_tasks(store, 60, overlap=3, author="nobody")
     queue = TaskQueue(store, gold_every=0)
