@@ -137,7 +137,7 @@ class Pipeline:
                 raise NothingToTrainError(str(exc)) from exc
             result.job_choice = {"kind": kind, "reason": why}
             self.log(f"job chosen from the data: {why}")
-        if kind == "rm":
+        if not JOB_KINDS[kind].policy:  # the reward model alone
             result.reward = self.train_reward(snapshot, datasets_dir, settings)
             result.promoted, result.reason = True, "newest reward model"
             return result

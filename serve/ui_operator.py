@@ -146,7 +146,7 @@ def last_cycle_markdown(cycle: dict[str, Any] | None) -> str:
     head = f"Last cycle: **{cycle['kind']}** ({cycle.get('trigger')}, {_utc(cycle['finished_at'])})"
     if cycle.get("status") == "failed":
         return f"{head} **failed**: {cycle.get('error')}"
-    if cycle["kind"] == "rm":
+    if cycle["kind"] in JOB_KINDS and not JOB_KINDS[cycle["kind"]].policy:
         return f"{head}: reward model **{cycle.get('reward_version')}** trained."
     if cycle.get("promoted"):
         verdict = "promoted"

@@ -45,7 +45,7 @@ def quarantined(server: LiveServer) -> dict[str, tuple[str, str]]:
 def test_a_rater_failing_gold_is_held_as_they_judge_and_gets_gold_only(server: LiveServer):
     otto = server.account("otto", "operator")
     inv = server.account("inv", "rater")
-    prompts = [f"Question number {i}?" for i in range(GOLD + OPEN + 8)]
+    prompts = [f"Question number {i}?" for i in range(GOLD + OPEN + 2)]
     made = call(server, "POST", "/v1/admin/tasks", otto, source="prompts", prompts=prompts,
                 overlap=1).json()["made"]  # fmt: skip
     gold_text: dict[int, str] = {}
