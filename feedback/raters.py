@@ -16,6 +16,7 @@ weight falls below 0.5.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -221,6 +222,12 @@ PRIOR_VOTES = 10.0
 # quarantined: p < 0.75, closer to a coin than to an honest rater.
 QUARANTINE_BELOW = 0.5
 MIN_VOTES_TO_QUARANTINE = 15
+# ... and only when the weight is below it at the optimistic end too: the reliability this many
+# standard errors above its estimate (one-sided 95 %). A weight from 15 votes is noisy: with the
+# rating desk weighing raters every 10 judgments, the point estimate alone quarantined 1 honest
+# rater in 6 (right 9 times in 10) before their votes could show it (bench/RESULTS.md); an
+# inverted rater (reliability -1) is held as soon, and one voting at random after about 20 votes.
+QUARANTINE_Z = 1.64
 # Roles whose judgments are weighed: those that take rating tasks. A user judging their own
 # answers is capped by share instead (`TrustSettings.max_user_share`), the operator's imports
 # are trusted: both weigh 1.
@@ -231,6 +238,7 @@ WEIGHED_ROLES = ("rater", "operator", "admin")
 class RaterWeight:
     name: str
     weight: float  # in [0, 1]: 1 fully trusted, 0 no say
+    optimistic: float  # the weight with the reliability QUARANTINE_Z standard errors higher
     fitted: float | None  # 2p - 1 from agreement and gold alone (`agreement.reliability`)
     evidence: float  # votes' worth behind `fitted`
     votes: int  # judgments of shared items, and gold votes
@@ -241,7 +249,8 @@ class RaterWeight:
         """Why the weight is what it is, for the quarantine's reason and the audit log."""
         fitted = "none" if self.fitted is None else f"{self.fitted:.2f}"
         return (
-            f"trust weight {self.weight:.2f} < {QUARANTINE_BELOW}: reliability {fitted} from "
+            f"trust weight {self.weight:.2f} < {QUARANTINE_BELOW} (at best {self.optimistic:.2f}): "
+            f"reliability {fitted} from "
             f"agreement over {self.votes - self.gold_total} shared judgments and gold "
             f"{self.gold_correct}/{self.gold_total} ({self.evidence:.1f} votes' worth), "
             f"prior {PRIOR_WEIGHT} as {PRIOR_VOTES:g} votes"
@@ -283,13 +292,12 @@ def rater_weights(store: FeedbackStore) -> dict[str, RaterWeight]:
     for name in sorted(names):
         fit = fitted.get(name)
         evidence = fit.evidence if fit else 0.0
-        shrunk = (PRIOR_VOTES * PRIOR_WEIGHT + evidence * (fit.value if fit else 0.0)) / (
-            PRIOR_VOTES + evidence
-        )
+        value = fit.value if fit else 0.0
         score = gold.get(name)
         weights[name] = RaterWeight(
             name,
-            min(1.0, max(0.0, shrunk)),
+            _shrunk(value, evidence),
+            _shrunk(value + QUARANTINE_Z * _standard_error(value, evidence), evidence),
             fit.value if fit else None,
             evidence,
             judged.get(name, 0) + (score.total if score else 0),
@@ -299,18 +307,33 @@ def rater_weights(store: FeedbackStore) -> dict[str, RaterWeight]:
     return weights
 
 
+def _shrunk(reliability: float, evidence: float) -> float:
+    """The reliability pulled toward PRIOR_WEIGHT as PRIOR_VOTES votes, clipped to [0, 1]."""
+    shrunk = (PRIOR_VOTES * PRIOR_WEIGHT + evidence * reliability) / (PRIOR_VOTES + evidence)
+    return min(1.0, max(0.0, shrunk))
+
+
+def _standard_error(reliability: float, evidence: float) -> float:
+    """Of r = 2p - 1 estimated from `evidence` votes: 2 sqrt(p (1 - p) / n) = sqrt((1 - r^2) / n),
+    no less than 1 / n (at r = +-1 the formula says 0, which n votes cannot)."""
+    if evidence <= 0:
+        return 0.0
+    return math.sqrt(max(1 - reliability**2, 1 / evidence) / evidence)
+
+
 def apply_trust(store: FeedbackStore, settings: TrustSettings) -> TrustUpdate:
     """Weigh every rater and quarantine (as "tuneloop", each with their weight's reason) those
-    not yet held whose weight is under QUARANTINE_BELOW over at least MIN_VOTES_TO_QUARANTINE
-    votes. Run before each snapshot; with `settings.rater_weights` off it quarantines no one
-    (the unweighted loop), and the weights are only reported."""
+    not yet held whose weight is under QUARANTINE_BELOW even at the optimistic end
+    (QUARANTINE_Z), over at least MIN_VOTES_TO_QUARANTINE votes. Run before each snapshot and
+    by the rating desk as judgments come in; with `settings.rater_weights` off it quarantines no
+    one (the unweighted loop), and the weights are only reported."""
     weights = rater_weights(store)
     if not settings.rater_weights:
         return TrustUpdate(weights, [])
     held = {r["rater_id"] for r in quarantined(store)}
     newly = []
     for w in weights.values():
-        low = w.weight < QUARANTINE_BELOW and w.votes >= MIN_VOTES_TO_QUARANTINE
+        low = w.optimistic < QUARANTINE_BELOW and w.votes >= MIN_VOTES_TO_QUARANTINE
         if low and w.name not in held:
             newly += quarantine(store, [w.name], w.reason(), actor="tuneloop")
     return TrustUpdate(weights, newly)

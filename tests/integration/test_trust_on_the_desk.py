@@ -72,7 +72,7 @@ def test_a_rater_failing_gold_is_held_as_they_judge_and_gets_gold_only(server: L
         time.sleep(0.05)
     actor, reason = quarantined(server)["inv"]
     assert actor == "tuneloop"
-    assert reason.startswith("trust weight 0.00 < 0.5: reliability -1.00")
+    assert reason.startswith("trust weight 0.00 < 0.5 (at best 0.00): reliability -1.00")
     assert f"gold 0/{GOLD}" in reason
     # Every gold task judged: nothing for them, though tasks wait that need judging.
     assert call(server, "GET", "/v1/tasks/next", inv).json()["task"] is None

@@ -96,13 +96,36 @@ def test_apply_trust_quarantines_low_weights_with_their_reason(store) -> None:
     assert update.quarantined == ["inv", "rnd"]
     assert update.weights["ann"].weight > 0.5
     reasons = {r["rater_id"]: r["reason"] for r in raters.quarantined(store)}
-    weight = update.weights["rnd"].weight
-    assert reasons["rnd"].startswith(f"trust weight {weight:.2f} < 0.5: reliability ")
+    rnd = update.weights["rnd"]
+    assert rnd.weight <= rnd.optimistic < 0.5
+    assert reasons["rnd"].startswith(
+        f"trust weight {rnd.weight:.2f} < 0.5 (at best {rnd.optimistic:.2f}): reliability "
+    )
     assert "shared judgments and gold 0/0" in reasons["rnd"]
     audit = store.read("SELECT actor, action, target FROM audit_log WHERE actor = 'tuneloop'")
     assert sorted(r["target"] for r in audit) == ["inv", "rnd"]
     assert {r["action"] for r in audit} == {"rater.quarantine"}
     assert raters.apply_trust(store, TrustSettings()).quarantined == []  # held already
+
+
+def test_quarantine_waits_for_a_weight_low_even_at_its_optimistic_end() -> None:
+    """15 votes at reliability 0.3 (right 65 % of the time: an honest rater's unlucky start)
+    weigh 0.42, under half, but the reliability that would weigh half (0.43) is half a standard
+    error away: not enough to hold them; at reliability 0 (a coin) or -1 (inverted), 15 votes
+    are."""
+    import math
+
+    def weigh(r: float, n: float) -> tuple[float, float]:
+        return raters._shrunk(r, n), raters._shrunk(r + 1.64 * raters._standard_error(r, n), n)
+
+    assert raters.QUARANTINE_Z == 1.64
+    weight, optimistic = weigh(0.3, 15)
+    assert weight == pytest.approx((6 + 4.5) / 25) and optimistic > 0.5
+    assert raters._standard_error(0.3, 15) == pytest.approx(math.sqrt(0.91 / 15))
+    coin = weigh(0.0, 15)[1]
+    assert coin == pytest.approx((6 + 15 * 1.64 / math.sqrt(15)) / 25) and coin < 0.5
+    assert weigh(-1.0, 15) == (0.0, 0.0)
+    assert raters._standard_error(-1.0, 15) == pytest.approx(1 / 15)  # not 0
 
 
 @pytest.mark.parametrize("weighted", [True, False])
