@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tuneloop.core.records import Account, Feedback, Message, Winner, prompt_hash
 from tuneloop.core.settings import TaskSettings, TrustSettings
-from tuneloop.feedback.raters import apply_trust
+from tuneloop.feedback import raters
 from tuneloop.feedback.task_scores import scores_version, task_information
 from tuneloop.feedback.tasks import (
     PRIORITY_CANARY,
@@ -216,6 +216,19 @@ class RatingDesk:
         saved.add_done_callback(done)
         return saved
 
+    def quarantine(self, names: list[str], reason: str, *, actor: str) -> list[str]:
+        """`feedback.raters.quarantine`, the queue told at once: those held get gold tasks only
+        from their next fetch. Returns those newly held."""
+        held = raters.quarantine(self.service.store, names, reason, actor=actor)
+        self.queue.read_held()
+        return held
+
+    def reinstate(self, name: str, *, actor: str) -> bool:
+        """`feedback.raters.reinstate`, the queue told at once; whether they were held."""
+        freed = raters.reinstate(self.service.store, name, actor=actor)
+        self.queue.read_held()
+        return freed
+
     def _maybe_weigh(self) -> None:
         """Every TRUST_EVERY judgments, weigh the raters in a thread (see the module's
         docstring); with `rater_weights` off nobody is quarantined for a weight."""
@@ -229,7 +242,7 @@ class RatingDesk:
 
         def weigh() -> None:
             try:
-                apply_trust(self.service.store, self.trust)
+                raters.apply_trust(self.service.store, self.trust)
                 self.queue.read_held()  # also those the cycle or an operator held since
             finally:
                 with self._lock:

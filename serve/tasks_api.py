@@ -224,16 +224,14 @@ def create_raters_router(
                 min_judgments=body.min_judgments,
             )
         held = await run_in_threadpool(
-            raters.quarantine, store, sorted(set(names)), body.reason, actor=account.name
+            desk.quarantine, sorted(set(names)), body.reason, actor=account.name
         )
-        await run_in_threadpool(desk.queue.read_held)
         return {"quarantined": held}
 
     @router.post("/raters/{name}/reinstate")
     async def reinstate(name: str, account: Operator) -> dict[str, Any]:
-        if not await run_in_threadpool(raters.reinstate, store, name, actor=account.name):
+        if not await run_in_threadpool(desk.reinstate, name, actor=account.name):
             raise HTTPException(404, f"{name} is not quarantined")
-        await run_in_threadpool(desk.queue.read_held)
         return {"reinstated": name}
 
     @router.get("/leaderboard")

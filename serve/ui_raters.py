@@ -108,8 +108,7 @@ def raters_panel(desk: RatingDesk, principals: Principals, trust: TrustSettings)
         account = signed_in(principals, request, "operator")
         if account is None or not rater.strip():
             return [gr.skip()] * len(outputs)
-        held = raters.quarantine(store, [rater.strip()], "by hand in the UI", actor=account.name)
-        desk.queue.read_held()
+        held = desk.quarantine([rater.strip()], "by hand in the UI", actor=account.name)
         gr.Info(f"Quarantined {rater}." if held else f"{rater} was quarantined already.")
         return view()
 
@@ -117,8 +116,7 @@ def raters_panel(desk: RatingDesk, principals: Principals, trust: TrustSettings)
         account = signed_in(principals, request, "operator")
         if account is None or not rater.strip():
             return [gr.skip()] * len(outputs)
-        if raters.reinstate(store, rater.strip(), actor=account.name):
-            desk.queue.read_held()
+        if desk.reinstate(rater.strip(), actor=account.name):
             gr.Info(f"Reinstated {rater}.")
         else:
             gr.Warning(f"{rater} is not quarantined.")

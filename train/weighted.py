@@ -177,7 +177,7 @@ class WeightedDPOTrainer(_KeepsWeights, DPOTrainer):
         rejected_rewards = self.beta * (rejected - ref_rejected)
         margins = chosen_rewards - rejected_rewards
         loss = weighted_bradley_terry(margins, weight) * self.loss_weights[0]
-        if len(self.loss_types) == 2:  # "sft": TRL's mean NLL over the chosen answers' tokens,
+        if "sft" in self.loss_types:  # TRL's mean NLL over the chosen answers' tokens,
             # each token weighing its pair's weight (the same value as TRL's where all are 1)
             mask = completion_mask[:, 1:].chunk(2)[0].to(per_token.dtype)
             nll = -(per_token.chunk(2)[0] * mask).sum(1)
